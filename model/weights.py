@@ -1,0 +1,78 @@
+"""Loading public encoder checkpoints (Hugging Face folder layout) through safetensors.
+
+A checkpoint folder holds `config.json` (the architecture) and `model.safetensors` (the tensors).
+Each encoder file (`model/deberta.py`, `model/wavlm.py`, `model/swin3d.py`) provides two functions:
+
+    config_from_hf(cfg: dict) -> <Encoder>Config      # architecture from config.json
+    convert_hf_state_dict(sd: dict) -> dict           # checkpoint key names -> this project's names
+
+and this file does the rest: read, convert, strict load (a missing or mis-shaped tensor is an error
+naming the key and both shapes; unused keys are listed once). No pickle: the one exception is
+`convert_bin_to_safetensors`, behind `python icode.py convert IN.bin OUT_DIR`, with weights_only=True.
+"""
+import json
+import os
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+def read_hf_folder(path):
+    """Return (config dict, state dict) of a Hugging Face-style folder (`config.json` + `model.safetensors`)."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint folder {path!r} does not exist")
+    cfg_path = os.path.join(path, "config.json")
+    st_path = os.path.join(path, "model.safetensors")
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(f"{path!r} has no config.json")
+    if not os.path.isfile(st_path):
+        bins = [f for f in os.listdir(path) if f.endswith(".bin")]
+        hint = (f" It has {bins}: convert with `python icode.py convert {os.path.join(path, bins[0])} {path}`."
+                if bins else "")
+        raise FileNotFoundError(f"{path!r} has no model.safetensors.{hint}")
+    with open(cfg_path) as f:
+        try:
+            cfg = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
+    return cfg, load_file(st_path)
+
+
+def load_state_strict(module, state_dict, source="checkpoint", ignore_prefixes=()):
+    """Copy `state_dict` into `module`, strictly.
+
+    Raises KeyError for a parameter/buffer the module has and the checkpoint lacks, ValueError for a
+    shape mismatch (naming the key and both shapes). Keys the module does not use are returned (and
+    printed once) unless they start with one of `ignore_prefixes` (e.g. task heads we know we drop).
+    Non-persistent buffers are not expected in the checkpoint.
+    """
+    own = module.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    if missing:
+        raise KeyError(f"{source}: missing tensor(s) {missing[:10]}{' ...' if len(missing) > 10 else ''} "
+                       f"({len(missing)} in all)")
+    for k, v in own.items():
+        if tuple(state_dict[k].shape) != tuple(v.shape):
+            raise ValueError(f"{source}: tensor {k!r} has shape {tuple(state_dict[k].shape)} in the checkpoint "
+                             f"but {tuple(v.shape)} in the model")
+    unused = sorted(k for k in state_dict if k not in own and not k.startswith(tuple(ignore_prefixes)))
+    if unused:
+        print(f"{source}: {len(unused)} unused tensor(s) not loaded: {unused[:8]}{' ...' if len(unused) > 8 else ''}")
+    module.load_state_dict({k: state_dict[k] for k in own}, strict=True)
+    return unused
+
+
+def convert_bin_to_safetensors(bin_path, out_dir):
+    """Turn a legacy `pytorch_model.bin` into `out_dir/model.safetensors` (copying config.json if beside it)."""
+    sd = torch.load(bin_path, map_location="cpu", weights_only=True)  # the project's only torch.load
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ValueError(f"{bin_path}: expected a flat dict of tensors, got {type(sd).__name__}")
+    os.makedirs(out_dir, exist_ok=True)
+    # safetensors refuses shared storage: store contiguous copies.
+    save_file({k: v.contiguous().clone() for k, v in sd.items()}, os.path.join(out_dir, "model.safetensors"))
+    src_cfg = os.path.join(os.path.dirname(os.path.abspath(bin_path)), "config.json")
+    dst_cfg = os.path.join(out_dir, "config.json")
+    if os.path.isfile(src_cfg) and os.path.abspath(src_cfg) != os.path.abspath(dst_cfg):
+        with open(src_cfg) as f, open(dst_cfg, "w") as g:
+            g.write(f.read())
+    return os.path.join(out_dir, "model.safetensors")
