@@ -1,0 +1,145 @@
+"""i-Code pretraining losses: masked units (section 4.2.1), cross-modality InfoNCE (section 4.2.2,
+eqs. (1)-(2)) and the weighted objective (eq. (3)).
+
+Pure functions first, thin modules after (the open_clip / TorchMultimodal pattern):
+
+    masked_unit_loss   cross-entropy over masked positions only, mean over their count (MLM, MVM eq. (6), MSM)
+    info_nce           L_a2b + L_b2a, eq. (1), optionally with negatives from every GPU
+    pretraining_loss   eq. (3): alpha L_MLM + beta L_MVM + gamma L_MSM + lambda (L_vl + L_vs + L_ls)
+    LogitScales        the learnable temperatures tau_vl, tau_vs, tau_ls (CLIP's convention)
+"""
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+PAIRS = (("video", "text"), ("video", "audio"), ("text", "audio"))   # L_vl, L_vs, L_ls
+PAIR_NAMES = {("video", "text"): "vl", ("video", "audio"): "vs", ("text", "audio"): "ls"}
+
+
+def masked_unit_loss(logits, labels):
+    """Cross-entropy over positions whose label is not -100, normalised by their count.
+
+    logits: [..., V]; labels: [...] long, -100 at positions that do not count (unmasked).
+    With nothing masked returns `logits.sum() * 0`: an exact zero that keeps every parameter in the
+    graph (so DDP sees the same graph on every rank), never NaN (TorchMultimodal's MaskedPredictionLoss).
+    """
+    logits = logits.reshape(-1, logits.shape[-1])
+    labels = labels.reshape(-1)
+    if logits.shape[0] != labels.shape[0]:
+        raise ValueError(f"logits have {logits.shape[0]} positions but labels {labels.shape[0]}")
+    n = (labels != IGNORE_INDEX).sum()
+    if n == 0:
+        return logits.sum() * 0
+    total = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    return total / n
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sends each rank the gradient of its own slice, summed over ranks.
+
+    Rank r's loss depends on every rank's representations, so the gradient reaching rank s's slice is
+    the sum over r of d loss_r / d x_s: an all_reduce(SUM) of the gathered gradient, then the own slice.
+    DDP then averages parameter gradients over ranks, which gives the gradient of the mean loss.
+    (A plain `dist.all_gather` has no gradient and the loss stalls; open_clip `gather_features`.)
+    """
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.rank, ctx.world, ctx.n = dist.get_rank(), dist.get_world_size(), x.shape[0]
+        out = [torch.empty_like(x) for _ in range(ctx.world)]
+        dist.all_gather(out, x.contiguous())
+        return torch.cat(out, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n]
+
+
+def gather_with_grad(x):
+    """[b, D] on each rank -> [world * b, D], rank-major, gradients flowing back to every rank."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    return _GatherWithGrad.apply(x)
+
+
+def info_nce_directions(r_a, r_b, logit_scale, gather=True):
+    """The two directions of eq. (2), with the log (see `info_nce`). Returns (L_a2b, L_b2a).
+
+    r_a, r_b: [b, D] pooled representations of the same b pairs (row i of each is a positive pair).
+    logit_scale: scalar log-temperature; logits = exp(logit_scale) * <u_a, u_b>.
+    gather: with torch.distributed initialised, the columns are every rank's batch (cross-GPU negatives,
+    section 4.2.2) and the rows are this rank's: the "local rows against global columns" form, labels
+    offset by rank * b (open_clip `local_loss`). Each rank's loss is the mean over its own rows, so the
+    mean over ranks equals the single-process loss on the concatenated batch.
+    """
+    if r_a.shape != r_b.shape or r_a.dim() != 2:
+        raise ValueError(f"r_a {tuple(r_a.shape)} and r_b {tuple(r_b.shape)} must both be [b, D]")
+    u_a = F.normalize(r_a.float(), dim=-1)          # u = r / ||r||_2 (section 4.2.2)
+    u_b = F.normalize(r_b.float(), dim=-1)
+    offset = 0
+    all_a, all_b = u_a, u_b
+    if gather and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        all_a, all_b = gather_with_grad(u_a), gather_with_grad(u_b)
+        offset = dist.get_rank() * u_a.shape[0]
+    scale = logit_scale.exp()
+    labels = torch.arange(u_a.shape[0], device=u_a.device) + offset
+    loss_a2b = F.cross_entropy(scale * u_a @ all_b.t(), labels)   # rows: a_i, columns: every b_j
+    loss_b2a = F.cross_entropy(scale * u_b @ all_a.t(), labels)   # rows: b_i, columns: every a_j
+    return loss_a2b, loss_b2a
+
+
+def info_nce(r_a, r_b, logit_scale, gather=True):
+    """Symmetric InfoNCE, eq. (1): L_ab = L_a2b + L_b2a.
+
+    Eq. (2) as printed lacks the log around the softmax ratio; we implement the standard InfoNCE
+    (CLIP, Radford et al. 2021, Figure 3), L_a2b = -1/|B| sum_i log softmax_j(tau <u_a^i, u_b^j>)_i,
+    which is what the cited works use.
+    """
+    a2b, b2a = info_nce_directions(r_a, r_b, logit_scale, gather)
+    return a2b + b2a
+
+
+def pretraining_loss(mlm=None, mvm=None, msm=None, vl=None, vs=None, ls=None,
+                     *, alpha=0.5, beta=0.6, gamma=1.0, lam=1.0):
+    """Eq. (3): L = alpha L_MLM + beta L_MVM + gamma L_MSM + lambda (L_vl + L_vs + L_ls).
+
+    Defaults alpha=0.5, beta=0.6, gamma=1, lambda=1 (section 4.2.2). A term that is None (its modality
+    or pair is absent from the batch) is skipped. Returns (total, {name: term}) with the unweighted terms.
+    """
+    weights = {"mlm": alpha, "mvm": beta, "msm": gamma, "vl": lam, "vs": lam, "ls": lam}
+    terms = {k: v for k, v in dict(mlm=mlm, mvm=mvm, msm=msm, vl=vl, vs=vs, ls=ls).items() if v is not None}
+    if not terms:
+        raise ValueError("pretraining_loss got no terms: the batch holds no modality")
+    total = sum(weights[k] * v for k, v in terms.items())
+    return total, terms
+
+
+class LogitScales(nn.Module):
+    """Learnable log-temperatures tau_vl, tau_vs, tau_ls (eq. (2)), one per modality pair.
+
+    Initialised to ln(1/0.07) and clamped to at most ln(100) after every optimiser step, as CLIP does
+    (Radford et al. 2021, section 2.5: "clipped to prevent scaling the logits by more than 100").
+    """
+
+    INIT = math.log(1 / 0.07)
+    MAX = math.log(100.0)
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.ParameterDict({n: nn.Parameter(torch.tensor(self.INIT)) for n in PAIR_NAMES.values()})
+
+    @torch.no_grad()
+    def clamp_(self):
+        for p in self.scale.values():
+            p.clamp_(max=self.MAX)
+
+    def forward(self, pooled, gather=True):
+        """pooled: {modality: [b, D]} -> {"vl": L_vl, ...} for every pair present in `pooled`."""
+        return {PAIR_NAMES[(a, b)]: info_nce(pooled[a], pooled[b], self.scale[PAIR_NAMES[(a, b)]], gather)
+                for a, b in PAIRS if a in pooled and b in pooled}

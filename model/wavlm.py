@@ -1,0 +1,320 @@
+"""WavLM speech encoder (Chen et al. 2022), with HuBERT (Hsu et al. 2021) as the variant without gated bias.
+
+i-Code (Yang et al. 2022, Sec. 3.1) uses WavLM-large as its speech encoder: a 7-layer convolutional feature
+encoder turns a 16 kHz waveform into 50 frames a second (T_s, 320-sample stride), a Transformer contextualises
+them. WavLM's one change to HuBERT's Transformer is a gated relative position bias added to the attention logits.
+
+Numerics follow Hugging Face `transformers` (models/wavlm/modeling_wavlm.py, models/hubert/modeling_hubert.py),
+and HF checkpoints load through `load_speech_encoder` (see `convert_hf_state_dict` for the key names).
+
+Differences from the reference implementation:
+- All attention goes through `F.scaled_dot_product_attention` with the (gated) position bias and the padding
+  mask folded into one additive float mask. HF WavLM calls `F.multi_head_attention_forward`, which computes
+  the same softmax((q k^T) / sqrt(d) + bias + pad) v; it also returns head-averaged weights, which we don't.
+- Padded keys get the dtype's most negative value rather than -inf, so a row with no valid frame gives no NaN.
+- No LayerDrop, no SpecAugment (frames to mask come in as `frame_mask`, chosen by the pretraining objective),
+  no adapter layers, no `conv_pos_batch_norm` (a HuBERT-config option no released checkpoint we use sets).
+"""
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model.weights import load_state_strict, read_hf_folder
+
+
+@dataclass
+class SpeechConfig:
+    hidden_size: int = 768                    # C, Transformer width (1024 in the large models)
+    num_hidden_layers: int = 12               # Transformer layers (24 in the large models)
+    num_attention_heads: int = 12             # attention heads (head_dim 64 in all presets)
+    intermediate_size: int = 3072             # feed-forward inner width (4 * hidden_size)
+    conv_dim: tuple = (512,) * 7              # channels of the 7 feature-encoder convolutions
+    conv_kernel: tuple = (10, 3, 3, 3, 3, 2, 2)  # their kernel sizes (receptive field 400 samples = 25 ms)
+    conv_stride: tuple = (5, 2, 2, 2, 2, 2, 2)   # their strides (product 320 samples = 20 ms)
+    conv_bias: bool = False                   # bias in the feature-encoder convolutions (True in large models)
+    feat_extract_norm: str = "group"          # "group": GroupNorm in conv 0 only (base); "layer": LayerNorm after every conv (large)
+    feat_proj_layer_norm: bool = True         # LayerNorm before the feature projection (always in WavLM; a HuBERT option)
+    do_stable_layer_norm: bool = False        # True: pre-LN layers + final LayerNorm (large); False: post-LN (base)
+    num_conv_pos_embeddings: int = 128        # kernel of the convolutional positional embedding
+    num_conv_pos_embedding_groups: int = 16   # its groups
+    layer_norm_eps: float = 1e-5              # eps of the Transformer and feature LayerNorms
+    gated_relative_position_bias: bool = True  # True: WavLM; False: HuBERT (no position bias in attention)
+    num_buckets: int = 320                    # relative-position buckets (half per direction)
+    max_bucket_distance: int = 800            # distance (frames) at which the log-spaced buckets saturate
+    hidden_act: str = "gelu"                  # feed-forward activation (exact erf GELU; the only one supported)
+    hidden_dropout: float = 0.1               # dropout on attention / feed-forward outputs and after pos-conv
+    attention_dropout: float = 0.1            # dropout on attention probabilities
+    activation_dropout: float = 0.1           # dropout after the feed-forward activation
+    feat_proj_dropout: float = 0.0            # dropout after the feature projection
+    mask_time_prob: float = 0.05              # unused here: the pretraining objective chooses `frame_mask`
+    mask_time_length: int = 10                # unused here: span length of that masking (WavLM/HuBERT recipe)
+
+
+# WavLM-large (microsoft/wavlm-large), the speech encoder of i-Code; HuBERT-large (facebook/hubert-large-ll60k).
+WAVLM_LARGE = SpeechConfig(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
+                           conv_bias=True, feat_extract_norm="layer", do_stable_layer_norm=True)
+HUBERT_LARGE = dataclasses.replace(WAVLM_LARGE, gated_relative_position_bias=False)
+
+
+def conv_output_length(n, kernels, strides):
+    """Frames out of a stack of unpadded convolutions for n input samples (int or LongTensor; floor division)."""
+    for k, s in zip(kernels, strides):
+        n = (n - k) // s + 1
+    return n
+
+
+class ConvFeatureEncoder(nn.Module):
+    """Waveform [B, N] -> features [B, C, T_s]: Conv1d -> (GroupNorm | LayerNorm | nothing) -> GELU, 7 times.
+
+    norm="group": GroupNorm with one group per channel after the first convolution only. It normalises each
+    channel over the whole (padded) length, so padding changes every frame: HF tells users of such models
+    (wavlm-base, hubert-base) to zero-pad and pass no attention mask. norm="layer": LayerNorm over channels
+    after every convolution, per frame, so valid frames never see padding.
+    Submodule names match HF (`conv_layers.{i}.conv`, `conv_layers.{i}.layer_norm`).
+    """
+
+    def __init__(self, conv_dim: tuple, conv_kernel: tuple, conv_stride: tuple, conv_bias: bool, norm: str):
+        super().__init__()
+        if norm not in ("group", "layer"):
+            raise ValueError(f"norm must be 'group' or 'layer', got {norm!r}")
+        self.norm, self.kernels, self.strides = norm, tuple(conv_kernel), tuple(conv_stride)
+        self.conv_layers = nn.ModuleList()
+        for i, (c, k, s) in enumerate(zip(conv_dim, conv_kernel, conv_stride)):
+            block = nn.Module()
+            block.conv = nn.Conv1d(conv_dim[i - 1] if i else 1, c, k, stride=s, bias=conv_bias)
+            if norm == "layer":
+                block.layer_norm = nn.LayerNorm(c)  # HF uses the default eps (1e-5) here, not layer_norm_eps
+            elif i == 0:
+                block.layer_norm = nn.GroupNorm(c, c, affine=True)
+            self.conv_layers.append(block)
+
+    def forward(self, wave):
+        x = wave[:, None]                                     # [B, 1, N]
+        for block in self.conv_layers:
+            x = block.conv(x)                                 # [B, C, T]
+            if self.norm == "layer":
+                # LayerNorm wants channels last. Normalise the time-major view and apply GELU there too (on
+                # contiguous memory), then hand back a [B, C, T] view: no copy back, and after the last block
+                # the caller's transpose to [B, T, C] is free.
+                ln = block.layer_norm
+                x = F.gelu(F.layer_norm(x.transpose(1, 2), ln.normalized_shape, ln.weight, ln.bias, ln.eps))
+                x = x.transpose(1, 2)
+            else:
+                if hasattr(block, "layer_norm"):
+                    x = block.layer_norm(x)
+                x = F.gelu(x)
+        return x                                              # [B, C, T_s]
+
+
+class PositionalConvEmbedding(nn.Module):
+    """Grouped convolution over time with weight normalisation over the kernel axis (dim=2), then GELU.
+
+    Stored as explicit `weight_g` [1, 1, k] and `weight_v` [C, C/groups, k] (the legacy weight_norm names);
+    weight = weight_v * weight_g / ||weight_v|| with the norm over output and input channels, per tap.
+    """
+
+    def __init__(self, c, k, groups):
+        super().__init__()
+        self.k, self.groups = k, groups
+        self.weight_g = nn.Parameter(torch.ones(1, 1, k))
+        self.weight_v = nn.Parameter(torch.randn(c, c // groups, k) * 2 * math.sqrt(1 / (k * c)))  # HF init
+        self.bias = nn.Parameter(torch.zeros(c))
+        with torch.no_grad():
+            self.weight_g.copy_(self.weight_v.norm(dim=(0, 1), keepdim=True))
+
+    def forward(self, x):                                     # [B, T, C] -> [B, T, C]
+        w = self.weight_v * (self.weight_g / self.weight_v.norm(dim=(0, 1), keepdim=True))
+        y = F.conv1d(x.transpose(1, 2), w, self.bias, padding=self.k // 2, groups=self.groups)
+        if self.k % 2 == 0:
+            y = y[:, :, :-1]                                  # an even kernel with padding k//2 gives T+1 frames
+        return F.gelu(y).transpose(1, 2)
+
+
+def relative_position_bucket(rel, num_buckets, max_distance):
+    """WavLM/T5 bidirectional buckets: half per direction; exact below num_buckets/4, log-spaced up to max_distance."""
+    num_buckets //= 2
+    buckets = (rel > 0).long() * num_buckets
+    rel = rel.abs()
+    max_exact = num_buckets // 2
+    large = max_exact + (torch.log(rel.float() / max_exact) / math.log(max_distance / max_exact)
+                         * (num_buckets - max_exact)).long()
+    large = large.clamp(max=num_buckets - 1)
+    return buckets + torch.where(rel < max_exact, rel, large)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention; in WavLM, plus the gated relative position bias of Chen et al. 2022, Eq. 5-6."""
+
+    def __init__(self, cfg: SpeechConfig, has_bias_embedding: bool):
+        super().__init__()
+        c, self.h = cfg.hidden_size, cfg.num_attention_heads
+        self.dropout = cfg.attention_dropout
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(c, c) for _ in range(4))
+        self.gated = cfg.gated_relative_position_bias
+        if self.gated:
+            self.num_buckets, self.max_distance = cfg.num_buckets, cfg.max_bucket_distance
+            self.gru_rel_pos_const = nn.Parameter(torch.ones(1, self.h, 1, 1))
+            self.gru_rel_pos_linear = nn.Linear(c // self.h, 8)
+            if has_bias_embedding:                            # layer 0 only; later layers reuse its bias
+                self.rel_attn_embed = nn.Embedding(cfg.num_buckets, self.h)
+
+    def compute_bias(self, t):
+        pos = torch.arange(t, device=self.rel_attn_embed.weight.device)
+        buckets = relative_position_bucket(pos[None, :] - pos[:, None], self.num_buckets, self.max_distance)
+        return self.rel_attn_embed(buckets).permute(2, 0, 1)  # [H, T, T] (key minus query position)
+
+    def forward(self, x, pad_mask, position_bias):
+        """x [B, T, C]; pad_mask [B, 1, 1, T] additive float or None; position_bias [H, T, T] or None."""
+        b, t, c = x.shape
+        q, k, v = (p(x).view(b, t, self.h, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        attn_mask = pad_mask
+        if self.gated:
+            if position_bias is None:
+                position_bias = self.compute_bias(t)
+            # The gate looks at this layer's input split into heads: two sigmoid gates per head and query frame,
+            # gate = a * (b * const - 1) + 2, scaling that query's row of the bias.
+            proj = self.gru_rel_pos_linear(x.view(b, t, self.h, -1).transpose(1, 2))  # [B, H, T, 8]
+            gate_a, gate_b = torch.sigmoid(proj.view(b, self.h, t, 2, 4).sum(-1)).chunk(2, dim=-1)
+            gate = gate_a * (gate_b * self.gru_rel_pos_const - 1.0) + 2.0           # [B, H, T, 1]
+            attn_mask = gate * position_bias if pad_mask is None else gate * position_bias + pad_mask
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.out_proj(y.transpose(1, 2).reshape(b, t, c)), position_bias
+
+
+class EncoderLayer(nn.Module):
+    """Attention + feed-forward, pre-LN ("stable", large models) or post-LN (base models)."""
+
+    def __init__(self, cfg: SpeechConfig, index: int):
+        super().__init__()
+        self.pre_ln = cfg.do_stable_layer_norm
+        self.attention = Attention(cfg, has_bias_embedding=(index == 0))
+        self.layer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.intermediate_dense = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.output_dense = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.final_layer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.dropout, self.act_dropout = nn.Dropout(cfg.hidden_dropout), nn.Dropout(cfg.activation_dropout)
+
+    def feed_forward(self, x):
+        return self.dropout(self.output_dense(self.act_dropout(F.gelu(self.intermediate_dense(x)))))
+
+    def forward(self, x, pad_mask, position_bias):
+        if self.pre_ln:
+            a, position_bias = self.attention(self.layer_norm(x), pad_mask, position_bias)
+            x = x + self.dropout(a)
+            return x + self.feed_forward(self.final_layer_norm(x)), position_bias
+        a, position_bias = self.attention(x, pad_mask, position_bias)
+        x = self.layer_norm(x + self.dropout(a))
+        return self.final_layer_norm(x + self.feed_forward(x)), position_bias
+
+
+class SpeechEncoder(nn.Module):
+    """WavLM / HuBERT: waveform [B, N] -> (hidden [B, T_s, C], valid [B, T_s] bool)."""
+
+    def __init__(self, config: SpeechConfig):
+        super().__init__()
+        if config.hidden_act != "gelu":
+            raise ValueError(f"only hidden_act='gelu' is supported, got {config.hidden_act!r}")
+        self.config, self.hidden_size = config, config.hidden_size
+        c_feat = config.conv_dim[-1]
+        self.feature_extractor = ConvFeatureEncoder(config.conv_dim, config.conv_kernel, config.conv_stride,
+                                                    config.conv_bias, config.feat_extract_norm)
+        self.feature_norm = (nn.LayerNorm(c_feat, eps=config.layer_norm_eps) if config.feat_proj_layer_norm
+                             else nn.Identity())
+        self.feature_projection = nn.Linear(c_feat, config.hidden_size)
+        self.feat_dropout = nn.Dropout(config.feat_proj_dropout)
+        self.masked_spec_embed = nn.Parameter(torch.rand(config.hidden_size))  # replaces masked frames (HF init)
+        self.pos_conv = PositionalConvEmbedding(config.hidden_size, config.num_conv_pos_embeddings,
+                                                config.num_conv_pos_embedding_groups)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+        self.layers = nn.ModuleList(EncoderLayer(config, i) for i in range(config.num_hidden_layers))
+        # After the layers (pre-LN) or right after the positional embedding (post-LN).
+        self.encoder_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, waveform, attention_mask=None, frame_mask=None):
+        """waveform [B, N]; attention_mask [B, N] (1 = real sample) or None; frame_mask [B, T_s] bool, True = masked."""
+        feats = self.feature_extractor(waveform).transpose(1, 2)                    # [B, T_s, C_feat]
+        b, t, _ = feats.shape
+        x = self.feat_dropout(self.feature_projection(self.feature_norm(feats)))  # [B, T_s, C]
+        if frame_mask is not None:
+            x = torch.where(frame_mask[..., None], self.masked_spec_embed.to(x.dtype), x)
+        pad_mask = None
+        if attention_mask is None:
+            valid = torch.ones(b, t, dtype=torch.bool, device=x.device)
+        else:
+            lengths = conv_output_length(attention_mask.long().sum(-1), self.config.conv_kernel,
+                                         self.config.conv_stride)
+            valid = torch.arange(t, device=x.device)[None, :] < lengths[:, None]     # [B, T_s]
+            x = x.masked_fill(~valid[..., None], 0.0)  # padded frames must not leak through the pos-conv
+            pad_mask = torch.zeros(b, 1, 1, t, dtype=x.dtype, device=x.device)
+            pad_mask = pad_mask.masked_fill(~valid[:, None, None, :], torch.finfo(x.dtype).min)
+        x = x + self.pos_conv(x)
+        if not self.config.do_stable_layer_norm:
+            x = self.encoder_norm(x)
+        x = self.dropout(x)
+        position_bias = None                           # computed by layer 0 (WavLM), shared by the others
+        for layer in self.layers:
+            x, position_bias = layer(x, pad_mask, position_bias)
+        if self.config.do_stable_layer_norm:
+            x = self.encoder_norm(x)
+        return x, valid
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading Hugging Face checkpoints (WavLMModel / HubertModel, or their *ForCTC etc. wrappers)
+
+def config_from_hf(cfg: dict) -> SpeechConfig:
+    """SpeechConfig from a WavLMConfig or HubertConfig `config.json` dict."""
+    hubert = cfg.get("model_type") == "hubert" or "num_buckets" not in cfg
+    for key, ok in (("feat_extract_activation", "gelu"), ("hidden_act", "gelu"), ("add_adapter", False),
+                    ("conv_pos_batch_norm", False)):
+        if cfg.get(key, ok) != ok:
+            raise ValueError(f"config.json: {key}={cfg[key]!r} is not supported (expected {ok!r})")
+    fields = {f.name for f in dataclasses.fields(SpeechConfig)}
+    kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in cfg.items() if k in fields}
+    kw["gated_relative_position_bias"] = not hubert
+    if not hubert:
+        kw["feat_proj_layer_norm"] = True              # WavLM always has it (the field is HuBERT's)
+    return SpeechConfig(**kw)
+
+
+_BODY = ("feature_extractor.", "feature_projection.", "encoder.", "masked_spec_embed")
+_RENAMES = (  # HF name piece -> ours, applied in order to body keys
+    ("feature_projection.layer_norm.", "feature_norm."),
+    ("feature_projection.projection.", "feature_projection."),
+    ("encoder.pos_conv_embed.conv.", "pos_conv."),
+    ("parametrizations.weight.original0", "weight_g"),  # torch.nn.utils.parametrizations.weight_norm names
+    ("parametrizations.weight.original1", "weight_v"),
+    ("encoder.layer_norm.", "encoder_norm."),
+    ("encoder.layers.", "layers."),
+    (".feed_forward.", "."),
+)
+
+
+def convert_hf_state_dict(sd: dict) -> dict:
+    """HF WavLM/HuBERT checkpoint keys -> ours. Heads (lm_head.*, quantizer.*, project_q ...) keep their names."""
+    out = {}
+    for key, v in sd.items():
+        for prefix in ("wavlm.", "hubert."):
+            if key.startswith(prefix) and key[len(prefix):].startswith(_BODY):
+                key = key[len(prefix):]
+        if key.startswith(_BODY):
+            for old, new in _RENAMES:
+                key = key.replace(old, new)
+        out[key] = v
+    return out
+
+
+def load_speech_encoder(path) -> SpeechEncoder:
+    """A SpeechEncoder from a HF folder (config.json + model.safetensors), in eval mode."""
+    cfg, sd = read_hf_folder(path)
+    model = SpeechEncoder(config_from_hf(cfg))
+    sd = convert_hf_state_dict(sd)
+    # HF creates masked_spec_embed only when mask_time_prob or mask_feature_prob > 0; keep our init otherwise.
+    sd.setdefault("masked_spec_embed", model.masked_spec_embed.detach().clone())
+    load_state_strict(model, sd, source=str(path))
+    return model.eval()

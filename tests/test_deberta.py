@@ -1,0 +1,157 @@
+"""model/deberta.py against Hugging Face's DebertaV2 (small random models, CPU)."""
+import math
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import DebertaV2Config, DebertaV2ForMaskedLM, DebertaV2Model
+from transformers.models.deberta_v2.modeling_deberta_v2 import make_log_bucket_position
+
+from model.deberta import DEBERTA_V3_BASE, Deberta, config_from_hf, load_deberta, log_bucket_position
+
+
+def small_hf_config(position_buckets=32, **kw):
+    return DebertaV2Config(
+        vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+        max_position_embeddings=64, relative_attention=True, position_buckets=position_buckets,
+        norm_rel_ebd="layer_norm", share_att_key=True, pos_att_type=["p2c", "c2p"], position_biased_input=False,
+        max_relative_positions=-1, type_vocab_size=0, layer_norm_eps=1e-7, **kw)
+
+
+def save_hf(tmp_path, model_cls=DebertaV2Model, **kw):
+    torch.manual_seed(0)
+    hf = model_cls(small_hf_config(**kw)).eval()
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    return hf
+
+
+def padded_batch(T=12, lengths=(12, 7, 3), vocab=100):
+    torch.manual_seed(1)
+    ids = torch.randint(1, vocab, (len(lengths), T))
+    mask = torch.zeros(len(lengths), T, dtype=torch.long)
+    for b, n in enumerate(lengths):
+        mask[b, :n] = 1
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+def assert_matches_hf(hf, ours, ids, mask):
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask).last_hidden_state
+        out, valid = ours(ids, mask)
+    assert out.shape == ref.shape and valid.dtype == torch.bool
+    assert torch.equal(valid, mask.bool())
+    torch.testing.assert_close(out[valid], ref[valid], atol=1e-5, rtol=1e-5)
+
+
+def test_matches_hf_with_padding(tmp_path):
+    hf = save_hf(tmp_path)
+    ours = load_deberta(str(tmp_path))
+    assert not ours.training and ours.hidden_size == 64
+    assert ours.word_embeddings is ours.embeddings.word_embeddings
+    assert_matches_hf(hf, ours, *padded_batch())
+    # no attention_mask: everything valid
+    ids, _ = padded_batch()
+    with torch.no_grad():
+        out, valid = ours(ids)
+    assert valid.all()
+    torch.testing.assert_close(out, hf(input_ids=ids).last_hidden_state, atol=1e-5, rtol=1e-5)
+
+
+def test_longer_than_position_buckets(tmp_path):
+    hf = save_hf(tmp_path, position_buckets=8)
+    ours = load_deberta(str(tmp_path))
+    assert_matches_hf(hf, ours, *padded_batch(T=40, lengths=(40, 25)))
+
+
+def test_prefixed_checkpoint_heads_unused(tmp_path, capsys):
+    hf = save_hf(tmp_path, model_cls=DebertaV2ForMaskedLM)
+    keys = load_file(os.path.join(tmp_path, "model.safetensors")).keys()
+    assert any(k.startswith("deberta.") for k in keys)
+    ours = load_deberta(str(tmp_path))
+    printed = capsys.readouterr().out
+    assert "unused" in printed and ("cls." in printed or "lm_predictions." in printed)
+    assert_matches_hf(hf.deberta, ours, *padded_batch())
+
+
+def _rewrite(tmp_path, edit):
+    path = os.path.join(tmp_path, "model.safetensors")
+    sd = load_file(path)
+    edit(sd)
+    save_file({k: v.contiguous() for k, v in sd.items()}, path)
+
+
+def test_missing_key_names_it(tmp_path):
+    save_hf(tmp_path)
+    key = "encoder.layer.1.attention.self.key_proj.weight"
+    _rewrite(tmp_path, lambda sd: sd.pop(key))
+    with pytest.raises(KeyError, match=key):
+        load_deberta(str(tmp_path))
+
+
+def test_wrong_shape_names_it(tmp_path):
+    save_hf(tmp_path)
+    key = "encoder.rel_embeddings.weight"
+    _rewrite(tmp_path, lambda sd: sd.__setitem__(key, torch.zeros(10, 64)))
+    with pytest.raises(ValueError, match=key):
+        load_deberta(str(tmp_path))
+
+
+def test_padding_invariance():
+    torch.manual_seed(0)
+    cfg = config_from_hf(small_hf_config().to_dict())
+    model = Deberta(cfg).eval()
+    ids, mask = padded_batch()
+    other = ids.masked_fill(mask == 0, 5)
+    with torch.no_grad():
+        a, valid = model(ids, mask)
+        b, _ = model(other, mask)
+    torch.testing.assert_close(a[valid], b[valid], atol=1e-6, rtol=1e-6)
+    # a shorter sequence alone equals the same sequence padded inside a batch
+    with torch.no_grad():
+        alone, _ = model(ids[1:2, :7])
+    torch.testing.assert_close(alone[0], a[1, :7], atol=1e-5, rtol=1e-5)
+
+
+def test_dropout_only_in_training():
+    torch.manual_seed(0)
+    model = Deberta(config_from_hf(small_hf_config().to_dict()))
+    ids, mask = padded_batch()
+    model.train()
+    a, _ = model(ids, mask)
+    b, _ = model(ids, mask)
+    assert not torch.allclose(a, b)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, mask)[0], model(ids, mask)[0])
+
+
+def test_config_from_hf():
+    d = small_hf_config().to_dict()
+    d["pos_att_type"] = "p2c|c2p"
+    cfg = config_from_hf(d)
+    assert cfg.pos_att_type == ["p2c", "c2p"] and cfg.position_buckets == 32 and cfg.hidden_size == 64
+    # missing fields take Hugging Face's defaults (not the V3 preset)
+    bare = config_from_hf({"hidden_size": 64, "num_attention_heads": 4})
+    assert bare.relative_attention is False and bare.position_biased_input is True and bare.pos_att_type == []
+    # the V3-base preset
+    assert (DEBERTA_V3_BASE.vocab_size, DEBERTA_V3_BASE.hidden_size, DEBERTA_V3_BASE.position_buckets) == (128100, 768, 256)
+
+
+def _bucket_brute_force(r, buckets, max_position):
+    mid = buckets // 2
+    if abs(r) <= mid:  # near offsets stay exact
+        return r
+    v = math.ceil(math.log(abs(r) / mid) / math.log((max_position - 1) / mid) * (mid - 1)) + mid
+    return int(math.copysign(v, r))
+
+
+@pytest.mark.parametrize("buckets,max_position", [(256, 512), (8, 64), (32, 64), (64, 1024), (256, 2048)])
+def test_log_bucket_position(buckets, max_position):
+    rel = torch.arange(-2 * max_position, 2 * max_position + 1)
+    ours = log_bucket_position(rel, buckets, max_position)
+    brute = torch.tensor([_bucket_brute_force(r, buckets, max_position) for r in rel.tolist()])
+    assert torch.equal(ours, make_log_bucket_position(rel, buckets, max_position).long())
+    assert torch.equal(ours, brute)
+    assert torch.equal(ours[rel.abs() <= buckets // 2], rel[rel.abs() <= buckets // 2])
+    assert torch.equal(ours, -ours.flip(0))  # odd symmetry: bucket(-r) = -bucket(r)

@@ -1,0 +1,131 @@
+"""Fusion network (section 4.1): padding invariance, no positional embeddings, subsets, co-attention."""
+import itertools
+
+import pytest
+import torch
+
+from model.fusion import MODALITIES, FusionConfig, FusionNetwork, masked_mean
+
+DIMS = {"video": 12, "text": 10, "audio": 14}
+
+
+def make(mode, **kw):
+    torch.manual_seed(0)
+    cfg = FusionConfig(mode=mode, dim=16, layers=2 if mode == "merge" else 2, heads=4, dropout=0.0, **kw)
+    return FusionNetwork(cfg, DIMS).eval()
+
+
+def inputs(B=3):
+    g = torch.Generator().manual_seed(1)
+    feats = {"video": torch.randn(B, 2, 2, 2, 12, generator=g), "text": torch.randn(B, 7, 10, generator=g),
+             "audio": torch.randn(B, 9, 14, generator=g)}
+    valids = {"text": torch.arange(7)[None] < torch.tensor([[7], [4], [2]]),
+              "audio": torch.arange(9)[None] < torch.tensor([[5], [9], [3]])}
+    return feats, valids
+
+
+@pytest.mark.parametrize("mode", ["merge", "co"])
+def test_padding_never_influences_valid_tokens(mode):
+    f = make(mode)
+    feats, valids = inputs()
+    out = f(feats, valids)
+    feats2 = {k: v.clone() for k, v in feats.items()}
+    feats2["text"][~valids["text"]] = 1e3 * torch.randn_like(feats2["text"][~valids["text"]])
+    feats2["audio"][~valids["audio"]] = -5.0
+    out2 = f(feats2, valids)
+    for m in MODALITIES:
+        v = valids.get(m)
+        a, b = out[m], out2[m]
+        if v is not None:
+            a, b = a[v], b[v]
+        assert torch.allclose(a, b, atol=1e-5), m
+    # Same as running each example alone, truncated to its valid length.
+    for i in range(3):
+        lt, ls = valids["text"][i].sum(), valids["audio"][i].sum()
+        single = f({"video": feats["video"][i:i + 1], "text": feats["text"][i:i + 1, :lt],
+                    "audio": feats["audio"][i:i + 1, :ls]})
+        assert torch.allclose(single["text"][0], out["text"][i, :lt], atol=1e-5)
+        assert torch.allclose(single["video"][0], out["video"][i], atol=1e-5)
+
+
+def test_merge_attention_is_permutation_equivariant_within_a_modality():
+    """No positional embeddings in the fusion module (section 4.1): permuting one modality's tokens
+    permutes its outputs the same way and leaves the other modalities' outputs unchanged."""
+    f = make("merge")
+    feats, _ = inputs()
+    out = f(feats)
+    perm = torch.randperm(7)
+    feats2 = dict(feats, text=feats["text"][:, perm])
+    out2 = f(feats2)
+    assert torch.allclose(out2["text"], out["text"][:, perm], atol=1e-5)
+    assert torch.allclose(out2["audio"], out["audio"], atol=1e-5)
+    assert torch.allclose(out2["video"], out["video"], atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["merge", "co"])
+def test_every_subset_runs_and_depends_on_the_others(mode):
+    f = make(mode)
+    feats, valids = inputs()
+    alone = {m: f({m: feats[m]}, {m: valids.get(m)})[m] for m in MODALITIES}
+    for k in (1, 2, 3):
+        for subset in itertools.combinations(MODALITIES, k):
+            out = f({m: feats[m] for m in subset}, {m: valids.get(m) for m in subset})
+            assert set(out) == set(subset)
+            for m in subset:
+                n = feats[m].shape[1] if m != "video" else 8
+                assert out[m].shape == (3, n, 16)
+                assert torch.isfinite(out[m]).all()
+                # with other modalities present, the output of m changes (they are fused)
+                assert torch.allclose(out[m], alone[m], atol=1e-6) == (k == 1)
+
+
+def test_co_attention_single_modality_is_self_attention_plus_ffn():
+    f = make("co")
+    feats, valids = inputs()
+    x = f.proj["text"](feats["text"])
+    v = valids["text"]
+    for layer in f.layers:                # the reference: self-attention + FFN, no cross-attention
+        x = layer.self_norm["text"](x + layer.self_attn["text"](x, key_valid=v))
+        x = layer.ffn_norm["text"](x + layer.ffn["text"](x))
+    out = f({"text": feats["text"]}, {"text": v})["text"]
+    assert torch.allclose(out, x, atol=1e-6)
+
+
+def test_attention_matches_a_hand_written_softmax():
+    f = make("merge")
+    attn = f.layers[0].attn
+    torch.manual_seed(4)
+    x = torch.randn(2, 5, 16)
+    valid = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    y = attn(x, key_valid=valid)
+    q = attn.q(x).view(2, 5, 4, 4).transpose(1, 2)
+    k, v = attn.kv(x).view(2, 5, 2, 4, 4).permute(2, 0, 3, 1, 4)
+    s = q @ k.transpose(-1, -2) / 2.0
+    s = s.masked_fill(~valid[:, None, None, :], float("-inf"))
+    ref = attn.out((s.softmax(-1) @ v).transpose(1, 2).reshape(2, 5, 16))
+    assert torch.allclose(y, ref, atol=1e-6)
+
+
+def test_ffn_sharing_switch_and_param_counts():
+    shared, per = make("co"), make("co", co_ffn_per_modality=True)
+    n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    ffn = sum(p.numel() for p in shared.layers[0].ffn["text"].parameters())
+    assert n(per) - n(shared) == 2 * ffn * len(shared.layers)       # two extra FFNs per layer
+    assert shared.layers[0].ffn["text"] is shared.layers[0].ffn["audio"]
+
+
+def test_masked_mean_closed_form():
+    x = torch.arange(12.0).view(1, 4, 3)
+    valid = torch.tensor([[True, False, True, False]])
+    assert torch.equal(masked_mean(x, valid), (x[0, 0] + x[0, 2])[None] / 2)
+    assert torch.equal(masked_mean(x, None), x.mean(1))
+
+
+def test_bad_inputs_raise():
+    f = make("merge")
+    with pytest.raises(ValueError, match="non-empty subset"):
+        f({})
+    with pytest.raises(ValueError, match="image"):
+        f({"image": torch.randn(1, 2, 3)})
+    with pytest.raises(ValueError, match="divisible"):
+        FusionNetwork(FusionConfig(dim=10, heads=4), DIMS)

@@ -1,0 +1,82 @@
+"""Masking statistics (section 4.2.1, appendix A.1) over many draws, with the tolerances stated."""
+import math
+
+import torch
+
+from data import mask_tokens, span_mask, span_mask_batch, tube_mask, tube_to_patch_mask
+
+
+def test_mask_tokens_ratio_and_80_10_10():
+    g = torch.Generator().manual_seed(0)
+    B, L, V, MASK = 64, 512, 1000, 4
+    ids = torch.randint(10, V, (B, L), generator=g)
+    special = torch.zeros(B, L, dtype=torch.bool)
+    special[:, 0] = special[:, -1] = True            # [CLS], [SEP]
+    special[:, 400:] = True                          # padding
+    inputs, labels = mask_tokens(ids, special, MASK, V, ratio=0.3, generator=g)
+    selected = labels != -100
+    eligible = (~special).sum().item()
+    n = selected.sum().item()
+    # Binomial(eligible, 0.3): std ~ sqrt(p(1-p)/n) ~ 0.0013 at n ~ 25k; allow 5 sigma.
+    assert abs(n / eligible - 0.3) < 0.007
+    assert not (selected & special).any(), "special or padding tokens were selected"
+    assert torch.equal(labels[selected], ids[selected])
+    assert torch.equal(inputs[~selected], ids[~selected]), "unselected tokens changed"
+    to_mask = (inputs[selected] == MASK).float().mean().item()
+    kept = (inputs[selected] == ids[selected]).float().mean().item()
+    rand = 1 - to_mask - kept
+    # 80/10/10 of ~7.6k tokens; random ids coincide with the original 1/990 of the time.
+    assert abs(to_mask - 0.8) < 0.025 and abs(kept - 0.1) < 0.02 and abs(rand - 0.1) < 0.02
+
+
+def test_tube_mask_exact_count_length_and_contiguity():
+    g = torch.Generator().manual_seed(1)
+    T, H, W = 8, 14, 14
+    lengths, starts = [], []
+    for _ in range(400):
+        m = tube_mask(T, H, W, ratio=0.5, generator=g)
+        frames = m.flatten(1).any(1)
+        idx = frames.nonzero().flatten()
+        t0, t1 = idx.min().item(), idx.max().item()
+        assert frames[t0:t1 + 1].all(), "masked frames are not contiguous"
+        lengths.append(t1 - t0 + 1)
+        starts.append(t0)
+        for t in idx.tolist():
+            assert m[t].sum().item() == round(0.5 * H * W)            # exact 2D count
+            assert torch.equal(m[t], m[t0])                           # the same 2D mask: a tube
+    assert min(lengths) == math.ceil(T / 2) and max(lengths) == T   # l uniform in [T/2, T], both ends hit
+    assert all(s + l <= T for s, l in zip(starts, lengths))          # no wrap-around
+    # l is uniform over 5 values: each ~80 of 400 draws; allow wide bounds.
+    counts = torch.bincount(torch.tensor(lengths))[4:]
+    assert counts.min() > 45
+    # odd frame counts: l in [ceil(5/2), 5] = [3, 5]
+    ls = {tube_mask(5, 4, 4, generator=g).flatten(1).any(1).sum().item() for _ in range(200)}
+    assert ls == {3, 4, 5}
+
+
+def test_tube_to_patch_mask_maps_grids():
+    g = torch.Generator().manual_seed(2)
+    m = tube_mask(8, 14, 14, generator=g)             # 224x224x8 frames: the token grid 8 x 14 x 14
+    p = tube_to_patch_mask(m)                         # Video Swin patch grid T/2 x H/4 x W/4 = 4 x 56 x 56
+    assert p.shape == (4, 56, 56)
+    for t in range(4):
+        for i in range(0, 56, 5):
+            for j in range(0, 56, 7):
+                assert p[t, i, j] == (m[2 * t, i // 4, j // 4] or m[2 * t + 1, i // 4, j // 4])
+
+
+def test_span_mask_coverage_and_batch_lengths():
+    g = torch.Generator().manual_seed(3)
+    L, p, span = 2000, 0.08, 10
+    cover = torch.stack([span_mask(L, p, span, g) for _ in range(50)]).float().mean().item()
+    expect = 1 - (1 - p) ** span                      # ~0.566 for independent starts
+    assert abs(cover - expect) < 0.02, (cover, expect)
+    # start count: int(p * L + U[0,1)) distinct starts, at least one
+    short = span_mask(5, p, span, g)
+    assert short.any()
+    lengths = [30, 100, 7, 0]
+    mb = span_mask_batch(lengths, max_length=120, generator=g)
+    assert mb.shape == (4, 120)
+    for i, n in enumerate(lengths):
+        assert not mb[i, n:].any(), "padding frames were masked"
+    assert mb[1, :100].any() and not mb[3].any()

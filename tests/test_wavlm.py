@@ -1,0 +1,218 @@
+"""model/wavlm.py against Hugging Face WavLMModel / HubertModel (small random configs, CPU, float32)."""
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from model.wavlm import (HUBERT_LARGE, WAVLM_LARGE, ConvFeatureEncoder, SpeechConfig, SpeechEncoder,
+                         config_from_hf, conv_output_length, convert_hf_state_dict, load_speech_encoder)
+
+transformers = pytest.importorskip("transformers")
+# HF WavLM mixes a bool key_padding_mask with a float attn_mask inside F.multi_head_attention_forward.
+pytestmark = pytest.mark.filterwarnings("ignore:Support for mismatched key_padding_mask")
+
+SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, conv_dim=(32,) * 7,
+             num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4)
+
+
+def hf_model(kind, norm, stable, cls=None, **extra):
+    """A randomly initialised HF model with every parameter perturbed (so no LayerNorm is the identity)."""
+    torch.manual_seed(0)
+    if kind == "wavlm":
+        cfg = transformers.WavLMConfig(**SMALL, num_buckets=16, max_bucket_distance=32, feat_extract_norm=norm,
+                                       do_stable_layer_norm=stable, conv_bias=(norm == "layer"), **extra)
+        model = (cls or transformers.WavLMModel)(cfg)
+    else:
+        cfg = transformers.HubertConfig(**SMALL, feat_extract_norm=norm, do_stable_layer_norm=stable,
+                                        conv_bias=(norm == "layer"), **extra)
+        model = (cls or transformers.HubertModel)(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+def batch(lengths, n=None):
+    g = torch.Generator().manual_seed(1)
+    n = n or max(lengths)
+    wave = torch.randn(len(lengths), n, generator=g)
+    mask = torch.zeros(len(lengths), n, dtype=torch.long)
+    for i, l in enumerate(lengths):
+        mask[i, :l] = 1
+        wave[i, l:] = 0.0
+    return wave, mask
+
+
+def roundtrip(model, tmp_path):
+    model.save_pretrained(tmp_path)
+    return load_speech_encoder(str(tmp_path))
+
+
+@pytest.mark.parametrize("kind", ["wavlm", "hubert"])
+def test_layer_norm_stable_matches_hf_with_padding(kind, tmp_path):
+    hf = hf_model(kind, "layer", True)
+    ours = roundtrip(hf, tmp_path)
+    wave, mask = batch([6000, 4321, 2999])
+    with torch.no_grad():
+        ref = hf(wave, attention_mask=mask).last_hidden_state
+        out, valid = ours(wave, mask)
+    lengths = conv_output_length(mask.sum(-1), ours.config.conv_kernel, ours.config.conv_stride)
+    assert out.shape == ref.shape and valid.shape == out.shape[:2]
+    assert valid.sum(-1).tolist() == lengths.tolist()
+    torch.testing.assert_close(out[valid], ref[valid], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["wavlm", "hubert"])
+def test_group_norm_post_ln_matches_hf_without_mask(kind, tmp_path):
+    hf = hf_model(kind, "group", False)
+    ours = roundtrip(hf, tmp_path)
+    assert ours.config.gated_relative_position_bias == (kind == "wavlm")
+    wave = torch.randn(2, 12000, generator=torch.Generator().manual_seed(2))  # 37 frames > max_bucket_distance
+    with torch.no_grad():
+        ref = hf(wave).last_hidden_state
+        out, valid = ours(wave)
+    assert bool(valid.all())
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_ctc_checkpoint_prefix_and_heads(tmp_path):
+    hf = hf_model("wavlm", "layer", True, cls=transformers.WavLMForCTC, vocab_size=12)
+    ours = roundtrip(hf, tmp_path)  # wavlm.* keys load; lm_head.* is reported unused
+    wave = torch.randn(1, 3000)
+    with torch.no_grad():
+        ref = hf.wavlm(wave).last_hidden_state
+        torch.testing.assert_close(ours(wave)[0], ref, atol=1e-5, rtol=1e-5)
+    conv = convert_hf_state_dict(load_file(os.path.join(tmp_path, "model.safetensors")))
+    assert "lm_head.weight" in conv and "layers.0.attention.rel_attn_embed.weight" in conv
+
+
+def test_legacy_weight_norm_names(tmp_path):
+    hf = hf_model("wavlm", "layer", True)
+    hf.save_pretrained(tmp_path)
+    st = os.path.join(tmp_path, "model.safetensors")
+    sd = load_file(st)
+    for new, old in (("parametrizations.weight.original0", "weight_g"), ("parametrizations.weight.original1", "weight_v")):
+        key = f"encoder.pos_conv_embed.conv.{new}"
+        sd[key.replace(new, old)] = sd.pop(key)
+    save_file({f"wavlm.{k}": v for k, v in sd.items()}, st)  # also exercise the wavlm. prefix
+    ours = load_speech_encoder(str(tmp_path))
+    wave = torch.randn(2, 4000)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(wave)[0], hf(wave).last_hidden_state, atol=1e-5, rtol=1e-5)
+
+
+def test_missing_and_misshaped_keys_are_named(tmp_path):
+    hf = hf_model("wavlm", "layer", True)
+    hf.save_pretrained(tmp_path)
+    st = os.path.join(tmp_path, "model.safetensors")
+    sd = load_file(st)
+    bad = dict(sd)
+    del bad["encoder.layers.1.attention.q_proj.weight"]
+    save_file(bad, st)
+    with pytest.raises(KeyError, match=r"layers\.1\.attention\.q_proj\.weight"):
+        load_speech_encoder(str(tmp_path))
+    bad = dict(sd)
+    bad["feature_projection.projection.weight"] = torch.zeros(64, 31)
+    save_file(bad, st)
+    with pytest.raises(ValueError, match=r"feature_projection\.weight"):
+        load_speech_encoder(str(tmp_path))
+
+
+def test_conv_output_length_matches_convolution():
+    cfg = SpeechConfig(**SMALL)
+    enc = ConvFeatureEncoder(cfg.conv_dim, cfg.conv_kernel, cfg.conv_stride, False, "layer")
+    ns = list(range(400, 2001, 37)) + [16001, 48321, 99999]
+    with torch.no_grad():
+        for n in ns:
+            assert enc(torch.randn(1, n)).shape[-1] == conv_output_length(n, cfg.conv_kernel, cfg.conv_stride), n
+    as_tensor = conv_output_length(torch.tensor(ns), cfg.conv_kernel, cfg.conv_stride)
+    assert as_tensor.tolist() == [conv_output_length(n, cfg.conv_kernel, cfg.conv_stride) for n in ns]
+    assert conv_output_length(16000, WAVLM_LARGE.conv_kernel, WAVLM_LARGE.conv_stride) == 49  # 20 ms frames
+
+
+def test_conv_feature_encoder_matches_hf_submodules():
+    for norm in ("group", "layer"):
+        hf = hf_model("wavlm", norm, norm == "layer").feature_extractor
+        ours = ConvFeatureEncoder((32,) * 7, (10, 3, 3, 3, 3, 2, 2), (5, 2, 2, 2, 2, 2, 2), norm == "layer", norm)
+        ours.load_state_dict(hf.state_dict(), strict=True)  # same key names
+        wave = torch.randn(2, 3333)
+        with torch.no_grad():
+            torch.testing.assert_close(ours(wave), hf(wave), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("gated", [True, False])
+def test_padding_invariance_layer_variant(gated):
+    torch.manual_seed(0)
+    cfg = SpeechConfig(**SMALL, num_buckets=16, max_bucket_distance=32, feat_extract_norm="layer",
+                       do_stable_layer_norm=True, conv_bias=True, gated_relative_position_bias=gated)
+    model = SpeechEncoder(cfg).eval()
+    wave, mask = batch([5000, 3001])
+    noisy = wave.clone()
+    noisy[1, 3001:] = torch.randn(5000 - 3001) * 5
+    with torch.no_grad():
+        a, valid = model(wave, mask)
+        b, _ = model(noisy, mask)
+        alone, _ = model(wave[1:, :3001], None)  # the short row on its own, no padding at all
+    torch.testing.assert_close(a[valid], b[valid], atol=1e-5, rtol=1e-5)
+    n1 = int(valid[1].sum())
+    assert n1 == alone.shape[1]
+    torch.testing.assert_close(a[1, :n1], alone[0], atol=1e-5, rtol=1e-5)
+
+
+def test_frame_mask_replaces_masked_frames():
+    torch.manual_seed(0)
+    cfg = SpeechConfig(**dict(SMALL, num_hidden_layers=0), num_buckets=16, max_bucket_distance=32,
+                       feat_extract_norm="layer", do_stable_layer_norm=True)  # no layers: only the pos-conv mixes frames
+    model = SpeechEncoder(cfg).eval()
+    wave = torch.randn(2, 4000)
+    t = conv_output_length(4000, cfg.conv_kernel, cfg.conv_stride)
+    frame_mask = torch.zeros(2, t, dtype=torch.bool)
+    frame_mask[0, 3:7] = True
+    frame_mask[1, 10:12] = True
+    with torch.no_grad():
+        assert not torch.allclose(model(wave, None, frame_mask)[0], model(wave)[0])
+    # Zero the pos-conv so each output frame sees only its own input: masked frames all become the same
+    # vector (LayerNorm(masked_spec_embed)) and unmasked frames are unchanged.
+    with torch.no_grad():
+        model.pos_conv.weight_g.zero_()
+        model.pos_conv.bias.fill_(-10.0)  # GELU(-10) ~ 0
+        plain, _ = model(wave)
+        masked, _ = model(wave, None, frame_mask)
+    torch.testing.assert_close(masked[~frame_mask], plain[~frame_mask])
+    assert not torch.allclose(masked[frame_mask], plain[frame_mask])
+    expect = model.encoder_norm(model.masked_spec_embed)
+    torch.testing.assert_close(masked[frame_mask], expect.expand(int(frame_mask.sum()), -1), atol=1e-5, rtol=1e-5)
+
+
+def test_masked_spec_embed_gets_gradient():
+    torch.manual_seed(0)
+    cfg = SpeechConfig(**SMALL, num_buckets=16, max_bucket_distance=32)
+    model = SpeechEncoder(cfg).train()
+    wave = torch.randn(2, 4000)
+    t = conv_output_length(4000, cfg.conv_kernel, cfg.conv_stride)
+    frame_mask = torch.rand(2, t) < 0.3
+    frame_mask[0, 0] = True
+    out, _ = model(wave, None, frame_mask)
+    out.pow(2).mean().backward()
+    assert model.masked_spec_embed.grad is not None and model.masked_spec_embed.grad.abs().sum() > 0
+    model.zero_grad()
+    model(wave)[0].pow(2).mean().backward()
+    assert model.masked_spec_embed.grad is None or model.masked_spec_embed.grad.abs().sum() == 0
+
+
+def test_config_from_hf_and_presets():
+    hub = transformers.HubertConfig().to_dict()
+    wav = transformers.WavLMConfig().to_dict()
+    assert config_from_hf(hub).gated_relative_position_bias is False
+    cw = config_from_hf(wav)
+    assert cw.gated_relative_position_bias and cw.num_buckets == 320 and cw.max_bucket_distance == 800
+    assert isinstance(cw.conv_dim, tuple) and cw.conv_dim == (512,) * 7
+    hub.pop("model_type")
+    assert config_from_hf(hub).gated_relative_position_bias is False  # detected by the missing bucket fields
+    assert WAVLM_LARGE.hidden_size == 1024 and WAVLM_LARGE.num_hidden_layers == 24
+    assert HUBERT_LARGE.gated_relative_position_bias is False and HUBERT_LARGE.conv_bias
+    with pytest.raises(ValueError, match="conv_pos_batch_norm"):
+        config_from_hf(dict(hub, conv_pos_batch_norm=True))
+    json.dumps(hub)  # plain dicts, as read from config.json
