@@ -8,9 +8,29 @@ This part: the three masking strategies, written so that each can be read next t
     span_mask     MSM: HuBERT / wav2vec 2.0 span masking, p = 8%, span l = 10 (section 4.2.1)
 
 Every function takes an optional `torch.Generator`, so a collator seeded per step is reproducible.
-"""
-import math
 
+Below the masking (section "Media files to batches"): JSON Lines manifests, decoding through PyAV and
+soundfile, the collator, the multi-source sampler, the offline VQ-target cache, the toy world and the
+`python data.py make-toy|check|bench|tokenize` commands.
+"""
+import argparse
+import collections
+import dataclasses
+import fractions
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # we fork DataLoader workers after using the tokenizer
+
+import av
+import numpy as np
+import soundfile
+import tokenizers
 import torch
 
 
@@ -131,3 +151,1004 @@ def span_mask_batch(lengths, max_length=None, p=0.08, span=10, generator=None):
         if n > 0:
             out[i, :n] = span_mask(n, p, span, generator)
     return out
+
+
+# ====================================================================================================
+# Media files to batches (paper section 3: three-modality video clips and dual-modality pairs)
+#
+# Manifest format (JSON Lines, one example per line, paths relative to the manifest's folder):
+#   video    a container (MP4, MKV, WebM...) read through PyAV; its audio stream is the speech input
+#            unless the row has its own `audio` or sets "mute": true
+#   start, end  seconds into `video` (and `audio`) cutting a clip out of a long file (optional)
+#   image    a still image (JPEG, PNG...), read through PyAV as a static clip of `frames` frames
+#   audio    a separate audio file: WAV/FLAC through soundfile, anything else through PyAV
+#   text     transcript or caption; caption  an extra caption (videos: section 4.2.2 joins both)
+#   mute     true: ignore the video's audio stream (video-caption pairs without speech)
+#   id       free-form identifier, ignored
+#   score, emotions, label, question, answers, answer   downstream labels, passed through
+# The first valid row decides the manifest's modalities; every row must provide them.
+
+PAD_LABEL = -100                     # ignore index of the masked-unit losses
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+MEDIA_FIELDS = ("video", "image", "audio", "text", "caption", "start", "end", "mute", "id")
+LABEL_FIELDS = ("score", "emotions", "label", "question", "answers", "answer")
+KNOWN_FIELDS = frozenset(MEDIA_FIELDS + LABEL_FIELDS)
+MODALITIES = ("video", "text", "audio")
+SOUNDFILE_EXTS = (".wav", ".flac")
+# WavLM's conv feature encoder (20 ms frames, 320-sample stride, 400-sample receptive field)
+SPEECH_KERNELS = (10, 3, 3, 3, 3, 2, 2)
+SPEECH_STRIDES = (5, 2, 2, 2, 2, 2, 2)
+DECODE_THREADS = 1                   # codec threads per worker: scale with DataLoader workers instead
+
+
+@dataclass
+class DataConfig:
+    frames: int = 8                  # T: frames evenly spaced over a clip (section 3: "we evenly sample 8 video frames")
+    image_size: int = 224            # H = W: shorter side resized to this, then centre-cropped (CoSwin input)
+    token_patch: int = 16            # pixels per MVM token cell (one PeCo token per 16x16 patch): grid H/16 x W/16
+    max_audio_s: float = 8.0         # waveform cut to this many seconds from the clip start (clips average 7.8 s, section 3)
+    sample_rate: int = 16000         # Hz, WavLM's input rate; every audio source is resampled to it, mono
+    max_text_len: int = 128          # T_l cap, [CLS] and [SEP] included; longer texts lose their tail
+    text_mask_ratio: float = 0.3     # MLM: 30% of the text tokens (section 4.2.1)
+    tube_ratio: float = 0.5          # MVM: 50% of each frame's token grid (section 4.2.1, appendix A.1)
+    span_p: float = 0.08             # MSM: share of frames that start a span (p = 8, section 4.2.1)
+    span_len: int = 10               # MSM: span length l = 10 frames (section 4.2.1)
+    mean: tuple = IMAGENET_MEAN      # per-channel normalisation expected by the ImageNet-pretrained vision encoder
+    std: tuple = IMAGENET_STD
+    max_bad_share: float = 0.1       # stop training when more than this share of a source's tried rows is bad
+    min_audio_samples: int = 400     # one speech frame (the conv encoder's receptive field); shorter audio is bad
+
+
+PAPER_DATA = DataConfig()            # section 3: 8 frames at 224 px, ~7.8 s clips at 16 kHz
+TOY_DATA = DataConfig(frames=4, image_size=64, max_audio_s=2.0, max_text_len=32)  # the toy world (make_toy)
+
+
+def speech_frames(n):
+    """T_s for a waveform of n samples (int or LongTensor): the conv feature encoder's output length."""
+    from model.wavlm import conv_output_length
+    return conv_output_length(n, SPEECH_KERNELS, SPEECH_STRIDES)
+
+
+class BadExample(Exception):
+    """A row that cannot become an example; `reason` says why in words (the loader skips and counts it)."""
+
+    def __init__(self, reason):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def reason_kind(reason):
+    """The short kind of a BadExample reason ("missing file", "undecodable video", ...) for summaries."""
+    return reason.split(":")[0].split("(")[0].strip()
+
+
+class TooManyBadExamples(RuntimeError):
+    """More than `DataConfig.max_bad_share` of a source's rows were bad: fix the data, don't train on it."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Video and images through PyAV
+
+def _open(path, what):
+    if not os.path.exists(path):
+        raise BadExample(f"missing file: {path}")
+    if os.path.getsize(path) == 0:
+        raise BadExample(f"empty file: {path}")
+    try:
+        return av.open(path)
+    except (av.FFmpegError, OSError, ValueError) as e:
+        raise BadExample(f"undecodable {what} (cannot open {path}: {e})") from e
+
+
+def _rotation(frame, stream):
+    """Counter-clockwise display rotation in degrees: display-matrix side data, else the old `rotate` tag."""
+    r = frame.rotation
+    if not r and stream.metadata.get("rotate"):
+        r = -int(float(stream.metadata["rotate"]))  # the tag is clockwise
+    return int(round(r / 90.0)) * 90 % 360
+
+
+def frame_to_rgb(frame, size, rotation=0):
+    """One decoded frame -> uint8 [size, size, 3]: rotate for display, shorter side to `size`, centre crop."""
+    w, h = frame.width, frame.height
+    disp_w, disp_h = (h, w) if rotation % 180 else (w, h)
+    s = size / min(disp_w, disp_h)
+    nw, nh = max(1, round(w * s)), max(1, round(h * s))
+    nw, nh = max(nw, size), max(nh, size)  # both sides must cover the crop, whichever way it is turned
+    img = frame.to_ndarray(width=nw, height=nh, format="rgb24", interpolation="BILINEAR")
+    if rotation:
+        img = np.rot90(img, k=rotation // 90)  # np.rot90 turns counter-clockwise, like the display matrix
+    y0, x0 = (img.shape[0] - size) // 2, (img.shape[1] - size) // 2
+    return np.ascontiguousarray(img[y0:y0 + size, x0:x0 + size])
+
+
+def _frame_time(frame, tb):
+    return float(frame.pts * tb) if frame.pts is not None else float(frame.time or 0.0)
+
+
+def frames_at(container, stream, targets, seek=True):
+    """The frame on display at each target time (seconds, stream clock): the last one with pts <= t.
+
+    With seek=True we jump to the keyframe before a target whenever the stream's index has a keyframe
+    between the last decoded frame and the target (or, without an index, when the gap exceeds 2 s), so a
+    clip out of a long file decodes only a few GOPs; seek=False decodes everything from the start (the
+    reference the tests compare with). A target before the first frame gets the first frame; one after
+    the last frame gets the last. Returns a list of av.VideoFrame (repeated where targets share a frame).
+    """
+    tb = stream.time_base
+    keyframes = sorted(float(e.timestamp * tb) for e in stream.index_entries if e.is_keyframe) if seek else []
+    out = [None] * len(targets)
+    gen, prev, nxt, done = None, None, None, False
+    for i in sorted(range(len(targets)), key=targets.__getitem__):
+        t = targets[i]
+        last = _frame_time(nxt if nxt is not None else prev, tb) if (prev or nxt) is not None else -math.inf
+        jump = any(last < k <= t for k in keyframes) if keyframes else t - last > 2.0
+        if gen is None or (seek and jump):
+            if seek:
+                container.seek(max(0, int(t / tb)), stream=stream, backward=True, any_frame=False)
+            gen, prev, nxt, done = container.decode(stream), None, None, False
+        if nxt is not None and _frame_time(nxt, tb) <= t:
+            prev, nxt = nxt, None
+        while nxt is None and not done:
+            try:
+                f = next(gen)
+            except StopIteration:
+                done = True
+                break
+            if _frame_time(f, tb) <= t + 1e-6:
+                prev = f
+            else:
+                nxt = f
+        out[i] = prev if prev is not None else nxt
+        if out[i] is None:
+            raise BadExample("no decodable video frames")
+    return out
+
+
+def read_video(path, frames, size, start=None, end=None, seek=True):
+    """`frames` frames evenly spaced over [start, end] of a video -> uint8 [T, size, size, 3].
+
+    The targets are the centres of T equal segments of the clip (start and end default to the stream's
+    start and duration). Clips with fewer than T frames repeat frames; rotated phone videos are turned
+    upright; odd resolutions are scaled (shorter side to `size`) and centre-cropped.
+    """
+    container = _open(path, "video")
+    with container:
+        if not container.streams.video:
+            raise BadExample(f"no video stream in {path}")
+        vs = container.streams.video[0]
+        vs.thread_count = DECODE_THREADS
+        tb = vs.time_base
+        t0 = float(vs.start_time * tb) if vs.start_time is not None else 0.0
+        if vs.duration:
+            duration = float(vs.duration * tb)
+        elif container.duration:
+            duration = container.duration / 1e6
+        else:
+            duration = None
+        a = float(start or 0.0)
+        b = float(end) if end is not None else duration
+        if b is None:  # unknown length (some streams): decode everything once to learn it
+            times = [_frame_time(f, tb) for f in container.decode(vs)]
+            if not times:
+                raise BadExample(f"no decodable video frames in {path}")
+            b = times[-1] - t0 + (times[-1] - times[-2] if len(times) > 1 else 0.04)
+            container.seek(0, stream=vs)
+        if duration is not None:
+            if a >= duration:
+                raise BadExample(f"clip starts at {a:.3f}s but the video lasts {duration:.3f}s")
+            b = min(b, duration)
+        if b <= a:
+            raise BadExample(f"empty clip: start {a} >= end {b}")
+        targets = [t0 + a + (i + 0.5) * (b - a) / frames for i in range(frames)]
+        try:
+            picked = frames_at(container, vs, targets, seek=seek)
+            rotation = _rotation(picked[0], vs)
+            cache = {}
+            out = [cache.setdefault(id(f), frame_to_rgb(f, size, rotation)) for f in picked]
+        except av.FFmpegError as e:
+            raise BadExample(f"undecodable video {path}: {e}") from e
+        return np.stack(out)
+
+
+def read_image(path, frames, size):
+    """A still image -> uint8 [T, size, size, 3], the same frame T times.
+
+    Images become static clips of the same `frames` count as videos, so the vision encoder (a video Swin,
+    section 4.1: "images and sequence of frames") and the MVM token grid see one shape for every source.
+    """
+    container = _open(path, "image")
+    with container:
+        if not container.streams.video:
+            raise BadExample(f"no image stream in {path}")
+        try:
+            frame = next(container.decode(video=0), None)
+        except av.FFmpegError as e:
+            raise BadExample(f"undecodable image {path}: {e}") from e
+        if frame is None:
+            raise BadExample(f"undecodable image {path}: no frame")
+        img = frame_to_rgb(frame, size, _rotation(frame, container.streams.video[0]))
+    return np.repeat(img[None], frames, axis=0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Audio: soundfile for WAV/FLAC, PyAV for the rest (video containers included); 16 kHz mono
+
+def resample(x, from_sr, to_sr):
+    """float32 [N] mono at from_sr -> float32 [N * to_sr / from_sr] through libswresample (keeps the duration)."""
+    if from_sr == to_sr:
+        return np.asarray(x, dtype=np.float32)
+    rs = av.AudioResampler(format="flt", layout="mono", rate=to_sr)
+    frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(x, dtype=np.float32)[None], format="flt", layout="mono")
+    frame.sample_rate = from_sr
+    frame.pts = 0
+    chunks = [o.to_ndarray()[0] for o in rs.resample(frame)] + [o.to_ndarray()[0] for o in rs.resample(None)]
+    return np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
+
+
+def _read_audio_av(path, sr, start, end):
+    container = _open(path, "audio")
+    with container:
+        if not container.streams.audio:
+            raise BadExample(f"no audio stream in {path}")
+        st = container.streams.audio[0]
+        tb = st.time_base
+        t0 = float(st.start_time * tb) if st.start_time is not None else 0.0
+        rs = av.AudioResampler(format="flt", layout="mono", rate=sr)
+        if start > 0:
+            container.seek(max(0, int((t0 + start) / tb)), stream=st, backward=True)
+        chunks, first = [], None
+        stop = t0 + end if end is not None else math.inf
+        try:
+            for frame in container.decode(st):
+                if first is None:
+                    first = _frame_time(frame, tb)
+                frame.pts = None  # let the resampler count samples (robust to timestamp gaps)
+                chunks += [o.to_ndarray()[0] for o in rs.resample(frame)]
+                if first + sum(len(c) for c in chunks) / sr >= stop:
+                    break
+            chunks += [o.to_ndarray()[0] for o in rs.resample(None)]
+        except av.FFmpegError as e:
+            raise BadExample(f"undecodable audio {path}: {e}") from e
+        if not chunks:
+            raise BadExample(f"no decodable audio in {path}")
+        x = np.concatenate(chunks)
+        skip = int(round((t0 + start - first) * sr))
+        return x[max(skip, 0):]
+
+
+def read_audio(path, sr=16000, start=None, end=None, max_s=None, min_samples=1):
+    """Audio of [start, end] seconds -> float32 [N] mono at `sr`, at most max_s seconds from the start."""
+    a = float(start or 0.0)
+    if path.lower().endswith(SOUNDFILE_EXTS):
+        if not os.path.exists(path):
+            raise BadExample(f"missing file: {path}")
+        try:
+            info = soundfile.info(path)
+            i0 = int(round(a * info.samplerate))
+            i1 = info.frames if end is None else min(info.frames, int(round(float(end) * info.samplerate)))
+            if max_s is not None:
+                i1 = min(i1, i0 + int(math.ceil(max_s * info.samplerate)))
+            if i0 >= info.frames:
+                raise BadExample(f"clip starts at {a:.3f}s but the audio lasts {info.frames / info.samplerate:.3f}s")
+            x, _ = soundfile.read(path, start=i0, stop=i1, dtype="float32", always_2d=True)
+        except (RuntimeError, soundfile.SoundFileError) as e:  # LibsndfileError is a RuntimeError
+            raise BadExample(f"undecodable audio {path}: {e}") from e
+        x = resample(x.mean(axis=1), info.samplerate, sr)
+    else:
+        x = _read_audio_av(path, sr, a, end)
+    limit = math.inf if end is None else float(end) - a
+    if max_s is not None:
+        limit = min(limit, max_s)
+    if limit < math.inf:
+        x = x[:int(round(limit * sr))]
+    if len(x) < min_samples:
+        raise BadExample(f"audio shorter than one speech frame: {len(x)} samples at {sr} Hz (< {min_samples}) in {path}")
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Text through a `tokenizers` tokenizer.json
+
+class TextTokenizer:
+    """A `tokenizers.Tokenizer` plus the ids the collator needs.
+
+    .tokenizer    the tokenizers.Tokenizer (its post-processor adds [CLS] ... [SEP])
+    .vocab_size, .pad_id, .mask_id, .cls_id, .sep_id, .unk_id, .special_ids (a sorted tuple)
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.vocab_size = tokenizer.get_vocab_size()
+
+        def find(*names):
+            for n in names:
+                i = tokenizer.token_to_id(n)
+                if i is not None:
+                    return i
+            return None
+        self.pad_id = find("[PAD]", "<pad>")
+        self.mask_id = find("[MASK]", "<mask>")
+        self.cls_id = find("[CLS]", "<s>", "<cls>")
+        self.sep_id = find("[SEP]", "</s>", "<sep>")
+        self.unk_id = find("[UNK]", "<unk>")
+        if self.pad_id is None or self.mask_id is None:
+            raise ValueError(f"tokenizer needs a pad and a mask token, got pad={self.pad_id} mask={self.mask_id}")
+        self.special_ids = tuple(sorted({i for i in (self.pad_id, self.mask_id, self.cls_id, self.sep_id) if i is not None}))
+
+    def encode_one(self, text, pair=None, max_len=128):
+        """One text (and an optional second segment) -> list of ids, truncated to max_len keeping the final [SEP]."""
+        ids = self.tokenizer.encode(text, pair).ids
+        if len(ids) > max_len:
+            ids = ids[:max_len - 1] + [ids[-1]] if ids[-1] == self.sep_id else ids[:max_len]
+        return ids
+
+    def pad(self, seqs):
+        """lists of ids -> (ids [B, L] long padded with pad_id, attention [B, L] bool, True = real token)."""
+        L = max(1, max(len(s) for s in seqs))
+        ids = torch.full((len(seqs), L), self.pad_id, dtype=torch.long)
+        att = torch.zeros(len(seqs), L, dtype=torch.bool)
+        for i, s in enumerate(seqs):
+            ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+            att[i, :len(s)] = True
+        return ids, att
+
+    def encode(self, texts, max_len=128):
+        """list of str (or (first, second) pairs) -> (ids [B, L] long, attention [B, L] bool)."""
+        return self.pad([self.encode_one(*t, max_len=max_len) if isinstance(t, tuple) else
+                         self.encode_one(t, max_len=max_len) for t in texts])
+
+
+def load_tokenizer(path):
+    """tokenizer.json -> TextTokenizer (the raw `tokenizers.Tokenizer` is its `.tokenizer`)."""
+    return TextTokenizer(tokenizers.Tokenizer.from_file(str(path)))
+
+
+def train_tokenizer(texts, path, vocab_size=400):
+    """Train a lower-cased WordPiece tokenizer.json on `texts`: [PAD]=0, [UNK], [CLS], [SEP], [MASK]."""
+    from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok = tokenizers.Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False)
+    tok.train_from_iterator(sorted(set(texts)), trainer=trainer)
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    tok.save(str(path))
+    return TextTokenizer(tok)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Manifests and examples
+
+def row_modalities(row):
+    """The modalities a manifest row provides, in MODALITIES order."""
+    has = {"video": "video" in row or "image" in row,
+           "text": "text" in row or "caption" in row,
+           "audio": "audio" in row or ("video" in row and not row.get("mute", False))}
+    return tuple(m for m in MODALITIES if has[m])
+
+
+def read_manifest(path):
+    """-> list of (line number from 1, dict or an error string); blank lines are skipped."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                rows.append((n, row if isinstance(row, dict) else f"not a JSON object: {line.strip()[:60]}"))
+            except json.JSONDecodeError as e:
+                rows.append((n, f"invalid JSON: {e}"))
+    return rows
+
+
+def targets_dir(manifest):
+    """Where `python data.py tokenize` writes a manifest's VQ targets: beside it, `<name>.targets/`."""
+    root, _ = os.path.splitext(manifest)
+    return root + ".targets"
+
+
+def _cache_meta(cfg):
+    return {"frames": cfg.frames, "image_size": cfg.image_size, "token_patch": cfg.token_patch,
+            "sample_rate": cfg.sample_rate, "max_audio_s": cfg.max_audio_s}
+
+
+class ManifestDataset(torch.utils.data.Dataset):
+    """One JSON Lines manifest -> examples (dicts of numpy arrays and lists); a bad row raises BadExample.
+
+    An example holds "source", "line", "modalities", and per modality
+      "video" uint8 [T, H, W, 3] (images: the same frame T times), "audio" float32 [N] at 16 kHz mono,
+      "text_ids" list of ids ([CLS] ... [SEP]; videos join caption and transcript, section 4.2.2),
+    the downstream label fields present in the row, "video_targets"/"audio_targets" when the manifest
+    has an offline VQ-target cache written for this DataConfig, and "timing" (seconds per stage).
+    """
+
+    def __init__(self, path, cfg, tokenizer=None, *, use_targets=True):
+        self.path = os.path.abspath(path)
+        self.root = os.path.dirname(self.path)
+        self.name = os.path.splitext(os.path.basename(path))[0]
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.rows = read_manifest(self.path)
+        first = next((r for _, r in self.rows if isinstance(r, dict) and row_modalities(r)), None)
+        if first is None:
+            raise ValueError(f"{self.path}: no valid row to decide the modalities from ({len(self.rows)} rows)")
+        self.modalities = row_modalities(first)
+        self.targets = None
+        tdir = targets_dir(self.path)
+        meta_path = os.path.join(tdir, "meta.json")
+        if use_targets and os.path.exists(meta_path):
+            with open(meta_path) as f:
+                meta = json.load(f)
+            if all(meta.get(k) == v for k, v in _cache_meta(cfg).items()):
+                self.targets = tdir
+            else:
+                print(f"data: ignoring {tdir}: written for {meta}, not {_cache_meta(cfg)}", file=sys.stderr)
+
+    def __len__(self):
+        return len(self.rows)
+
+    def line(self, i):
+        return self.rows[i][0]
+
+    def _file(self, rel):
+        if not isinstance(rel, str) or not rel:
+            raise BadExample(f"path must be a non-empty string, got {rel!r}")
+        return rel if os.path.isabs(rel) else os.path.join(self.root, rel)
+
+    def __getitem__(self, i):
+        line, row = self.rows[i]
+        if isinstance(row, str):
+            raise BadExample(row)
+        try:
+            return self._example(line, row)
+        except BadExample:
+            raise
+        except Exception as e:  # a decoder surprise must not stop training: report it with its type
+            raise BadExample(f"undecodable ({type(e).__name__}: {e})") from e
+
+    def _example(self, line, row):
+        cfg = self.cfg
+        unknown = sorted(set(row) - KNOWN_FIELDS)
+        if unknown:
+            raise BadExample(f"unknown field(s) {unknown}; known: {sorted(KNOWN_FIELDS)}")
+        missing = [m for m in self.modalities if m not in row_modalities(row)]
+        if missing:
+            raise BadExample(f"row lacks {missing} that the manifest's first row provides ({list(self.modalities)})")
+        start, end = row.get("start"), row.get("end")
+        for k, v in (("start", start), ("end", end)):
+            if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0):
+                raise BadExample(f"{k} must be a non-negative number of seconds, got {v!r}")
+        if start is not None and end is not None and end <= start:
+            raise BadExample(f"end ({end}) must be after start ({start})")
+        ex = {"source": self.name, "line": line, "modalities": self.modalities}
+        timing = {}
+        if "text" in self.modalities:
+            t = time.perf_counter()
+            parts = [row[k] for k in ("caption", "text") if k in row]  # caption first: truncation cuts the transcript
+            if not all(isinstance(p, str) for p in parts):
+                raise BadExample(f"text and caption must be strings, got {[type(p).__name__ for p in parts]}")
+            parts = [p.strip() for p in parts if p.strip()]
+            if not parts:
+                raise BadExample("empty text")
+            ex["text"] = " ".join(parts)
+            if self.tokenizer is not None:
+                ids = self.tokenizer.encode_one(*parts[:2], max_len=cfg.max_text_len)
+                if not [x for x in ids if x not in self.tokenizer.special_ids]:
+                    raise BadExample(f"text has no tokens: {ex['text'][:60]!r}")
+                ex["text_ids"] = ids
+            timing["text"] = time.perf_counter() - t
+        if "video" in self.modalities:
+            t = time.perf_counter()
+            if "video" in row:
+                ex["video"] = read_video(self._file(row["video"]), cfg.frames, cfg.image_size, start, end)
+            else:
+                ex["video"] = read_image(self._file(row["image"]), cfg.frames, cfg.image_size)
+            timing["video"] = time.perf_counter() - t
+        if "audio" in self.modalities:
+            t = time.perf_counter()
+            src = self._file(row["audio"] if "audio" in row else row["video"])
+            ex["audio"] = read_audio(src, cfg.sample_rate, start, end, cfg.max_audio_s, cfg.min_audio_samples)
+            timing["audio"] = time.perf_counter() - t
+        for k in LABEL_FIELDS:
+            if k in row:
+                ex[k] = row[k]
+        if self.targets is not None:
+            p = os.path.join(self.targets, f"{line:08d}.safetensors")
+            if os.path.exists(p):
+                from safetensors.numpy import load_file
+                ex.update(load_file(p))
+        ex["timing"] = timing
+        return ex
+
+
+# ----------------------------------------------------------------------------------------------------
+# Collation: padding and the three masks (section 4.2.1)
+
+def collate(examples, cfg, tokenizer, generator=None):
+    """A list of examples from one source -> a batch dict (see the module docstring for the keys).
+
+      video [B, 3, T, H, W] float (normalised, unmasked), video_mask [B, T, H/16, W/16] bool (tube_mask)
+      text_ids [B, T_l] long (MLM-masked), text_ids_clean [B, T_l], text_attention [B, T_l] bool,
+      text_labels [B, T_l] long (-100 where not selected)
+      audio [B, N] float, audio_attention [B, N] bool, audio_mask [B, T_s] bool (span_mask_batch over each
+      row's true frame count)
+      video_targets [B, T, H/16, W/16] long, audio_targets [B, T_s] long (-100 at padding) from the cache
+      labels {score [B] float, emotions [B, 6] float, label [B] long, answer [B] long, question, answers}
+      source, modalities, index [(source, line)]
+    """
+    if not examples:
+        raise ValueError("collate needs at least one example")
+    g = generator
+    mods = examples[0]["modalities"]
+    batch = {"source": examples[0]["source"], "modalities": mods,
+             "index": [(e["source"], e["line"]) for e in examples]}
+    B = len(examples)
+    if "video" in mods:
+        v = torch.from_numpy(np.stack([e["video"] for e in examples]))  # [B, T, H, W, 3] uint8
+        v = v.permute(0, 4, 1, 2, 3).float().div_(255.0)  # [B, 3, T, H, W]
+        mean = torch.tensor(cfg.mean).view(1, 3, 1, 1, 1)
+        std = torch.tensor(cfg.std).view(1, 3, 1, 1, 1)
+        batch["video"] = (v - mean) / std
+        T, H, W = v.shape[2:]
+        batch["video_mask"] = torch.stack([tube_mask(T, H // cfg.token_patch, W // cfg.token_patch, cfg.tube_ratio, g)
+                                           for _ in range(B)])
+        if all("video_targets" in e for e in examples):
+            batch["video_targets"] = torch.stack([torch.as_tensor(e["video_targets"]).long() for e in examples])
+    if "text" in mods and tokenizer is not None:
+        seqs = [e["text_ids"] if "text_ids" in e else tokenizer.encode_one(e["text"], max_len=cfg.max_text_len)
+                for e in examples]
+        ids, att = tokenizer.pad(seqs)
+        special = ~att | torch.isin(ids, torch.tensor(tokenizer.special_ids))
+        inputs, labels = mask_tokens(ids, special, tokenizer.mask_id, tokenizer.vocab_size, cfg.text_mask_ratio, g)
+        batch.update(text_ids=inputs, text_ids_clean=ids, text_attention=att, text_labels=labels)
+    if "audio" in mods:
+        lengths = [len(e["audio"]) for e in examples]
+        N = max(lengths)
+        audio = torch.zeros(B, N)
+        att = torch.zeros(B, N, dtype=torch.bool)
+        for i, e in enumerate(examples):
+            audio[i, :lengths[i]] = torch.from_numpy(e["audio"])
+            att[i, :lengths[i]] = True
+        frames = [int(speech_frames(n)) for n in lengths]
+        batch.update(audio=audio, audio_attention=att,
+                     audio_mask=span_mask_batch(frames, int(speech_frames(N)), cfg.span_p, cfg.span_len, g))
+        if all("audio_targets" in e for e in examples):
+            tgt = torch.full((B, int(speech_frames(N))), PAD_LABEL, dtype=torch.long)
+            for i, e in enumerate(examples):
+                a = torch.as_tensor(e["audio_targets"]).long()[:frames[i]]
+                tgt[i, :len(a)] = a
+            batch["audio_targets"] = tgt
+    labels = {}
+    for k, dtype in (("score", torch.float), ("emotions", torch.float), ("label", torch.long), ("answer", torch.long)):
+        if all(k in e for e in examples):
+            labels[k] = torch.tensor([e[k] for e in examples], dtype=dtype)
+    for k in ("question", "answers"):
+        if all(k in e for e in examples):
+            labels[k] = [e[k] for e in examples]
+    if labels:
+        batch["labels"] = labels
+    return batch
+
+
+# ----------------------------------------------------------------------------------------------------
+# Mixing sources: one source per global step, examples sharded across ranks, exact resume
+
+class MixedBatchSampler:
+    """Plans each rank's batches: which source, which rows, and a few spare rows in case some are bad.
+
+    Step k draws its source from `weights` with a generator seeded by (seed, k) alone, so every rank picks
+    the same source at the same step (same modalities, same DDP graph). Each source is shuffled once per
+    epoch with a generator seeded by (seed, source, epoch); rank r owns positions r, r + W, r + 2W, ... of
+    that permutation (n // W of them, so ranks never overlap and all have the same count) and walks its
+    share `batch_size` rows per step. Every rank advances the same per-source counter, so epochs turn over
+    together. Spares are drawn from the rank's own share of the current epoch (seeded by seed, k, rank).
+    The state is {"step": k, "consumed": {source name: rows consumed per rank}}: JSON-able and exact.
+    """
+
+    def __init__(self, sizes, weights, batch_size, rank=0, world_size=1, seed=0, spares=2, names=None):
+        if len(sizes) != len(weights) or not sizes:
+            raise ValueError(f"need one weight per source, got {len(sizes)} sources and {len(weights)} weights")
+        w = np.asarray(weights, dtype=np.float64)
+        if (w < 0).any() or w.sum() <= 0:
+            raise ValueError(f"weights must be non-negative and not all zero, got {list(weights)}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
+        self.names = list(names) if names is not None else [str(i) for i in range(len(sizes))]
+        for n, name, wi in zip(sizes, self.names, w):
+            if wi > 0 and n // world_size < 1:
+                raise ValueError(f"source {name} has {n} rows, fewer than the world size {world_size}")
+        self.sizes, self.p = list(sizes), w / w.sum()
+        self.batch_size, self.rank, self.world_size, self.seed, self.spares = batch_size, rank, world_size, seed, spares
+        self.step = 0
+        self.consumed = {name: 0 for name in self.names}
+        self._perm = {}
+
+    def source_at(self, step):
+        """The source index of global step `step`: a function of (seed, step) only."""
+        return int(np.random.default_rng([self.seed, step]).choice(len(self.p), p=self.p))
+
+    def _row(self, s, j):
+        """Row index of the j-th row (counting over epochs) of this rank's share of source s."""
+        per_rank = self.sizes[s] // self.world_size
+        epoch, k = divmod(j, per_rank)
+        if self._perm.get(s, (None,))[0] != epoch:
+            self._perm[s] = (epoch, np.random.default_rng([self.seed, s, epoch]).permutation(self.sizes[s]))
+        return int(self._perm[s][1][self.rank + k * self.world_size])
+
+    def next_plan(self):
+        """-> (step, source index, rows, spare rows); advances the state."""
+        step, s = self.step, self.source_at(self.step)
+        pos = self.consumed[self.names[s]]
+        rows = [self._row(s, j) for j in range(pos, pos + self.batch_size)]
+        per_rank = self.sizes[s] // self.world_size
+        rng = np.random.default_rng([self.seed, step, self.rank, 1])
+        epoch_start = pos // per_rank * per_rank
+        spares = [self._row(s, epoch_start + int(k)) for k in rng.integers(0, per_rank, self.spares)]
+        self.consumed[self.names[s]] = pos + self.batch_size
+        self.step += 1
+        return step, s, rows, spares
+
+    def __iter__(self):
+        while True:
+            yield self.next_plan()
+
+    def state_dict(self):
+        return {"step": self.step, "consumed": dict(self.consumed), "seed": self.seed, "world_size": self.world_size}
+
+    def load_state_dict(self, d):
+        if d.get("seed", self.seed) != self.seed or d.get("world_size", self.world_size) != self.world_size:
+            raise ValueError(f"sampler state for seed {d.get('seed')} / world size {d.get('world_size')} "
+                             f"cannot resume seed {self.seed} / world size {self.world_size}")
+        self.step = int(d["step"])
+        self.consumed = {name: int(d["consumed"].get(name, 0)) for name in self.names}
+
+
+class _BatchMaker:
+    """What a DataLoader worker runs per plan: decode rows until the batch is full, skip bad ones, collate."""
+
+    def __init__(self, datasets, cfg, tokenizer, batch_size, seed, rank):
+        self.datasets, self.cfg, self.tokenizer = datasets, cfg, tokenizer
+        self.batch_size, self.seed, self.rank = batch_size, seed, rank
+
+    def __getitem__(self, plan):
+        step, s, rows, spares, state = plan
+        ds = self.datasets[s]
+        good, skipped, tried = [], [], 0
+        for i in rows + spares:
+            if len(good) == self.batch_size:
+                break
+            tried += 1
+            try:
+                good.append(ds[i])
+            except BadExample as e:
+                skipped.append((ds.name, ds.line(i), e.reason))
+        g = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, step, self.rank]).generate_state(1)[0]))
+        t = time.perf_counter()
+        batch = collate(good, self.cfg, self.tokenizer, g) if good else None
+        timing = collections.Counter()
+        for e in good:
+            timing.update(e["timing"])
+        timing["collate"] = time.perf_counter() - t
+        if batch is not None:
+            batch["step"] = step
+        return {"batch": batch, "source": s, "skipped": skipped, "tried": tried, "state": state, "timing": dict(timing)}
+
+
+def _identity(x):
+    return x
+
+
+def _worker_init(_):
+    torch.set_num_threads(1)
+
+
+class MixedLoader:
+    """Iterable of batches mixed from several manifests; see `make_loader`.
+
+    .state_dict() / .load_state_dict(d): the position after the last batch handed out (plus the bad-row
+    counters); a new iterator continues with the exact next batch. .bad_counts {source: rows skipped},
+    .tried_counts {source: rows tried}, .bad_reasons {source: Counter of reasons}. Iterates forever.
+    """
+
+    def __init__(self, datasets, weights, cfg, tokenizer, batch_size, rank=0, world_size=1, seed=0,
+                 num_workers=0, spares=None, report_first=5, min_tried=50, log=None):
+        self.datasets, self.cfg, self.tokenizer = datasets, cfg, tokenizer
+        spares = max(2, math.ceil(2 * cfg.max_bad_share * batch_size)) if spares is None else spares
+        self.sampler = MixedBatchSampler([len(d) for d in datasets], weights, batch_size, rank, world_size, seed,
+                                         spares, names=[d.name for d in datasets])
+        self.maker = _BatchMaker(datasets, cfg, tokenizer, batch_size, seed, rank)
+        self.num_workers, self.report_first, self.min_tried = num_workers, report_first, min_tried
+        self.log = log or (lambda msg: print(msg, file=sys.stderr))
+        self.bad_counts = {d.name: 0 for d in datasets}
+        self.tried_counts = {d.name: 0 for d in datasets}
+        self.bad_reasons = {d.name: collections.Counter() for d in datasets}
+        self.timing = collections.Counter()  # seconds per stage, summed over the batches handed out
+        self._state = self.sampler.state_dict()
+
+    def _plans(self):
+        self.sampler.load_state_dict(self._state)
+        for step, s, rows, spares in self.sampler:
+            yield step, s, rows, spares, self.sampler.state_dict()
+
+    def __iter__(self):
+        if self.num_workers > 0:
+            it = torch.utils.data.DataLoader(self.maker, batch_size=None, sampler=self._plans(), collate_fn=_identity,
+                                             num_workers=self.num_workers, worker_init_fn=_worker_init,
+                                             prefetch_factor=2, persistent_workers=False)
+        else:
+            it = (self.maker[p] for p in self._plans())
+        for out in it:
+            self._account(out)
+            self._state = out["state"]
+            if out["batch"] is not None:
+                yield out["batch"]
+
+    def _account(self, out):
+        ds = self.datasets[out["source"]]
+        name = ds.name
+        self.tried_counts[name] += out["tried"]
+        self.timing.update(out["timing"])
+        for src, line, reason in out["skipped"]:
+            self.bad_counts[name] += 1
+            self.bad_reasons[name][reason_kind(reason)] += 1
+            if sum(self.bad_counts.values()) <= self.report_first:
+                self.log(f"data: skipped {ds.path}:{line}: {reason}")
+        bad, tried = self.bad_counts[name], self.tried_counts[name]
+        if tried >= min(self.min_tried, len(ds)) and bad > self.cfg.max_bad_share * tried:
+            raise TooManyBadExamples(
+                f"{ds.path}: {bad} of {tried} rows tried were bad ({bad / tried:.0%} > max_bad_share "
+                f"{self.cfg.max_bad_share:.0%}); reasons {dict(self.bad_reasons[name].most_common(5))}. "
+                f"Run `python data.py check {ds.path}` for the full list.")
+
+    def state_dict(self):
+        return {"sampler": dict(self._state), "bad": dict(self.bad_counts), "tried": dict(self.tried_counts)}
+
+    def load_state_dict(self, d):
+        self._state = dict(d["sampler"])
+        self.sampler.load_state_dict(self._state)
+        self.bad_counts.update(d.get("bad", {}))
+        self.tried_counts.update(d.get("tried", {}))
+
+
+def make_loader(manifests, weights, cfg, tokenizer, batch_size, rank=0, world_size=1, seed=0, num_workers=0, **kw):
+    """Manifests (paths or ManifestDatasets) and mixing weights -> MixedLoader of per-rank batches."""
+    datasets = [m if isinstance(m, ManifestDataset) else ManifestDataset(m, cfg, tokenizer) for m in manifests]
+    names = [d.name for d in datasets]
+    if len(set(names)) != len(names):
+        raise ValueError(f"manifest names must differ (they key the sampler state), got {names}")
+    return MixedLoader(datasets, weights, cfg, tokenizer, batch_size, rank, world_size, seed, num_workers, **kw)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The toy world: small real media files with learnable cross-modal content (`python data.py make-toy`)
+#
+# A clip shows one coloured shape moving over a shaded background and a synthetic voice says words about
+# it. Every word is a deterministic "syllable" sequence (pitch, two formants, duration from the word's
+# hash), so the waveform carries the words' identity and a speech encoder can learn them. Colour, shape
+# and motion words are seen, heard and written consistently in the pretraining sources; the downstream
+# labels combine a colour seen only in the video, a mood word said only in the audio and a judgement
+# written only in the text, so they need all three modalities.
+
+TOY_COLOURS = {"red": (225, 45, 45), "purple": (150, 65, 200), "blue": (50, 90, 230),
+               "orange": (245, 145, 30), "yellow": (235, 220, 50), "green": (50, 190, 70)}
+TOY_SHAPES = ("circle", "square", "triangle", "cross")
+TOY_MOTIONS = ("left", "right", "up", "down")
+TOY_MOODS = ("angry", "disgusted", "sad", "scared", "surprised", "happy")          # said (downstream: audio only)
+TOY_JUDGEMENTS = ("awful", "bad", "poor", "fine", "good", "great")                 # written (downstream: text only)
+TOY_EMOTIONS = ("anger", "disgust", "sadness", "fear", "surprise", "happiness")    # the 6 classes (CMU-MOSEI's)
+TOY_VALUES = (-1.0, -0.6, -0.2, 0.2, 0.6, 1.0)  # f(colour), g(mood), h(judgement): the value at the word's index
+TOY_FILLERS = ("the", "a", "look", "now", "here", "this", "see", "so", "it", "one")
+TOY_QUESTIONS = ("what colour is the shape?", "which feeling does the voice say?",
+                 "how does the text judge it?", "which way does the shape move?")
+TOY_SIZES = {  # rows per pretraining source, held-out video clips, downstream train / validation / test
+    "default": dict(pretrain=500, test=100, train=300, validation=100, downstream_test=100),
+    "small": dict(pretrain=64, test=16, train=32, validation=16, downstream_test=16),
+    "tiny": dict(pretrain=6, test=4, train=6, validation=3, downstream_test=3),
+}
+TOY_W, TOY_H, TOY_FPS, TOY_SECONDS = 80, 64, 10, 2.0  # 80x64 frames exercise the resize + centre crop
+
+
+def _toy_syllables(word):
+    """Deterministic (f0 Hz, F1 Hz, F2 Hz, seconds) for each of a word's 1-2 syllables, from its hash."""
+    h = hashlib.sha256(word.encode()).digest()
+    return [(95 + h[1 + 4 * j] % 90, 300 + h[2 + 4 * j] * 600 // 255, 1000 + h[3 + 4 * j] * 1400 // 255,
+             0.11 + (h[4 + 4 * j] % 5) * 0.01) for j in range(1 + h[0] % 2)]
+
+
+def _toy_syllable(f0, f1, f2, dur, sr):
+    n = int(dur * sr)
+    t = np.arange(n) / sr
+    phase = 2 * np.pi * np.cumsum(f0 * (1 + 0.08 * (0.5 - t / dur))) / sr  # a slightly falling pitch
+    k = np.arange(1, int(min(4000, sr / 2 - 200) // f0) + 1)[:, None]
+    amp = np.exp(-((k * f0 - f1) / 120.0) ** 2) + 0.8 * np.exp(-((k * f0 - f2) / 180.0) ** 2) + 0.05 / k
+    wave = (amp * np.sin(k * phase)).sum(0) * np.sin(np.pi * t / dur) ** 0.5
+    return wave / (np.abs(wave).max() + 1e-9)
+
+
+def toy_speech(words, sr, rng, max_s):
+    """Words -> (float32 waveform of max_s seconds, the words that fit). Speaker pitch and rate vary."""
+    pitch, rate = rng.uniform(0.85, 1.15), rng.uniform(0.9, 1.1)
+    out, kept = [np.zeros(int(rng.uniform(0.05, 0.15) * sr))], []
+    for w in words:
+        seg = [_toy_syllable(f0 * pitch, f1, f2, d / rate, sr) for f0, f1, f2, d in _toy_syllables(w)]
+        seg.append(np.zeros(int(rng.uniform(0.04, 0.08) * sr)))
+        if sum(map(len, out + seg)) > max_s * sr:
+            break
+        out += seg
+        kept.append(w)
+    x = np.concatenate(out) * 0.3
+    x = np.pad(x, (0, int(max_s * sr) - len(x))) + rng.normal(0, 0.003, int(max_s * sr))
+    return x.astype(np.float32), kept
+
+
+def _toy_frames(rng, colour, shape, motion, n_frames):
+    """uint8 [n_frames, TOY_H, TOY_W, 3]: a shape moving over a shaded background (still if n_frames == 1)."""
+    base = rng.uniform(70, 150, 3)
+    shade = np.linspace(-25, 25, TOY_H)[:, None, None] * rng.choice([-1, 1])
+    bg = np.clip(base + shade + np.zeros((TOY_H, TOY_W, 3)), 0, 255)
+    r = rng.uniform(8, 12)
+    cx, cy, d = TOY_W / 2 + rng.uniform(-4, 4), TOY_H / 2 + rng.uniform(-4, 4), rng.uniform(10, 14)
+    dx, dy = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}[motion]
+    yy, xx = np.mgrid[0:TOY_H, 0:TOY_W].astype(np.float64)
+    out = []
+    for f in range(n_frames):
+        p = f / (n_frames - 1) - 0.5 if n_frames > 1 else 0.0
+        u, v = xx - (cx + 2 * d * p * dx), yy - (cy + 2 * d * p * dy)
+        m = {"circle": u * u + v * v <= r * r,
+             "square": (np.abs(u) <= 0.85 * r) & (np.abs(v) <= 0.85 * r),
+             "triangle": (v <= r * 0.8) & (v >= -r) & (np.abs(u) <= (v + r) * 0.55),
+             "cross": ((np.abs(u) <= r / 3) & (np.abs(v) <= r)) | ((np.abs(v) <= r / 3) & (np.abs(u) <= r))}[shape]
+        img = bg.copy()
+        img[m] = TOY_COLOURS[colour]
+        out.append(img.astype(np.uint8))
+    return np.stack(out)
+
+
+def _write_mp4(path, frames, fps, audio=None, sr=16000, rotation=0, keyint=10):
+    """H.264 MP4 (+ AAC audio [C, N] float32) written deterministically; rotation sets the display matrix."""
+    with av.open(path, "w", format="mp4", options={"fflags": "+bitexact"}) as c:
+        vs = c.add_stream("libx264", rate=fps, options={"preset": "ultrafast", "g": str(keyint), "threads": "1"})
+        vs.height, vs.width = frames.shape[1:3]
+        vs.pix_fmt = "yuv420p"
+        vs.codec_context.flags |= av.codec.context.Flags.bitexact
+        if rotation:
+            vs.set_display_rotation(rotation)
+        if audio is not None:
+            st = c.add_stream("aac", rate=sr, layout="mono" if audio.shape[0] == 1 else "stereo",
+                              options={"aac_coder": "fast"})
+        for img in frames:
+            for p in vs.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")):
+                c.mux(p)
+        for p in vs.encode():
+            c.mux(p)
+        if audio is not None:
+            a = av.AudioFrame.from_ndarray(np.ascontiguousarray(audio.T.reshape(1, -1)), format="flt",
+                                           layout="mono" if audio.shape[0] == 1 else "stereo")
+            a.sample_rate, a.pts = sr, 0
+            for p in st.encode(a):
+                c.mux(p)
+            for p in st.encode(None):
+                c.mux(p)
+
+
+def _write_jpeg(path, img):
+    cc = av.CodecContext.create("mjpeg", "w")
+    cc.width, cc.height, cc.pix_fmt, cc.time_base = img.shape[1], img.shape[0], "yuvj420p", fractions.Fraction(1, 1)
+    cc.flags |= av.codec.context.Flags.bitexact
+    frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24").reformat(format="yuvj420p")
+    with open(path, "wb") as f:
+        for p in cc.encode(frame) + cc.encode(None):
+            f.write(bytes(p))
+
+
+def _toy_item(args):
+    """One toy row: (kind, index, seed, out_dir) -> manifest dict (files written under out_dir/kind/)."""
+    kind, i, seed, out = args
+    rng = np.random.default_rng([seed, ["video", "image_text", "speech_text", "video_speech", "video_test",
+                                        "downstream_train", "downstream_validation", "downstream_test"].index(kind), i])
+    colour = str(rng.choice(list(TOY_COLOURS)))
+    shape, motion = str(rng.choice(TOY_SHAPES)), str(rng.choice(TOY_MOTIONS))
+    folder = os.path.join(out, kind)
+    n_frames = int(TOY_SECONDS * TOY_FPS)
+    stereo48 = i % 4 == 3  # some clips carry 48 kHz stereo audio, some are stored rotated: decoding must cope
+    sr = 48000 if stereo48 else 16000
+
+    def video_file(words):
+        wave, kept = toy_speech(words, sr, rng, TOY_SECONDS)
+        audio = np.stack([wave, wave]) if stereo48 else wave[None]
+        frames = _toy_frames(rng, colour, shape, motion, n_frames)
+        rotation = 90 if i % 10 == 7 else 0
+        if rotation:  # store the frames turned clockwise; the display matrix turns them back
+            frames = np.rot90(frames, k=-1, axes=(1, 2))
+        name = f"{i:06d}.mp4"
+        _write_mp4(os.path.join(folder, name), frames, TOY_FPS, audio, sr, rotation)
+        return f"{kind}/{name}", " ".join(kept)
+
+    filler = [str(rng.choice(TOY_FILLERS))]
+    extra = [str(rng.choice(TOY_MOODS + TOY_JUDGEMENTS + TOY_FILLERS))]
+    if kind in ("video", "video_test"):  # V+L+S: narration = ASR transcript, plus a caption of the visuals
+        words = filler + [colour, shape, "moving", motion] + extra
+        path, said = video_file(words)
+        return {"video": path, "text": said, "caption": f"a {colour} {shape} moving {motion}"}
+    if kind == "video_speech":  # V+S: a spoken caption, no text (SMiT-like)
+        path, _ = video_file([colour, shape, "moving", motion] + filler)
+        return {"video": path}
+    if kind == "image_text":  # V+L: a still shape and its caption
+        name = f"{i:06d}.jpg"
+        _write_jpeg(os.path.join(folder, name), _toy_frames(rng, colour, shape, motion, 1)[0])
+        prefix = str(rng.choice(["", "look at", "here is", "this is", "a picture of"]))
+        return {"image": f"{kind}/{name}", "text": f"{prefix} a {colour} {shape}".strip()}
+    if kind == "speech_text":  # S+L: transcribed speech in varied formats and rates
+        vocab = list(TOY_COLOURS) + list(TOY_SHAPES + TOY_MOTIONS + TOY_MOODS + TOY_JUDGEMENTS)
+        words = [str(w) for w in rng.choice(vocab, int(rng.integers(3, 6)))]
+        fmt, rate, ch = [("flac", 44100, 2), ("wav", 8000, 1), ("wav", 16000, 1), ("wav", 16000, 1)][i % 4]
+        wave, kept = toy_speech(words, rate, rng, TOY_SECONDS)
+        name = f"{i:06d}.{fmt}"
+        soundfile.write(os.path.join(folder, name), np.stack([wave] * ch, 1), rate, format=fmt.upper(),
+                        subtype="PCM_16")
+        return {"audio": f"{kind}/{name}", "text": " ".join(kept)}
+    # downstream: colour only seen, mood only said, judgement only written
+    mood, judgement = int(rng.integers(6)), int(rng.integers(6))
+    path, said = video_file([shape, "feels", TOY_MOODS[mood]])
+    c = list(TOY_COLOURS).index(colour)
+    score = TOY_VALUES[c] + TOY_VALUES[mood] + TOY_VALUES[judgement]
+    emotions = [int(k in (mood, c)) for k in range(6)]
+    q = int(rng.integers(4))
+    pool = [list(TOY_COLOURS), list(TOY_MOODS), list(TOY_JUDGEMENTS), list(TOY_MOTIONS)][q]
+    right = [colour, TOY_MOODS[mood], TOY_JUDGEMENTS[judgement], motion][q]
+    answers = [right] + [str(w) for w in rng.choice([w for w in pool if w != right], 3, replace=False)]
+    order = rng.permutation(4)
+    return {"video": path, "text": f"the {shape} looks {TOY_JUDGEMENTS[judgement]}", "score": round(score, 2),
+            "emotions": emotions, "label": int(score > 0), "question": TOY_QUESTIONS[q],
+            "answers": [answers[k] for k in order], "answer": int(np.argmin(order))}
+
+
+def make_toy(out_dir, seed=0, size="default", workers=None):
+    """Write the toy world under out_dir (deterministic in seed and size); returns {manifest name: path}.
+
+    Files: video.jsonl (V+L+S), image_text.jsonl (V+L), speech_text.jsonl (S+L), video_speech.jsonl
+    (V+S), video_test.jsonl (held-out V+L+S clips for retrieval), downstream_{train,validation,test}.jsonl
+    (V+L+S with score / emotions / label / question / answers / answer), tokenizer.json, toy_world.json.
+    """
+    n = TOY_SIZES[size] if isinstance(size, str) else size
+    os.makedirs(out_dir, exist_ok=True)
+    plan = [("video", "video", n["pretrain"]), ("image_text", "image_text", n["pretrain"]),
+            ("speech_text", "speech_text", n["pretrain"]), ("video_speech", "video_speech", n["pretrain"]),
+            ("video_test", "video_test", n["test"]), ("downstream_train", "downstream_train", n["train"]),
+            ("downstream_validation", "downstream_validation", n["validation"]),
+            ("downstream_test", "downstream_test", n["downstream_test"])]
+    jobs = []
+    for _, kind, count in plan:
+        os.makedirs(os.path.join(out_dir, kind), exist_ok=True)
+        jobs += [(kind, i, seed, out_dir) for i in range(count)]
+    workers = workers or min(os.cpu_count() or 1, 8)
+    if workers > 1 and len(jobs) > 50:
+        import multiprocessing
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            rows = pool.map(_toy_item, jobs, chunksize=8)
+    else:
+        rows = [_toy_item(j) for j in jobs]
+    manifests, k, texts = {}, 0, []
+    for name, kind, count in plan:
+        manifests[name] = os.path.join(out_dir, f"{name}.jsonl")
+        with open(manifests[name], "w") as f:
+            for row in rows[k:k + count]:
+                f.write(json.dumps(row) + "\n")
+                texts += [row[key] for key in ("text", "caption", "question") if key in row] + row.get("answers", [])
+        k += count
+    vocab = list(TOY_COLOURS) + list(TOY_SHAPES + TOY_MOTIONS + TOY_MOODS + TOY_JUDGEMENTS + TOY_FILLERS)
+    train_tokenizer(texts + vocab + ["moving feels looks"], os.path.join(out_dir, "tokenizer.json"), vocab_size=200)
+    with open(os.path.join(out_dir, "toy_world.json"), "w") as f:
+        json.dump({"seed": seed, "size": n, "colours": TOY_COLOURS, "shapes": TOY_SHAPES, "motions": TOY_MOTIONS,
+                   "moods": TOY_MOODS, "judgements": TOY_JUDGEMENTS, "emotions": TOY_EMOTIONS, "values": TOY_VALUES,
+                   "score": "values[colour] + values[mood] + values[judgement]; colour only seen, mood only said, "
+                            "judgement only written", "emotions_rule": "classes of the mood and of the colour index",
+                   "label": "score > 0", "config": dataclasses.asdict(TOY_DATA)}, f, indent=1)
+    return manifests

@@ -20,10 +20,13 @@ PAIRS = (("video", "text"), ("video", "audio"), ("text", "audio"))   # L_vl, L_v
 PAIR_NAMES = {("video", "text"): "vl", ("video", "audio"): "vs", ("text", "audio"): "ls"}
 
 
-def masked_unit_loss(logits, labels):
+def masked_unit_loss(logits, labels, normalizer=None):
     """Cross-entropy over positions whose label is not -100, normalised by their count.
 
     logits: [..., V]; labels: [...] long, -100 at positions that do not count (unmasked).
+    normalizer: divide the summed cross-entropy by this count instead of the local one (train.py passes
+    the number of masked positions of the whole global batch, so that micro-batches and ranks add up to
+    exactly the single-batch mean).
     With nothing masked returns `logits.sum() * 0`: an exact zero that keeps every parameter in the
     graph (so DDP sees the same graph on every rank), never NaN (TorchMultimodal's MaskedPredictionLoss).
     """
@@ -31,11 +34,13 @@ def masked_unit_loss(logits, labels):
     labels = labels.reshape(-1)
     if logits.shape[0] != labels.shape[0]:
         raise ValueError(f"logits have {logits.shape[0]} positions but labels {labels.shape[0]}")
-    n = (labels != IGNORE_INDEX).sum()
-    if n == 0:
+    if logits.shape[0] == 0:                               # heads select masked positions: none here
         return logits.sum() * 0
+    # reduction="sum" over only-ignored labels is an exact, graph-connected 0; the clamp avoids 0/0.
+    # (No .item(): this stays free of host-device synchronisation.)
     total = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
-    return total / n
+    n = (labels != IGNORE_INDEX).sum() if normalizer is None else torch.as_tensor(normalizer, device=total.device)
+    return total / n.clamp_min(1)
 
 
 class _GatherWithGrad(torch.autograd.Function):

@@ -235,7 +235,8 @@ class VideoSwin(nn.Module):
         self.patch_embed = PatchEmbed3D(cfg)
         self.mask_token = nn.Parameter(torch.zeros(cfg.embed_dim))  # the learnable mask embedding (appendix A.1)
         self.pos_drop = nn.Dropout(cfg.hidden_dropout)
-        drop_paths = torch.linspace(0, cfg.drop_path_rate, sum(cfg.depths)).tolist()
+        n_blocks = sum(cfg.depths)  # linspace(0, rate, n_blocks), in Python so the model can be built on 'meta'
+        drop_paths = [cfg.drop_path_rate * i / max(n_blocks - 1, 1) for i in range(n_blocks)]
         starts = [sum(cfg.depths[:i]) for i in range(n)]
         self.stages = nn.ModuleList(
             SwinStage(cfg.embed_dim * 2 ** i, cfg.depths[i], cfg.num_heads[i], cfg,

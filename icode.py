@@ -1,0 +1,322 @@
+"""i-Code (Yang et al. 2022): vision, language and speech fused into one representation.
+
+This file assembles the model of section 4.1 and Figure 1 (left):
+
+    video [B, 3, T, H, W] --Video Swin--> [B, T_v, H_v, W_v, C_v] --+
+    text  [B, T_l]        --DeBERTa-V3--> [B, T_l, C_l]            --+--> projections --> fusion (merge / co)
+    audio [B, N]          --WavLM-------> [B, T_s, C_s]            --+        --> per-modality fused tokens
+                                                                               --> pooled representations
+and the pretraining forward of section 4.2 (masked units modelling + cross-modality contrastive).
+
+Letters used in shape comments everywhere (docs/CONVENTIONS.md):
+    B batch; T frames, H, W pixels; T_v, H_v, W_v = T/2, H/32, W/32 the vision encoder's grid;
+    T_l text tokens; N audio samples at 16 kHz; T_s speech frames (20 ms); C an encoder width;
+    D the fusion width; M masked positions selected for a loss.
+
+    python icode.py info --preset paper        # parameter counts beside the paper's
+    python icode.py convert IN.bin OUT_DIR     # legacy pytorch_model.bin -> model.safetensors
+"""
+import argparse
+import dataclasses
+import json
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+
+from data import tube_to_patch_mask
+from losses import LogitScales
+from model.deberta import DEBERTA_V3_BASE, Deberta, DebertaConfig
+from model.fusion import MODALITIES, FusionConfig, FusionNetwork, masked_mean
+from model.heads import MLMHead, MSMHead, MVMHead
+from model.quantizers import build_default_quantizers
+from model.swin3d import SWIN_B_VIDEO, SwinConfig, VideoSwin
+from model.wavlm import WAVLM_LARGE, SpeechConfig, SpeechEncoder
+
+
+@dataclass
+class ICodeConfig:
+    text: DebertaConfig = field(default_factory=lambda: DEBERTA_V3_BASE)   # language encoder (DeBERTa-V3-base)
+    speech: SpeechConfig = field(default_factory=lambda: WAVLM_LARGE)      # speech encoder (WavLM-large)
+    vision: SwinConfig = field(default_factory=lambda: SWIN_B_VIDEO)       # vision encoder (Video Swin-B)
+    fusion: FusionConfig = field(default_factory=FusionConfig)             # fusion network (section 4.1)
+    video_codebook: int = 8192     # visual token vocabulary V_c (PeCo's codebook, appendix A.1 eq. (5))
+    speech_groups: int = 2         # wav2vec 2.0 quantizer: G codebook groups ...
+    speech_vars: int = 320         # ... of V entries each (Baevski et al. 2020)
+    msm_combined: bool = False     # MSM predicts the combined id i0*V+i1 (V^G classes) instead of per group
+    tie_mlm: bool = False          # tie the MLM decoder to the text encoder's word embeddings (needs C_l == D)
+    tokenizer_seed: int = 0        # seed of the default random-projection (BEST-RQ) target tokenizers
+    speech_tokenizer_features: str = "logmel"  # BEST-RQ speech input: "logmel" or "wave"
+
+    @staticmethod
+    def from_dict(d):
+        """Inverse of dataclasses.asdict (checkpoints store the config as JSON)."""
+        d = dict(d)
+        sub = {"text": DebertaConfig, "speech": SpeechConfig, "vision": SwinConfig, "fusion": FusionConfig}
+        for k, cls in sub.items():
+            if k in d:
+                names = {f.name: f for f in dataclasses.fields(cls)}
+                unknown = set(d[k]) - set(names)
+                if unknown:
+                    raise ValueError(f"config field {k!r} has unknown keys {sorted(unknown)}")
+                d[k] = cls(**{n: tuple(v) if isinstance(v, list) and n != "pos_att_type" else v
+                              for n, v in d[k].items()})
+        unknown = set(d) - {f.name for f in dataclasses.fields(ICodeConfig)}
+        if unknown:
+            raise ValueError(f"unknown ICodeConfig keys {sorted(unknown)}")
+        return ICodeConfig(**d)
+
+
+def preset(name, fusion_mode="merge", text_vocab=None):
+    """'paper': the encoders and fusion of section 4.1 (merge: 6 layers, co: 3 layers, width 768).
+    'tiny': the same architecture at toy width, a CPU training step well under a second."""
+    if name == "paper":
+        layers = 6 if fusion_mode == "merge" else 3
+        cfg = ICodeConfig(fusion=FusionConfig(mode=fusion_mode, dim=768, layers=layers, heads=12))
+    elif name == "tiny":
+        cfg = ICodeConfig(
+            text=DebertaConfig(vocab_size=1024, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                               intermediate_size=128, max_position_embeddings=128, position_buckets=32),
+            speech=SpeechConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                                conv_dim=(32,) * 7, conv_bias=True, feat_extract_norm="layer",
+                                do_stable_layer_norm=True, num_conv_pos_embeddings=16,
+                                num_conv_pos_embedding_groups=4, num_buckets=32, max_bucket_distance=100),
+            vision=SwinConfig(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8), window_size=(2, 4, 4),
+                              drop_path_rate=0.0),
+            fusion=FusionConfig(mode=fusion_mode, dim=64, layers=2 if fusion_mode == "merge" else 1, heads=4),
+            video_codebook=256, speech_groups=2, speech_vars=64)
+    else:
+        raise ValueError(f"preset must be 'paper' or 'tiny', got {name!r}")
+    if text_vocab is not None:
+        cfg.text = dataclasses.replace(cfg.text, vocab_size=text_vocab)
+    return cfg
+
+
+@dataclass
+class EncodeOutput:
+    tokens: dict      # {modality: fused tokens [B, L_m, D]} (video flattened T_v, H_v, W_v)
+    valid: dict       # {modality: [B, L_m] bool or None}
+    pooled: dict      # {modality: mean of its fused tokens over valid positions [B, D]}
+    joint: torch.Tensor  # [B, D] the multimodal representation: mean of the per-modality means (section 5.2)
+
+
+class ICode(nn.Module):
+    def __init__(self, cfg: ICodeConfig, text=None, vision=None, speech=None):
+        super().__init__()
+        self.cfg = cfg
+        self.text = text if text is not None else Deberta(cfg.text)
+        self.vision = vision if vision is not None else VideoSwin(cfg.vision)
+        self.speech = speech if speech is not None else SpeechEncoder(cfg.speech)
+        dims = {"video": self.vision.hidden_size, "text": self.text.hidden_size, "audio": self.speech.hidden_size}
+        self.fusion = FusionNetwork(cfg.fusion, dims)
+        D = cfg.fusion.dim
+        tie = None
+        if cfg.tie_mlm:
+            if self.text.hidden_size != D:
+                raise ValueError(f"tie_mlm needs the text width ({self.text.hidden_size}) == fusion dim ({D})")
+            tie = self.text.word_embeddings.weight
+        self.mlm_head = MLMHead(D, cfg.text.vocab_size, embedding_weight=tie)
+        self.mvm_head = MVMHead(D, cfg.video_codebook)
+        self.msm_head = MSMHead(D, groups=cfg.speech_groups, vars=cfg.speech_vars, combined=cfg.msm_combined)
+        self.logit_scales = LogitScales()
+        # Frozen target tokenizers (section 4.2.1). Default: BEST-RQ random projections (README,
+        # "Differences from the paper"); `set_tokenizers` swaps in PeCo-style VQGAN / wav2vec 2.0 ones.
+        self.video_tokenizer, self.speech_tokenizer = build_default_quantizers(
+            cfg.tokenizer_seed, cfg.video_codebook, cfg.speech_vars, cfg.speech_groups,
+            speech_features=cfg.speech_tokenizer_features)
+
+    @classmethod
+    def from_encoders(cls, text, vision, speech, fusion=None, **kw):
+        """Build i-Code around loaded encoders (e.g. `model.load_encoder(...)`); returns train mode."""
+        cfg = ICodeConfig(text=text.config, vision=vision.config, speech=speech.config,
+                          fusion=fusion or FusionConfig(), **kw)
+        return cls(cfg, text=text, vision=vision, speech=speech).train()
+
+    def set_tokenizers(self, video=None, speech=None):
+        """Use pretrained target tokenizers (`model.load_quantizer`); their vocabularies must fit the heads."""
+        if video is not None:
+            if video.codebook_size != self.cfg.video_codebook:
+                raise ValueError(f"video tokenizer has {video.codebook_size} codes, MVM head {self.cfg.video_codebook}")
+            self.video_tokenizer = video
+        if speech is not None:
+            if (speech.groups, speech.vars) != (self.cfg.speech_groups, self.cfg.speech_vars):
+                raise ValueError(f"speech tokenizer has {speech.groups}x{speech.vars} codes, MSM head "
+                                 f"{self.cfg.speech_groups}x{self.cfg.speech_vars}")
+            self.speech_tokenizer = speech
+
+    # ---- the four modules of section 4.1 ----
+
+    def encode_modalities(self, video=None, text=None, audio=None, text_attention=None, audio_attention=None,
+                          video_patch_mask=None, audio_frame_mask=None):
+        """Single-modality encoders. Returns ({m: features}, {m: valid}) for the given modalities.
+
+        video_patch_mask: [B, T/2, H/4, W/4] bool, masked patches replaced by the mask embedding (A.1).
+        audio_frame_mask: [B, T_s] bool, masked frames replaced by the speech mask embedding (MSM).
+        """
+        feats, valids = {}, {}
+        if video is not None:
+            feats["video"], _ = self.vision(video, patch_mask=video_patch_mask)      # (B, T_v, H_v, W_v, C_v)
+            valids["video"] = None
+        if text is not None:
+            feats["text"], valids["text"] = self.text(text, text_attention)         # (B, T_l, C_l)
+        if audio is not None:
+            feats["audio"], valids["audio"] = self.speech(audio, audio_attention, frame_mask=audio_frame_mask)
+        if not feats:
+            raise ValueError("give at least one of video, text, audio")
+        return feats, valids
+
+    def encode(self, video=None, text=None, audio=None, text_attention=None, audio_attention=None):
+        """Fuse whatever subset of modalities is given (section 4.1). Returns `EncodeOutput`.
+
+        The joint representation averages the per-modality means (each present modality weighs the same,
+        whatever its length; section 5.2 "the average of the outputs from the fusion network").
+        """
+        feats, valids = self.encode_modalities(video, text, audio, text_attention, audio_attention)
+        tokens = self.fusion(feats, valids)
+        pooled = {m: masked_mean(x, valids[m]) for m, x in tokens.items()}
+        joint = torch.stack([pooled[m] for m in MODALITIES if m in pooled]).mean(0)
+        return EncodeOutput(tokens, {m: valids[m] for m in tokens}, pooled, joint)
+
+    def contrastive_representations(self, feats, valids):
+        """Section 4.2.2: each modality through the fusion network *alone*, then mean-pooled (vision over
+        time and space). Returns {m: r_m [B, D]}."""
+        return {m: masked_mean(self.fusion({m: feats[m]}, {m: valids[m]})[m], valids[m]) for m in feats}
+
+    # ---- pretraining (section 4.2) ----
+
+    @torch.no_grad()
+    def targets(self, batch):
+        """Discrete targets of the masked units (section 4.2.1), labels -100 where nothing is predicted.
+
+        Returns a dict with "text" [B, T_l] (the MLM labels of the collator), "video" [B, T, H/16, W/16]
+        (visual token ids at tube-masked positions) and "audio" [B, T_s, G] (speech token ids at
+        span-masked frames), for the modalities in the batch. Ids come from the batch's offline cache
+        ("video_targets", "audio_targets") when present, else from the frozen tokenizers on the unmasked input.
+        """
+        out = {}
+        if "text" in batch["modalities"]:
+            out["text"] = batch["text_labels"]
+        if "video" in batch["modalities"]:
+            ids = batch.get("video_targets")
+            ids = self.video_tokenizer(batch["video"]) if ids is None else ids
+            out["video"] = torch.where(batch["video_mask"], ids, torch.full_like(ids, -100))
+        if "audio" in batch["modalities"]:
+            ids = batch.get("audio_targets")
+            ids = self.speech_tokenizer(batch["audio"]) if ids is None else ids
+            mask = batch["audio_mask"][..., :ids.shape[1]]
+            if mask.shape != ids.shape[:2]:
+                raise ValueError(f"audio mask {tuple(batch['audio_mask'].shape)} does not cover the "
+                                 f"{ids.shape[1]} speech-token frames")
+            out["audio"] = torch.where(mask[..., None], ids, torch.full_like(ids, -100))
+        return out
+
+    def pretrain_features(self, batch, masked=True):
+        """Encoders on the (masked) inputs of a collated batch (data.collate)."""
+        m = batch["modalities"]
+        text = batch["text_ids"] if masked else batch.get("text_ids_clean", batch["text_ids"])
+        return self.encode_modalities(
+            video=batch["video"] if "video" in m else None,
+            text=text if "text" in m else None,
+            audio=batch["audio"] if "audio" in m else None,
+            text_attention=batch.get("text_attention"), audio_attention=batch.get("audio_attention"),
+            video_patch_mask=tube_to_patch_mask(batch["video_mask"]) if masked and "video" in m else None,
+            audio_frame_mask=batch["audio_mask"] if masked and "audio" in m else None)
+
+    def masked_unit_logits(self, feats, valids, targets):
+        """Merged fusion pass -> MLM / MVM / MSM heads on masked positions only.
+        Returns {"mlm" | "mvm" | "msm": (logits [M, V], labels [M])} for the modalities present."""
+        fused = self.fusion(feats, valids)
+        out = {}
+        if "text" in fused:
+            out["mlm"] = self.mlm_head(fused["text"], targets["text"])
+        if "video" in fused:
+            B, T_v, H_v, W_v, _ = feats["video"].shape
+            out["mvm"] = self.mvm_head(fused["video"].reshape(B, T_v, H_v, W_v, -1), targets["video"])
+        if "audio" in fused:
+            out["msm"] = self.msm_head(fused["audio"], targets["audio"])
+        return out
+
+
+    def unused_parameters(self, present, contrastive=True):
+        """The trainable parameters a pretraining step on a batch holding only `present` modalities
+        does not touch: the absent encoders, their projections and heads, co-attention's modules of
+        absent modalities (and every cross-attention when one modality is alone), the logit scales of
+        absent pairs. train.py joins them to the graph with a zero coefficient (so DDP needs no
+        `find_unused_parameters`) and then drops their gradients (so AdamW leaves them alone).
+        tests/test_icode.py checks this list against autograd for every subset."""
+        present = set(present)
+        mods = []
+        absent = [m for m in MODALITIES if m not in present]
+        encoder = {"video": self.vision, "text": self.text, "audio": self.speech}
+        head = {"video": self.mvm_head, "text": self.mlm_head, "audio": self.msm_head}
+        for m in absent:
+            mods += [encoder[m], self.fusion.proj[m], head[m]]
+            if self.cfg.fusion.mode == "co":
+                for layer in self.fusion.layers:
+                    mods += [layer.self_attn[m], layer.self_norm[m], layer.cross_attn[m], layer.cross_norm[m],
+                             layer.ffn_norm[m]] + ([layer.ffn[m]] if self.cfg.fusion.co_ffn_per_modality else [])
+        if self.cfg.fusion.mode == "co" and len(present) == 1:
+            for layer in self.fusion.layers:
+                mods += [layer.cross_attn[m] for m in present] + [layer.cross_norm[m] for m in present]
+        pairs = {"vl": ("video", "text"), "vs": ("video", "audio"), "ls": ("text", "audio")}
+        params = [p for mod in mods for p in mod.parameters()]
+        params += [p for name, p in self.logit_scales.scale.items()
+                   if not contrastive or not set(pairs[name]) <= present]
+        seen, out = set(), []
+        for p in params:  # de-duplicated: a shared co-attention FFN or a tied decoder appears once
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                out.append(p)
+        return out
+
+
+def count_params(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+PAPER_COUNTS = {"text": 183e6, "vision": 91e6, "audio": 315e6, "fusion_merge": 154e6, "fusion_co": 163e6}
+
+
+def info(preset_name):
+    """Parameter counts per module beside the paper's (section 4.1)."""
+    rows = []
+    for mode in ("merge", "co"):
+        with torch.device("meta"):           # count without allocating (the paper preset is ~750M)
+            m = ICode(preset(preset_name, mode))
+        heads = count_params(m.mlm_head) + count_params(m.mvm_head) + count_params(m.msm_head)
+        fusion = count_params(m.fusion)
+        if mode == "merge":
+            rows += [("language encoder (DeBERTa-V3)", count_params(m.text), PAPER_COUNTS["text"]),
+                     ("vision encoder (Video Swin)", count_params(m.vision), PAPER_COUNTS["vision"]),
+                     ("speech encoder (WavLM)", count_params(m.speech), PAPER_COUNTS["audio"])]
+        rows += [(f"fusion, {mode}-attention: projections + layers", fusion, None),
+                 (f"  + MLM/MVM/MSM heads", fusion + heads, PAPER_COUNTS[f"fusion_{mode}"])]
+    print(f"{'module':52s} {'this code':>12s} {'paper':>10s}")
+    for name, n, paper in rows:
+        print(f"{name:52s} {n / 1e6:11.1f}M {'' if paper is None else f'{paper / 1e6:9.0f}M':>10s}")
+    print("\nNotes: the paper's fusion counts (154M merge, 163M co) are matched only when the masked-unit heads\n"
+          "are counted with the fusion layers: 6 width-768 layers alone are ~43M, and the untied MLM decoder\n"
+          "over DeBERTa-V3's 128k vocabulary is ~99M of the rest. Co-attention here shares the feed-forward\n"
+          "sublayer across modalities (FusionConfig.co_ffn_per_modality=False); per-modality FFNs add 28M.\n"
+          "The vision encoder is Video Swin-B (the paper's CoSwin is not public); the speech encoder\n"
+          "WavLM-large as in the paper; DeBERTa-V3-base includes its 98M-parameter embedding matrix.")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    q = sub.add_parser("info", help="parameter counts per module beside the paper's")
+    q.add_argument("--preset", default="paper", choices=["paper", "tiny"], help="model size")
+    q = sub.add_parser("convert", help="turn a legacy pytorch_model.bin into model.safetensors (no pickle after)")
+    q.add_argument("bin", help="path of pytorch_model.bin")
+    q.add_argument("out_dir", help="folder to write model.safetensors (and config.json) into")
+    a = p.parse_args(argv)
+    if a.cmd == "info":
+        info(a.preset)
+    else:
+        from model.weights import convert_bin_to_safetensors
+        print(convert_bin_to_safetensors(a.bin, a.out_dir))
+
+
+if __name__ == "__main__":
+    main()

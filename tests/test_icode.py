@@ -1,0 +1,101 @@
+"""ICode assembly (section 4.1): every subset in both fusion modes, targets and heads, unused parameters."""
+import itertools
+import json
+from dataclasses import asdict
+
+import pytest
+import torch
+
+from icode import ICode, ICodeConfig, preset
+from model.fusion import MODALITIES, masked_mean
+from train import PretrainObjective, count_targets, synthetic_batch
+
+SUBSETS = [s for k in (1, 2, 3) for s in itertools.combinations(MODALITIES, k)]
+
+
+@pytest.fixture(scope="module", params=["merge", "co"])
+def model(request):
+    torch.manual_seed(0)
+    return ICode(preset("tiny", request.param)).eval()
+
+
+def subset_batch(model, subset, B=3):
+    batch = synthetic_batch(model.cfg, B, text_len=12, seconds=0.5, frames=4, res=64, device="cpu")
+    batch["text_attention"][1, 8:] = False
+    batch["text_labels"][1, 8:] = -100
+    batch["audio_attention"][2, 5000:] = False
+    batch["modalities"] = subset
+    return batch
+
+
+def test_encode_every_subset(model):
+    b = subset_batch(model, MODALITIES)
+    for subset in SUBSETS:
+        kw = {"video": b["video"] if "video" in subset else None,
+              "text": b["text_ids"] if "text" in subset else None,
+              "audio": b["audio"] if "audio" in subset else None}
+        out = model.encode(**kw, text_attention=b["text_attention"], audio_attention=b["audio_attention"])
+        assert set(out.tokens) == set(subset)
+        # the joint representation is the mean of the per-modality means over valid tokens (section 5.2)
+        means = [masked_mean(out.tokens[m], out.valid[m]) for m in subset]
+        assert torch.allclose(out.joint, torch.stack(means).mean(0), atol=1e-6)
+        if "audio" in subset:
+            assert out.valid["audio"][2].sum() < out.valid["audio"][0].sum()   # padding reaches the fusion
+        assert torch.isfinite(out.joint).all()
+
+
+def test_masked_unit_logits_and_targets_every_subset(model):
+    for subset in SUBSETS:
+        b = subset_batch(model, subset)
+        targets = model.targets(b)
+        assert set(targets) == set(subset)
+        feats, valids = model.pretrain_features(b)
+        logits = model.masked_unit_logits(feats, valids, targets)
+        names = {"text": "mlm", "video": "mvm", "audio": "msm"}
+        assert set(logits) == {names[m] for m in subset}
+        if "video" in subset:
+            lg, tg = logits["mvm"]
+            assert lg.shape == (int(b["video_mask"].sum()), model.cfg.video_codebook)
+            assert torch.equal(tg, b["video_targets"][b["video_mask"]])
+        if "audio" in subset:
+            lg, tg = logits["msm"]
+            m = b["audio_mask"]
+            assert lg.shape == (int(m.sum()) * 2, model.cfg.speech_vars)
+            assert torch.equal(tg, b["audio_targets"][m].reshape(-1))
+        if "text" in subset:
+            lg, tg = logits["mlm"]
+            assert torch.equal(tg, b["text_labels"][b["text_labels"] != -100])
+
+
+def test_targets_from_tokenizers_when_no_cache(model):
+    b = subset_batch(model, ("video", "audio"))
+    del b["video_targets"], b["audio_targets"]
+    t = model.targets(b)
+    ids = model.video_tokenizer(b["video"])
+    assert torch.equal(t["video"][b["video_mask"]], ids[b["video_mask"]])
+    assert (t["video"][~b["video_mask"]] == -100).all()
+    assert (t["audio"][~b["audio_mask"]] == -100).all()
+
+
+def test_unused_parameters_match_autograd(model):
+    """The parameters ICode.unused_parameters names are exactly those without gradient."""
+    weights = dict(alpha=0.5, beta=0.6, gamma=1.0, lam=1.0)
+    obj = PretrainObjective(model, weights)
+    for subset in SUBSETS:
+        b = subset_batch(model, subset)
+        targets = model.targets(b)
+        model.zero_grad(set_to_none=True)
+        loss, _ = obj(b, targets, count_targets(targets, False), 1)
+        loss.backward()
+        no_grad = {n for n, p in model.named_parameters() if p.requires_grad and p.grad is None}
+        ids = {id(p) for p in model.unused_parameters(subset)}
+        named = {n for n, p in model.named_parameters() if id(p) in ids}
+        assert named == no_grad, (subset, sorted(named ^ no_grad)[:6])
+
+
+def test_config_round_trip():
+    for mode in ("merge", "co"):
+        cfg = preset("paper", mode)
+        assert ICodeConfig.from_dict(json.loads(json.dumps(asdict(cfg)))) == cfg
+    with pytest.raises(ValueError, match="bogus"):
+        ICodeConfig.from_dict({"bogus": 1})

@@ -1,0 +1,804 @@
+"""i-Code pretraining (paper section 4.2) with torch DDP, gradient cache and exact resume.
+
+    python train.py                                   # toy world, tiny preset, CPU, a few minutes
+    torchrun --nproc_per_node=8 train.py --preset paper --data a.jsonl b.jsonl --batch 24 --accum 1
+    python train.py --benchmark --preset paper --batch 24   # one JSON line: speed of the real step
+
+One step (section 4.2): the encoders run once on the masked inputs; the merged fusion pass feeds the
+MLM / MVM / MSM heads (4.2.1); each modality also goes through the fusion network alone and is mean-pooled
+for the contrastive losses (4.2.2); eq. (3) combines them. The contrastive batch is the global batch:
+negatives come from every GPU (losses.info_nce gathers with gradients) and, with --accum > 1, from every
+micro-batch through gradient cache (Gao et al. 2021):
+  1. representations of every micro-batch without gradients (RNG state saved per micro-batch);
+  2. the contrastive loss on all of them and its gradient with respect to the representations;
+  3. each micro-batch again with gradients (RNG restored, so dropout matches), backpropagating the masked
+     unit losses plus <representations, cached gradient>; DDP syncs only on the last micro-batch.
+"""
+import argparse
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import sys
+import time
+from dataclasses import asdict
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from safetensors.torch import load_file, load_model, save_file, save_model
+
+from icode import ICode, ICodeConfig, preset
+from losses import PAIR_NAMES, masked_unit_loss, pretraining_loss
+
+TERMS = ("mlm", "mvm", "msm", "vl", "vs", "ls")
+TOY_DIR = "toy"
+TOY_OUT = os.path.join("runs", "toy")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Distributed: torchrun's environment when present, one process otherwise.
+
+class Dist:
+    def __init__(self, rank=0, local_rank=0, world=1, device=torch.device("cpu")):
+        self.rank, self.local_rank, self.world, self.device = rank, local_rank, world, device
+        self.is_main = rank == 0
+
+
+def setup_distributed(device=None):
+    """torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; nccl on GPUs, gloo on CPUs."""
+    if int(os.environ.get("RANK", -1)) == -1:
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        return Dist(device=dev)
+    rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    use_cuda = torch.cuda.is_available() and device != "cpu"
+    if use_cuda:
+        torch.cuda.set_device(local_rank)     # before init_process_group
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return Dist(rank, local_rank, world, torch.device(f"cuda:{local_rank}" if use_cuda else "cpu"))
+
+
+def print0(*a, **kw):
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*a, **kw, flush=True)
+
+
+def all_reduce_(t, op=None):
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+    return t
+
+
+# ----------------------------------------------------------------------------------------------------
+# Model, optimiser, schedule
+
+def load_model(ckpt=None, preset_name="tiny", fusion="merge", text_vocab=None):
+    """An ICode from a checkpoint folder (model.safetensors + state.json, architecture from its config)
+    or, with ckpt=None, freshly initialised from a preset."""
+    if ckpt is None:
+        return ICode(preset(preset_name, fusion, text_vocab))
+    state_path = os.path.join(ckpt, "state.json")
+    if not os.path.isfile(state_path):
+        raise FileNotFoundError(f"{ckpt!r} has no state.json (not a train.py checkpoint folder)")
+    with open(state_path) as f:
+        cfg = ICodeConfig.from_dict(json.load(f)["config"])
+    model = ICode(cfg)
+    missing, unexpected = load_model(model, os.path.join(ckpt, "model.safetensors"), strict=False)
+    if missing or unexpected:
+        raise KeyError(f"{ckpt}/model.safetensors: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return model
+
+
+def no_decay(name, p):
+    """No weight decay on norms, biases (1-D tensors) and embeddings (token, modality, mask, position tables,
+    logit scales), following BERT / CLIP practice."""
+    keys = ("embed", "mask_token", "relative_position_bias_table", "logit_scales", "rel_attn")
+    return p.dim() < 2 or any(k in name for k in keys)
+
+
+def build_optimizer(model, lr_fusion, lr_encoders, weight_decay, fused=None):
+    """AdamW with two learning rates (section 4.2.2: 2e-5 fusion and heads, 1e-5 encoders)."""
+    groups = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        enc = name.split(".")[0] in ("text", "vision", "speech")
+        key = (enc, no_decay(name, p))
+        groups.setdefault(key, []).append(p)
+    param_groups = [{"params": ps, "lr": lr_encoders if enc else lr_fusion, "base_lr": lr_encoders if enc else lr_fusion,
+                     "weight_decay": 0.0 if nd else weight_decay, "name": f"{'encoders' if enc else 'fusion'}"
+                     f"{'_no_decay' if nd else ''}"} for (enc, nd), ps in sorted(groups.items())]
+    if fused is None:
+        fused = next(model.parameters()).is_cuda
+    return torch.optim.AdamW(param_groups, betas=(0.9, 0.98), eps=1e-6, fused=fused)
+
+
+def lr_factor(step, warmup, total, decay="cosine"):
+    """Linear warm-up over `warmup` steps (section 4.2.2: 20000), then cosine (or linear) decay to 0."""
+    if step < warmup:
+        return (step + 1) / warmup
+    frac = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.5 * (1 + math.cos(math.pi * frac)) if decay == "cosine" else 1.0 - frac
+
+
+# ----------------------------------------------------------------------------------------------------
+# The step
+
+def count_targets(targets, msm_combined):
+    """Masked positions per term (the loss normalisers), [3] float: mlm, mvm, msm."""
+    def n(key, combine=False):
+        t = targets.get(key)
+        if t is None:
+            return 0
+        if combine:
+            return (t != -100).any(-1).sum()
+        return (t != -100).sum()
+    dev = next(iter(targets.values())).device if targets else "cpu"
+    return torch.stack([torch.as_tensor(n("text"), device=dev), torch.as_tensor(n("video"), device=dev),
+                        torch.as_tensor(n("audio", msm_combined), device=dev)]).float()
+
+
+class PretrainObjective(nn.Module):
+    """What DDP wraps: one micro-batch's share of eq. (3), as a scalar whose gradient is exact.
+
+    Masked units: summed cross-entropy over this micro-batch's masked positions divided by the global count
+    (all micro-batches, all ranks) and multiplied by the world size (DDP averages gradients over ranks), so
+    the gradients add up to those of the single-batch mean, eq. (6).
+    Contrastive: without a cache, the InfoNCE terms on this micro-batch (gathered across ranks); with a cache
+    (gradient cache), <r, dL/dr> + <tau, dL/dtau> / n_micro whose gradient equals the contrastive one.
+    """
+
+    def __init__(self, model, weights, unmasked_contrastive=False):
+        super().__init__()
+        self.model, self.weights, self.unmasked_contrastive = model, weights, unmasked_contrastive
+
+    def representations(self, batch):
+        """Section 4.2.2 representations {m: [b, D]}; masked encoder outputs reused unless configured."""
+        feats, valids = self.model.pretrain_features(batch, masked=not self.unmasked_contrastive)
+        reps = self.model.contrastive_representations(feats, valids) if len(feats) > 1 else {}
+        return reps, (None if self.unmasked_contrastive else (feats, valids))
+
+    def forward(self, batch, targets, norms, world, cache=None, touch=()):
+        # The same order of random draws as the cache pass: representations first.
+        reps, feats_valids = self.representations(batch)
+        feats, valids = feats_valids or self.model.pretrain_features(batch, masked=True)
+        logits = self.model.masked_unit_logits(feats, valids, targets)
+        idx = {"mlm": 0, "mvm": 1, "msm": 2}
+        terms = {k: masked_unit_loss(lg, tg, normalizer=norms[idx[k]]) * world for k, (lg, tg) in logits.items()}
+        if cache is None:
+            terms.update(self.model.logit_scales(reps))
+            loss, _ = pretraining_loss(**terms, **self.weights)
+        else:
+            rep_grads, scale_grads, n_micro = cache
+            loss, _ = pretraining_loss(**terms, **self.weights) if terms else (0.0, {})
+            loss = loss + sum((reps[m].float() * rep_grads[m]).sum() for m in reps)
+            loss = loss + sum(self.model.logit_scales.scale[k] * g / n_micro for k, g in scale_grads.items())
+        if touch:  # join unused parameters with coefficient 0 (see ICode.unused_parameters)
+            loss = loss + sum(p.reshape(-1)[0] for p in touch) * 0.0
+        return loss, {k: v.detach() / world if k in idx else v.detach() for k, v in terms.items()}
+
+
+def batch_size(batch):
+    return next(batch[k].shape[0] for k in ("video", "text_ids", "audio") if k in batch)
+
+
+def split_batch(batch, n):
+    """Split a collated batch into n micro-batches along the batch dimension."""
+    B = batch_size(batch)
+    if B % n:
+        raise ValueError(f"batch of {B} does not split into {n} micro-batches")
+    b = B // n
+    out = []
+    for i in range(n):
+        mb = {}
+        for k, v in batch.items():
+            if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == B:
+                mb[k] = v[i * b:(i + 1) * b]
+            elif isinstance(v, list) and len(v) == B:
+                mb[k] = v[i * b:(i + 1) * b]
+            else:
+                mb[k] = v
+        out.append(mb)
+    return out
+
+
+def to_device(batch, device):
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def rng_state(device):
+    return (torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+
+
+def set_rng_state(state, device):
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+def train_step(objective, ddp, micro_batches, d, autocast, weights):
+    """Forward and backward of one optimiser step over `micro_batches` (gradient cache when > 1).
+    Returns the global loss terms (all-reduced, for logging) as {name: float tensor}."""
+    model = objective.model
+    n = len(micro_batches)
+    present = micro_batches[0]["modalities"]
+    targets = [model.targets(mb) for mb in micro_batches]
+    norms = all_reduce_(sum(count_targets(t, model.cfg.msm_combined) for t in targets))
+    touch = model.unused_parameters(present)
+    cache = None
+    con_terms = {}
+    if n > 1 and len(present) > 1:
+        # 1. representations without gradients, remembering the RNG state of each micro-batch
+        states, reps = [], []
+        with torch.no_grad(), autocast():
+            for mb in micro_batches:
+                states.append(rng_state(d.device))
+                reps.append(objective.representations(mb)[0])
+        # 2. contrastive loss on the whole local batch (against every rank's columns) and dL/dr
+        cat = {m: torch.cat([r[m] for r in reps]).float().requires_grad_(True) for m in reps[0]}
+        scales = model.logit_scales.scale
+        con = model.logit_scales(cat)
+        lam = weights["lam"]
+        total = lam * sum(con.values())
+        grads = torch.autograd.grad(total, list(cat.values()) + [scales[k] for k in con])
+        rep_grads = dict(zip(cat, grads[:len(cat)]))
+        scale_grads = dict(zip(con, grads[len(cat):]))
+        con_terms = {k: v.detach() for k, v in con.items()}
+        b = batch_size(micro_batches[0])
+    terms_sum = {}
+    for i, mb in enumerate(micro_batches):
+        if n > 1 and len(present) > 1:
+            set_rng_state(states[i], d.device)   # 3. same dropout as in pass 1
+            cache = ({m: g[i * b:(i + 1) * b] for m, g in rep_grads.items()}, scale_grads, n)
+        sync = contextlib.nullcontext() if (i == n - 1 or not hasattr(ddp, "no_sync")) else ddp.no_sync()
+        with sync:
+            with autocast():
+                loss, terms = ddp(mb, targets[i], norms, d.world, cache, touch)
+            loss.backward()
+        for k, v in terms.items():
+            terms_sum[k] = terms_sum.get(k, 0) + (v / n if k in PAIR_NAMES.values() else v)
+    for p in touch:  # absent modalities: no update at all (AdamW skips parameters without gradient)
+        p.grad = None
+    terms_sum.update(con_terms)
+    names = [k for k in TERMS if k in terms_sum]
+    vec = torch.stack([torch.as_tensor(terms_sum[k], device=d.device).float() for k in names])
+    all_reduce_(vec)
+    contrastive = [i for i, k in enumerate(names) if k in PAIR_NAMES.values()]
+    vec[contrastive] /= d.world      # contrastive terms: mean over ranks; masked terms: already global means
+    return dict(zip(names, vec))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoints: safetensors for tensors, JSON for the rest, written atomically.
+
+def unwrap(m):
+    m = getattr(m, "module", m)
+    m = getattr(m, "_orig_mod", m)
+    return getattr(m, "model", m)
+
+
+def save_weights(model, out_dir):
+    """model.safetensors of the unwrapped ICode (tied tensors de-duplicated), written atomically."""
+    os.makedirs(out_dir, exist_ok=True)
+    tmp = os.path.join(out_dir, ".model.safetensors.tmp")
+    save_model(unwrap(model), tmp)
+    os.replace(tmp, os.path.join(out_dir, "model.safetensors"))
+
+
+def optimizer_tensors(opt, model):
+    """AdamW state as {f"{param name}::{key}": tensor} (no pickle)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    out = {}
+    for p, st in opt.state.items():
+        for k, v in st.items():
+            out[f"{names[id(p)]}::{k}"] = (v if torch.is_tensor(v) else torch.tensor(v)).detach().cpu().contiguous()
+    return out
+
+
+def load_optimizer_tensors(opt, model, tensors):
+    names = {id(p): n for n, p in model.named_parameters()}
+    sd = opt.state_dict()
+    idx = 0
+    state = {}
+    for g in opt.param_groups:
+        for p in g["params"]:
+            prefix = names[id(p)] + "::"
+            st = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+            if st:
+                state[idx] = st
+            idx += 1
+    sd["state"] = state
+    opt.load_state_dict(sd)
+
+
+def checkpoints(out_dir):
+    """Finished checkpoint folders, oldest first (a `.tmp` folder is an interrupted write: ignored)."""
+    if not os.path.isdir(out_dir):
+        return []
+    return sorted(os.path.join(out_dir, f) for f in os.listdir(out_dir)
+                  if f.startswith("ckpt_") and not f.endswith(".tmp")
+                  and os.path.isfile(os.path.join(out_dir, f, "state.json")))
+
+
+def save_checkpoint(out_dir, step, model, opt, loader, cfg, args, d, keep=3, history=None):
+    """Every rank writes its RNG state, rank 0 the rest, into ckpt_XXXXXXX.tmp, then rank 0 renames it."""
+    final = os.path.join(out_dir, f"ckpt_{step:07d}")
+    tmp = final + ".tmp"
+    if d.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    if dist.is_initialized():
+        dist.barrier()
+    cpu, cuda = rng_state(d.device)
+    rng = {"torch_cpu": cpu}
+    if cuda is not None:
+        rng["torch_cuda"] = cuda
+    rng["numpy"] = torch.from_numpy(np.asarray(np.random.get_state()[1], dtype=np.int64))
+    save_file(rng, os.path.join(tmp, f"rng_rank{d.rank}.safetensors"),
+              metadata={"numpy_pos": str(np.random.get_state()[2]), "python": json.dumps(random.getstate())})
+    if d.is_main:
+        save_model(unwrap(model), os.path.join(tmp, "model.safetensors"))
+        save_file(optimizer_tensors(opt, unwrap(model)), os.path.join(tmp, "optimizer.safetensors"))
+        state = {"step": step, "config": asdict(cfg), "args": vars(args), "world": d.world,
+                 "loader": loader.state_dict() if loader is not None else None, "history": history or []}
+        with open(os.path.join(tmp, "state.json"), "w") as f:
+            json.dump(state, f)
+    if dist.is_initialized():
+        dist.barrier()
+    if d.is_main:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)                     # atomic: a reader sees the old set or the new one
+        for old in checkpoints(out_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    if dist.is_initialized():
+        dist.barrier()
+    return final
+
+
+def restore_checkpoint(ckpt, model, opt, loader, d):
+    """Load weights, optimiser, loader position and this rank's RNG state. Returns (step, history)."""
+    with open(os.path.join(ckpt, "state.json")) as f:
+        state = json.load(f)
+    if state["world"] != d.world:
+        raise ValueError(f"{ckpt} was written by {state['world']} processes, this run has {d.world}: "
+                         "the data order and RNG streams would not continue exactly")
+    load_model(unwrap(model), os.path.join(ckpt, "model.safetensors"))
+    load_optimizer_tensors(opt, unwrap(model), load_file(os.path.join(ckpt, "optimizer.safetensors")))
+    if loader is not None and state["loader"] is not None:
+        loader.load_state_dict(state["loader"])
+    from safetensors import safe_open
+    path = os.path.join(ckpt, f"rng_rank{d.rank}.safetensors")
+    with safe_open(path, "pt") as f:
+        meta = f.metadata()
+        rng = {k: f.get_tensor(k) for k in f.keys()}
+    set_rng_state((rng["torch_cpu"], rng.get("torch_cuda")), d.device)
+    np.random.set_state(("MT19937", rng["numpy"].numpy().astype(np.uint32), int(meta["numpy_pos"])))
+    py = json.loads(meta["python"])
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    return state["step"], state.get("history", [])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Main
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="i-Code pretraining (section 4.2).")
+    p.add_argument("--preset", default="tiny", choices=["tiny", "paper"], help="model size (icode.preset)")
+    p.add_argument("--fusion", default="merge", choices=["merge", "co"], help="fusion attention (section 4.1)")
+    p.add_argument("--data", nargs="*", default=None, help="manifests (JSON Lines); default: the toy world")
+    p.add_argument("--data-weights", type=float, nargs="*", default=None, help="sampling weight per manifest")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the toy world's)")
+    p.add_argument("--toy-dir", default=TOY_DIR, help="where the toy world lives (made if missing)")
+    p.add_argument("--out", default=None, help="run folder (checkpoints, metrics.jsonl, loss.png)")
+    p.add_argument("--init", default=None, help="start from this checkpoint folder's weights (not its state)")
+    p.add_argument("--text-encoder", default=None, help="pretrained DeBERTa-V3 folder (model.load_encoder)")
+    p.add_argument("--speech-encoder", default=None, help="pretrained WavLM or HuBERT folder")
+    p.add_argument("--vision-encoder", default=None, help="pretrained image Swin folder (inflated to video)")
+    p.add_argument("--batch", type=int, default=16, help="micro-batch per device")
+    p.add_argument("--accum", type=int, default=1, help="micro-batches per step (gradient cache when > 1)")
+    p.add_argument("--global-batch", type=int, default=None, help="check: must equal batch x accum x world")
+    p.add_argument("--steps", type=int, default=None, help="optimiser steps (default: tiny 300, paper 100000)")
+    p.add_argument("--lr-fusion", type=float, default=None, help="fusion + heads LR (paper 2e-5; tiny 2e-3)")
+    p.add_argument("--lr-encoders", type=float, default=None, help="encoders LR (paper 1e-5; tiny 1e-3)")
+    p.add_argument("--warmup", type=int, default=None, help="warm-up steps (paper 20000; tiny 30)")
+    p.add_argument("--decay", default="cosine", choices=["cosine", "linear"], help="decay after warm-up")
+    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
+    p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping")
+    p.add_argument("--alpha", type=float, default=0.5, help="eq. (3) weight of L_MLM")
+    p.add_argument("--beta", type=float, default=0.6, help="eq. (3) weight of L_MVM")
+    p.add_argument("--gamma", type=float, default=1.0, help="eq. (3) weight of L_MSM")
+    p.add_argument("--lam", type=float, default=1.0, help="eq. (3) weight of the contrastive terms")
+    p.add_argument("--unmasked-contrastive", action="store_true",
+                   help="a separate unmasked encoder pass for the contrastive branch (default: reuse masked, as FLIP)")
+    p.add_argument("--bf16", default="auto", choices=["auto", "on", "off"], help="bf16 autocast (auto: on GPU)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the objective")
+    p.add_argument("--checkpointing", action="store_true", help="activation checkpointing of every Transformer block")
+    p.add_argument("--seed", type=int, default=0, help="seed (offset by rank)")
+    p.add_argument("--workers", type=int, default=None, help="data loader workers per process")
+    p.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps")
+    p.add_argument("--keep", type=int, default=3, help="checkpoints to keep")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--max-bad-steps", type=int, default=5, help="stop after this many non-finite steps in a row")
+    p.add_argument("--log-every", type=int, default=10, help="metrics.jsonl every N steps")
+    p.add_argument("--overfit-batch", action="store_true", help="debug: train on the first batch only")
+    p.add_argument("--no-eval", action="store_true", help="skip the zero-shot retrieval at the end")
+    p.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
+    p.add_argument("--benchmark", action="store_true", help="time the step on synthetic tensors, print JSON")
+    p.add_argument("--bench-steps", type=int, default=10, help="timed steps in --benchmark")
+    a = p.parse_args(argv)
+    tiny = a.preset == "tiny"
+    a.steps = a.steps if a.steps is not None else (300 if tiny else 100000)
+    a.lr_fusion = a.lr_fusion if a.lr_fusion is not None else (2e-3 if tiny else 2e-5)
+    a.lr_encoders = a.lr_encoders if a.lr_encoders is not None else (1e-3 if tiny else 1e-5)
+    a.warmup = a.warmup if a.warmup is not None else (30 if tiny else 20000)
+    a.out = a.out or (TOY_OUT if a.data is None else os.path.join("runs", "pretrain"))
+    return a
+
+
+def build_from_args(args, text_vocab):
+    if args.init:
+        return load_model(args.init)
+    if args.text_encoder or args.speech_encoder or args.vision_encoder:
+        from model import load_encoder
+        if not (args.text_encoder and args.speech_encoder and args.vision_encoder):
+            raise ValueError("give all three of --text-encoder, --speech-encoder, --vision-encoder")
+        cfg = preset(args.preset, args.fusion)
+        speech_kind = "wavlm" if "wavlm" in args.speech_encoder.lower() else "hubert"
+        return ICode.from_encoders(load_encoder("deberta-v3", args.text_encoder),
+                                   load_encoder("swin", args.vision_encoder),
+                                   load_encoder(speech_kind, args.speech_encoder), fusion=cfg.fusion)
+    return load_model(None, args.preset, args.fusion, text_vocab)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    d = setup_distributed(args.device)
+    if args.benchmark:
+        return benchmark(args, d)
+    import data as D
+    seed = args.seed + d.rank
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+    autocast_on = args.bf16 == "on" or (args.bf16 == "auto" and d.device.type == "cuda")
+    if d.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    autocast = (lambda: torch.autocast(d.device.type, dtype=torch.bfloat16)) if autocast_on else contextlib.nullcontext
+
+    # data: the toy world when none is given
+    manifests, tok_path = args.data, args.tokenizer
+    dcfg = D.TOY_DATA if args.preset == "tiny" else D.PAPER_DATA
+    if not manifests:
+        if d.is_main and not os.path.isfile(os.path.join(args.toy_dir, "tokenizer.json")):
+            print0(f"making the toy world in {args.toy_dir}/ ...")
+            D.make_toy(args.toy_dir)
+        if dist.is_initialized():
+            dist.barrier()
+        manifests = [os.path.join(args.toy_dir, f) for f in D.TOY_PRETRAIN_MANIFESTS]
+        tok_path = tok_path or os.path.join(args.toy_dir, "tokenizer.json")
+    if tok_path is None:
+        raise ValueError("--tokenizer is required with --data (a tokenizers tokenizer.json; see README)")
+    tokenizer = D.load_tokenizer(tok_path)
+    model = build_from_args(args, tokenizer.vocab_size).to(d.device)
+    cfg = model.cfg
+    if args.checkpointing:
+        enable_checkpointing(model)
+    if tokenizer.vocab_size > cfg.text.vocab_size:
+        raise ValueError(f"tokenizer {tok_path} has {tokenizer.vocab_size} ids, the text encoder {cfg.text.vocab_size}")
+    global_batch = args.batch * args.accum * d.world
+    if args.global_batch is not None and args.global_batch != global_batch:
+        raise ValueError(f"--global-batch {args.global_batch} != batch {args.batch} x accum {args.accum} "
+                         f"x world {d.world} = {global_batch}")
+    workers = args.workers if args.workers is not None else min(4, max(0, (os.cpu_count() or 2) // max(1, d.world) - 1))
+    loader = D.make_loader(manifests, args.data_weights, dcfg, tokenizer, batch_size=args.batch * args.accum,
+                           rank=d.rank, world_size=d.world, seed=args.seed, num_workers=workers)
+    weights = dict(alpha=args.alpha, beta=args.beta, gamma=args.gamma, lam=args.lam)
+    objective = PretrainObjective(model, weights, args.unmasked_contrastive)
+    opt = build_optimizer(model, args.lr_fusion, args.lr_encoders, args.weight_decay)
+    ddp = objective
+    if d.world > 1:
+        ddp = nn.parallel.DistributedDataParallel(
+            objective, device_ids=[d.local_rank] if d.device.type == "cuda" else None,
+            broadcast_buffers=False)   # no batch norm: nothing to broadcast
+    if args.compile:
+        ddp = torch.compile(ddp)
+    step, history = 0, []
+    if args.resume and checkpoints(args.out):
+        ckpt = checkpoints(args.out)[-1]
+        step, history = restore_checkpoint(ckpt, model, opt, loader, d)
+        print0(f"resumed from {ckpt} at step {step}")
+    if d.is_main:
+        os.makedirs(args.out, exist_ok=True)
+    stop = {"signal": 0}
+
+    def on_signal(signum, frame):  # Ctrl-C or a preempted job: finish the step, save, exit
+        stop["signal"] = signum
+    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    metrics_path = os.path.join(args.out, "metrics.jsonl")
+    n_params = sum(p.numel() for p in model.parameters())
+    print0(f"i-Code {args.preset}/{args.fusion}: {n_params / 1e6:.1f}M parameters, world {d.world}, "
+           f"global batch {global_batch}, {args.steps} steps, device {d.device}")
+    bar = None
+    if d.is_main:
+        from tqdm import tqdm
+        bar = tqdm(total=args.steps, initial=step, dynamic_ncols=True, file=sys.stdout)
+    flops_per_sample, bad_in_row = None, 0
+    first_batch = None
+    it = iter(loader)
+    try:
+        while step < args.steps:
+            t0 = time.perf_counter()
+            batch = first_batch if (args.overfit_batch and first_batch is not None) else next(it)
+            first_batch = first_batch or (batch if args.overfit_batch else None)
+            batch = to_device(batch, d.device)
+            t_data = time.perf_counter() - t0
+            for g in opt.param_groups:
+                g["lr"] = g["base_lr"] * lr_factor(step, args.warmup, args.steps, args.decay)
+            mbs = split_batch(batch, args.accum)
+            if flops_per_sample is None and d.is_main and d.device.type == "cuda":  # once, for the MFU column
+                state = rng_state(d.device)
+                flops_per_sample = count_flops(objective, mbs[0], autocast) / batch_size(mbs[0])
+                set_rng_state(state, d.device)
+            terms = train_step(objective, ddp, mbs, d, autocast, weights)
+            total, _ = pretraining_loss(**{k: v for k, v in terms.items()}, **weights)
+            finite = torch.isfinite(total).item()
+            if finite:
+                gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+                opt.step()
+                model.logit_scales.clamp_()       # CLIP: logit scale at most ln(100)
+                bad_in_row = 0
+            else:
+                bad_in_row += 1
+                gnorm = torch.tensor(float("nan"))
+                print0(f"step {step}: non-finite loss {total.item()} ({ {k: round(v.item(), 4) for k, v in terms.items()} }), "
+                       f"step skipped ({bad_in_row} in a row)")
+                if bad_in_row >= args.max_bad_steps:
+                    raise RuntimeError(f"{bad_in_row} non-finite steps in a row at step {step}; the last good "
+                                       f"checkpoint in {args.out} is intact (lower the LR or check the data)")
+            opt.zero_grad(set_to_none=True)
+            if d.device.type == "cuda":
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            step += 1
+            rec = {"step": step, "loss": total.item(), **{k: round(v.item(), 5) for k, v in terms.items()},
+                   "grad_norm": round(float(gnorm), 4),
+                   **{f"logit_scale_{k}": round(p.exp().item(), 3) for k, p in model.logit_scales.scale.items()},
+                   **{f"lr_{g['name']}": g["lr"] for g in opt.param_groups},
+                   "samples_per_s": round(global_batch / dt, 2), "samples_per_s_per_device": round(global_batch / dt / d.world, 2),
+                   "data_s": round(t_data, 4), "compute_s": round(dt - t_data, 4), "source": batch.get("source")}
+            if d.device.type == "cuda":
+                rec["peak_mem_GiB"] = round(torch.cuda.max_memory_allocated(d.device) / 2 ** 30, 2)
+                peak = peak_flops(d.device)
+                if flops_per_sample and peak:
+                    rec["mfu"] = round(flops_per_sample * global_batch / dt / d.world / peak, 4)
+            history.append({k: rec[k] for k in ("step", "loss", *terms.keys())})
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix({k: f"{v.item():.3f}" for k, v in terms.items()}, refresh=False)
+                if step % args.log_every == 0 or step == args.steps:
+                    with open(metrics_path, "a") as f:
+                        f.write(json.dumps(rec) + "\n")
+            flag = all_reduce_(torch.tensor([float(stop["signal"])], device=d.device), dist.ReduceOp.MAX).item()
+            if step % args.save_every == 0 or step == args.steps or flag:
+                save_checkpoint(args.out, step, objective.model, opt, loader, cfg, args, d, args.keep, history)
+            if flag:
+                print0(f"\nsignal {int(flag)}: checkpoint saved at step {step}, exiting")
+                return {"step": step, "stopped": True}
+    finally:
+        if bar is not None:
+            bar.close()
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+        bad = getattr(loader, "bad_report", None)
+        if d.is_main and bad is not None:
+            report = bad()
+            if report:
+                print0(report)
+    if d.is_main:
+        plot_history(history, os.path.join(args.out, "loss.png"))
+    result = {"step": step, "history": history}
+    if not args.no_eval and d.is_main and args.data is None:
+        from eval import print_retrieval_table, zero_shot_retrieval
+        res = zero_shot_retrieval(model.eval(), os.path.join(args.toy_dir, D.TOY_HELDOUT_MANIFEST), dcfg, tokenizer,
+                                  d.device)
+        print_retrieval_table(res)
+        result["retrieval"] = res
+    if dist.is_initialized():
+        dist.barrier()
+    return result
+
+
+def transformer_blocks(model):
+    """Every Transformer block of the encoders and the fusion network (the units worth checkpointing)."""
+    blocks = list(model.text.encoder.layer) + list(model.speech.layers) + list(model.fusion.layers)
+    blocks += [blk for stage in model.vision.stages for blk in stage.blocks]
+    return blocks
+
+
+def enable_checkpointing(model):
+    """Activation checkpointing: each block keeps only its input and recomputes the rest in backward
+    (RNG state preserved by torch.utils.checkpoint, so dropout matches). Parameter names are unchanged."""
+    from functools import partial
+    from torch.utils.checkpoint import checkpoint
+    for blk in transformer_blocks(model):
+        blk.forward = partial(checkpoint, type(blk).forward.__get__(blk), use_reentrant=False)
+
+
+def count_flops(objective, mb, autocast):
+    """FLOPs of one micro-batch forward + backward, counted once with torch.utils.flop_counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+    model = objective.model
+    targets = model.targets(mb)
+    norms = count_targets(targets, model.cfg.msm_combined)
+    with FlopCounterMode(display=False) as fc:
+        with autocast():
+            loss, _ = objective(mb, targets, norms, 1)
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+    return fc.get_total_flops()
+
+
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}  # dense bf16
+
+
+def peak_flops(device):
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16.items() if k in name), None)
+
+
+def plot_history(history, path):
+    if not history:
+        return
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4))
+    steps = [h["step"] for h in history]
+    for k in ("loss",) + TERMS:
+        ys = [h.get(k) for h in history]
+        if any(y is not None for y in ys):
+            ax.plot([s for s, y in zip(steps, ys) if y is not None], [y for y in ys if y is not None], label=k, lw=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.legend(ncol=4, fontsize=8)
+    ax.set_title("i-Code pretraining, eq. (3) and its terms")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------------
+# --benchmark: this project's real step on synthetic tensors of the paper's shapes (docs/speed.md)
+
+def synthetic_batch(cfg, B, text_len, seconds, frames, res, device, seed=0):
+    """A collated batch of the given shapes with the real masks (30% MLM, tube, span) and offline-cache
+    style targets, as the off-the-shelf reference step uses (../shared/bench/reference_step.py)."""
+    import data as D
+    g = torch.Generator().manual_seed(seed)
+    V = cfg.text.vocab_size
+    ids = torch.randint(5, V, (B, text_len), generator=g)
+    special = torch.zeros(B, text_len, dtype=torch.bool)
+    inputs, labels = D.mask_tokens(ids, special, 4, V, generator=g)
+    N = int(seconds * 16000)
+    from model.wavlm import conv_output_length
+    T_s = conv_output_length(N, cfg.speech.conv_kernel, cfg.speech.conv_stride)
+    h = res // 16
+    batch = {"modalities": ("video", "text", "audio"), "source": "synthetic",
+             "video": torch.randn(B, 3, frames, res, res, generator=g),
+             "video_mask": torch.stack([D.tube_mask(frames, h, h, generator=g) for _ in range(B)]),
+             "video_targets": torch.randint(0, cfg.video_codebook, (B, frames, h, h), generator=g),
+             "text_ids": inputs, "text_ids_clean": ids, "text_labels": labels,
+             "text_attention": torch.ones(B, text_len, dtype=torch.bool),
+             "audio": torch.randn(B, N, generator=g), "audio_attention": torch.ones(B, N, dtype=torch.bool),
+             "audio_mask": D.span_mask_batch([T_s] * B, generator=g),
+             "audio_targets": torch.randint(0, cfg.speech_vars, (B, T_s, cfg.speech_groups), generator=g)}
+    return to_device(batch, device)
+
+
+def matmul_peak(device):
+    """Measured bf16 matrix-multiply rate (8192^3, as the reference measures it)."""
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * 8192 ** 3 * 10 / (time.perf_counter() - t)
+
+
+def benchmark(args, d):
+    """Time the real training step (train_step + AdamW) and print one JSON line with the reference's fields."""
+    paper = args.preset == "paper"
+    shapes = dict(text_len=128, seconds=7.8, frames=8, res=224) if paper else dict(text_len=32, seconds=2.0, frames=4, res=64)
+    torch.manual_seed(0)
+    cuda = d.device.type == "cuda"
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    model = load_model(None, args.preset, args.fusion).to(d.device)
+    if args.checkpointing:
+        enable_checkpointing(model)
+    autocast_on = args.bf16 == "on" or (args.bf16 == "auto" and cuda)
+    autocast = (lambda: torch.autocast(d.device.type, dtype=torch.bfloat16)) if autocast_on else contextlib.nullcontext
+    weights = dict(alpha=args.alpha, beta=args.beta, gamma=args.gamma, lam=args.lam)
+    objective = PretrainObjective(model, weights)
+    runner = torch.compile(objective) if args.compile else objective
+    opt = build_optimizer(model, 2e-5, 1e-5, 0.01)
+    batch = synthetic_batch(model.cfg, args.batch, device=d.device, **shapes)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+
+    def step():
+        terms = train_step(objective, runner, [batch], d, autocast, weights)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        model.logit_scales.clamp_()
+        opt.zero_grad(set_to_none=True)
+        return terms
+
+    step()                                          # warm-up (and compilation)
+    flops = count_flops(objective, batch, autocast)
+    for _ in range(2):
+        step()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(args.bench_steps):
+        sync()
+        t = time.perf_counter()
+        terms = step()
+        sync()
+        times.append(time.perf_counter() - t)
+    times.sort()
+    med = times[len(times) // 2]
+    peak_mem = torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None
+    peak = matmul_peak(d.device) if cuda else None
+    total, _ = pretraining_loss(**terms, **weights)
+    parts = encoder_breakdown(model, batch, autocast, sync)
+    out = {"impl": "icode-from-scratch", "size": "full" if paper else "tiny", "batch": args.batch,
+           "compile": args.compile, "checkpointing": args.checkpointing,
+           "device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
+           "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
+           "step_s_median": round(med, 4), "step_s_min": round(times[0], 4),
+           "samples_per_s": round(args.batch / med, 2), "tflop_per_step": round(flops / 1e12, 3),
+           "achieved_tflops": round(flops / med / 1e12, 1),
+           "matmul_peak_tflops": round(peak / 1e12, 1) if peak else None,
+           "mfu_vs_matmul_peak": round(flops / med / peak, 3) if peak else None,
+           "peak_mem_GiB": round(peak_mem, 1) if peak_mem is not None else None,
+           "loss": round(total.item(), 3), "encoder_fwd_bwd_s": parts}
+    print(json.dumps(out), flush=True)
+    return out
+
+
+def encoder_breakdown(model, batch, autocast, sync):
+    """Forward + backward time of each encoder alone (median of 4 after one warm-up), as the reference."""
+    runs = {"text": lambda: model.text(batch["text_ids"], batch["text_attention"])[0],
+            "speech": lambda: model.speech(batch["audio"], batch["audio_attention"])[0],
+            "vision": lambda: model.vision(batch["video"])[0]}
+    out = {}
+    for name, fn in runs.items():
+        ts = []
+        for _ in range(5):
+            sync()
+            t = time.perf_counter()
+            with autocast():
+                y = fn()
+            y.float().square().mean().backward()
+            sync()
+            ts.append(time.perf_counter() - t)
+        model.zero_grad(set_to_none=True)
+        out[name] = round(sorted(ts[1:])[len(ts[1:]) // 2], 4)
+    return out
+
+
+if __name__ == "__main__":
+    main()
