@@ -679,7 +679,8 @@ def collate(examples, cfg, tokenizer, generator=None):
       text_labels [B, T_l] long (-100 where not selected)
       audio [B, N] float, audio_attention [B, N] bool, audio_mask [B, T_s] bool (span_mask_batch over each
       row's true frame count)
-      video_targets [B, T, H/16, W/16] long, audio_targets [B, T_s] long (-100 at padding) from the cache
+      video_targets [B, T, H/16, W/16] long, audio_targets [B, T_s] or [B, T_s, G] long (-100 at padding),
+      when the manifest has an offline target cache
       labels {score [B] float, emotions [B, 6] float, label [B] long, answer [B] long, question, answers}
       source, modalities, index [(source, line)]
     """
@@ -720,7 +721,8 @@ def collate(examples, cfg, tokenizer, generator=None):
         batch.update(audio=audio, audio_attention=att,
                      audio_mask=span_mask_batch(frames, int(speech_frames(N)), cfg.span_p, cfg.span_len, g))
         if all("audio_targets" in e for e in examples):
-            tgt = torch.full((B, int(speech_frames(N))), PAD_LABEL, dtype=torch.long)
+            rest = tuple(np.shape(examples[0]["audio_targets"])[1:])  # () or (G,) codebook groups
+            tgt = torch.full((B, int(speech_frames(N))) + rest, PAD_LABEL, dtype=torch.long)
             for i, e in enumerate(examples):
                 a = torch.as_tensor(e["audio_targets"]).long()[:frames[i]]
                 tgt[i, :len(a)] = a
@@ -948,7 +950,7 @@ TOY_FILLERS = ("the", "a", "look", "now", "here", "this", "see", "so", "it", "on
 TOY_QUESTIONS = ("what colour is the shape?", "which feeling does the voice say?",
                  "how does the text judge it?", "which way does the shape move?")
 TOY_SIZES = {  # rows per pretraining source, held-out video clips, downstream train / validation / test
-    "default": dict(pretrain=500, test=100, train=300, validation=100, downstream_test=100),
+    "default": dict(pretrain=400, test=100, train=300, validation=100, downstream_test=100),
     "small": dict(pretrain=64, test=16, train=32, validation=16, downstream_test=16),
     "tiny": dict(pretrain=6, test=4, train=6, validation=3, downstream_test=3),
 }
@@ -968,7 +970,8 @@ def _toy_syllable(f0, f1, f2, dur, sr):
     phase = 2 * np.pi * np.cumsum(f0 * (1 + 0.08 * (0.5 - t / dur))) / sr  # a slightly falling pitch
     k = np.arange(1, int(min(4000, sr / 2 - 200) // f0) + 1)[:, None]
     amp = np.exp(-((k * f0 - f1) / 120.0) ** 2) + 0.8 * np.exp(-((k * f0 - f2) / 180.0) ** 2) + 0.05 / k
-    wave = (amp * np.sin(k * phase)).sum(0) * np.sin(np.pi * t / dur) ** 0.5
+    keep = amp[:, 0] > 0.03  # the harmonics near the formants (and the lowest few) carry the word
+    wave = (amp[keep] * np.sin(k[keep] * phase)).sum(0) * np.sin(np.pi * t / dur) ** 0.5
     return wave / (np.abs(wave).max() + 1e-9)
 
 
@@ -1152,3 +1155,229 @@ def make_toy(out_dir, seed=0, size="default", workers=None):
                             "judgement only written", "emotions_rule": "classes of the mood and of the colour index",
                    "label": "score > 0", "config": dataclasses.asdict(TOY_DATA)}, f, indent=1)
     return manifests
+
+
+# ----------------------------------------------------------------------------------------------------
+# Offline VQ targets (`python data.py tokenize`): <manifest>.targets/{line:08d}.safetensors + meta.json
+
+def default_quantize(cfg, seed=0):
+    """The project's default tokenizers (model.quantizers.build_default_quantizers: frozen random
+    projections) as a callable batch -> {"video_targets": [B, T, H/16, W/16] long, "audio_targets":
+    [B, T_s, G] long}. Any callable of that form can be passed to `tokenize_manifest` instead."""
+    from model.quantizers import build_default_quantizers
+    video_tok, speech_tok = build_default_quantizers(seed)
+
+    def quantize(batch):
+        out = {}
+        if "video" in batch:
+            out["video_targets"] = video_tok(batch["video"])
+        if "audio" in batch:
+            out["audio_targets"] = speech_tok(batch["audio"])
+        return out
+    quantize.__name__ = f"build_default_quantizers(seed={seed})"
+    return quantize
+
+
+def tokenize_manifest(path, cfg, quantize, batch_size=16, name="custom", log=print):
+    """Run `quantize(batch) -> {"video_targets", "audio_targets"}` over every good row of a manifest and
+    write one safetensors file per line (bad rows are skipped and counted). Returns (written, bad)."""
+    from safetensors.numpy import save_file
+    ds = ManifestDataset(path, cfg, tokenizer=None, use_targets=False)
+    out = targets_dir(ds.path)
+    os.makedirs(out, exist_ok=True)
+    written, bad, pending = 0, 0, []
+
+    def flush():
+        nonlocal written
+        batch = collate(pending, cfg, None, torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            tgt = quantize(batch)
+        for i, e in enumerate(pending):
+            arrays = {}
+            if "video_targets" in tgt:
+                arrays["video_targets"] = tgt["video_targets"][i].cpu().long().numpy()
+            if "audio_targets" in tgt:
+                arrays["audio_targets"] = tgt["audio_targets"][i, :int(speech_frames(len(e["audio"])))].cpu().long().numpy()
+            save_file(arrays, os.path.join(out, f"{e['line']:08d}.safetensors"))
+            written += 1
+        pending.clear()
+
+    for i in range(len(ds)):
+        try:
+            pending.append(ds[i])
+        except BadExample as e:
+            bad += 1
+            log(f"{ds.path}:{ds.line(i)}: skipped: {e.reason}")
+        if len(pending) == batch_size:
+            flush()
+    if pending:
+        flush()
+    with open(os.path.join(out, "meta.json"), "w") as f:  # written last: a half-written cache is never read
+        json.dump({**_cache_meta(cfg), "quantizer": name, "rows": written}, f, indent=1)
+    return written, bad
+
+
+# ----------------------------------------------------------------------------------------------------
+# check and bench
+
+def check_manifest(path, cfg, tokenizer=None, log=print):
+    """Read every row; log `path:line: reason` for each bad one and a summary. Returns (rows, bad rows)."""
+    try:
+        ds = ManifestDataset(path, cfg, tokenizer, use_targets=False)
+    except (OSError, ValueError) as e:
+        log(f"{path}: cannot read the manifest: {e}")
+        return 0, 1
+    kinds = collections.Counter()
+    for i in range(len(ds)):
+        try:
+            ds[i]
+        except BadExample as e:
+            kinds[reason_kind(e.reason)] += 1
+            log(f"{ds.path}:{ds.line(i)}: {e.reason}")
+    bad = sum(kinds.values())
+    log(f"{ds.path}: {len(ds)} rows, {bad} bad ({bad / max(1, len(ds)):.1%}), modalities {'+'.join(ds.modalities)}"
+        + (f"; {dict(kinds.most_common())}" if bad else ""))
+    return len(ds), bad
+
+
+def make_bench_clip(out_dir, seconds=8.0, width=640, height=360, fps=30, sr=48000):
+    """A 360p H.264 clip with 48 kHz stereo AAC audio and a one-row manifest: the paper preset's clip shape."""
+    os.makedirs(out_dir, exist_ok=True)
+    rng = np.random.default_rng(0)
+    n = int(seconds * fps)
+    yy, xx = np.mgrid[0:height, 0:width]
+    frames = np.empty((n, height, width, 3), np.uint8)
+    for f in range(n):  # moving gradients and noise: H.264 has real work to do
+        frames[f, ..., 0] = (xx + 4 * f) % 256
+        frames[f, ..., 1] = (yy + 2 * f) % 256
+        frames[f, ..., 2] = rng.integers(0, 64, (height, width))
+    audio = (0.1 * rng.standard_normal((2, int(seconds * sr)))).astype(np.float32)
+    path = os.path.join(out_dir, "clip360p.mp4")
+    with av.open(path, "w", format="mp4") as c:  # encoded as a phone or YouTube would: medium preset, 2 s GOP
+        vs = c.add_stream("libx264", rate=fps, options={"preset": "veryfast", "g": str(2 * fps)})
+        vs.width, vs.height, vs.pix_fmt = width, height, "yuv420p"
+        st = c.add_stream("aac", rate=sr, layout="stereo", options={"aac_coder": "fast"})
+        for img in frames:
+            for p in vs.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                c.mux(p)
+        for p in vs.encode():
+            c.mux(p)
+        a = av.AudioFrame.from_ndarray(np.ascontiguousarray(audio.T.reshape(1, -1)), format="flt", layout="stereo")
+        a.sample_rate, a.pts = sr, 0
+        for p in st.encode(a) + st.encode(None):
+            c.mux(p)
+    manifest = os.path.join(out_dir, "bench360p.jsonl")
+    with open(manifest, "w") as f:
+        f.write(json.dumps({"video": "clip360p.mp4", "start": 0.1, "end": 7.9,
+                            "text": "a moving gradient with noise", "caption": "colourful stripes"}) + "\n")
+    return manifest
+
+
+def bench(path, cfg, tokenizer, n=64, batch_size=8, log=print):
+    """Decode `n` examples in this process (one worker, one torch thread) and collate them; log examples/s
+    per worker and the seconds per example spent in video decode, audio decode, text and collate."""
+    torch.set_num_threads(1)
+    ds = ManifestDataset(path, cfg, tokenizer, use_targets=False)
+    timing, done, bad, buf = collections.Counter(), 0, 0, []
+    g = torch.Generator().manual_seed(0)
+    ds[0 % len(ds)]  # warm-up: imports, codec tables
+    t0 = time.perf_counter()
+    for i in range(n):
+        try:
+            e = ds[i % len(ds)]
+        except BadExample:
+            bad += 1
+            continue
+        timing.update(e["timing"])
+        buf.append(e)
+        done += 1
+        if len(buf) == batch_size:
+            t = time.perf_counter()
+            collate(buf, cfg, tokenizer, g)
+            timing["collate"] += time.perf_counter() - t
+            buf = []
+    total = time.perf_counter() - t0
+    rate = done / total
+    log(f"{ds.path}: {done} examples ({bad} bad) in {total:.2f} s: {rate:.1f} examples/s per worker; per example "
+        + ", ".join(f"{k} {1000 * v / max(1, done):.1f} ms" for k, v in sorted(timing.items())))
+    return rate, {k: v / max(1, done) for k, v in timing.items()}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command line
+
+def _preset(name):
+    return {"paper": PAPER_DATA, "toy": TOY_DATA}[name]
+
+
+def _find_tokenizer(arg, manifest):
+    p = arg or os.path.join(os.path.dirname(os.path.abspath(manifest)), "tokenizer.json")
+    return load_tokenizer(p) if os.path.exists(p) else None
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="i-Code data: toy world, manifest checks, decode benchmark, VQ cache.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("make-toy", help="write the toy world (videos, images, speech, manifests, tokenizer.json)")
+    p.add_argument("out_dir", help="folder to write into")
+    p.add_argument("--seed", type=int, default=0, help="everything written is a function of the seed and size")
+    p.add_argument("--size", default="default", choices=sorted(TOY_SIZES), help="rows per source (see TOY_SIZES)")
+    p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    p = sub.add_parser("check", help="read every row of manifests; report each bad one with its line and reason")
+    p.add_argument("manifests", nargs="+", help="JSON Lines manifests")
+    p.add_argument("--preset", default="toy", choices=["toy", "paper"], help="decode at this DataConfig")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.json (default: beside the manifest, if any)")
+    p = sub.add_parser("bench", help="examples/s per worker and where the time goes")
+    p.add_argument("manifest", nargs="?", help="manifest to read (omit with --clip360p)")
+    p.add_argument("--clip360p", action="store_true", help="generate a 360p H.264 8 s clip and bench the paper preset")
+    p.add_argument("--preset", default=None, choices=["toy", "paper"], help="default: toy, paper with --clip360p")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.json (default: beside the manifest, else train one)")
+    p.add_argument("-n", type=int, default=64, help="examples to decode")
+    p.add_argument("--step-batch", type=int, default=24, help="per-GPU batch of a training step (paper preset: 24)")
+    p = sub.add_parser("tokenize", help="write VQ target ids beside a manifest (<name>.targets/)")
+    p.add_argument("manifests", nargs="+", help="JSON Lines manifests")
+    p.add_argument("--preset", default="toy", choices=["toy", "paper"], help="the DataConfig the targets are for")
+    p.add_argument("--batch-size", type=int, default=16, help="examples per quantizer call")
+    args = ap.parse_args(argv)
+
+    if args.cmd == "make-toy":
+        t = time.perf_counter()
+        m = make_toy(args.out_dir, args.seed, args.size, args.workers)
+        print(f"wrote the toy world ({args.size}, seed {args.seed}) to {args.out_dir} in {time.perf_counter() - t:.1f} s: "
+              + ", ".join(f"{k} {sum(1 for _ in open(v))}" for k, v in m.items()))
+        return 0
+    if args.cmd == "check":
+        bad = 0
+        for m in args.manifests:
+            bad += check_manifest(m, _preset(args.preset), _find_tokenizer(args.tokenizer, m))[1]
+        print(f"{len(args.manifests)} manifest(s), {bad} bad row(s)")
+        return 1 if bad else 0
+    if args.cmd == "bench":
+        if args.clip360p:
+            import tempfile
+            folder = tempfile.mkdtemp(prefix="icode_bench_")
+            args.manifest = make_bench_clip(folder)
+            tok = _find_tokenizer(args.tokenizer, args.manifest) or train_tokenizer(
+                ["a moving gradient with noise", "colourful stripes"], os.path.join(folder, "tokenizer.json"), 100)
+        elif args.manifest is None:
+            ap.error("bench needs a manifest or --clip360p")
+        else:
+            tok = _find_tokenizer(args.tokenizer, args.manifest)
+        cfg = _preset(args.preset or ("paper" if args.clip360p else "toy"))
+        rate, _ = bench(args.manifest, cfg, tok, n=args.n)
+        for step_s in (0.25, 0.5):
+            need = args.step_batch / step_s
+            print(f"a GPU step of batch {args.step_batch} every {step_s} s needs {need:.0f} examples/s: "
+                  f"{math.ceil(need / rate)} workers (cores) at this rate")
+        return 0
+    if args.cmd == "tokenize":
+        cfg = _preset(args.preset)
+        q = default_quantize(cfg)
+        for m in args.manifests:
+            written, bad = tokenize_manifest(m, cfg, q, args.batch_size, name=q.__name__)
+            print(f"{m}: wrote {written} target files to {targets_dir(m)} ({bad} bad rows skipped)")
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

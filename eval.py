@@ -229,3 +229,401 @@ def glue_metrics(task, pred, target):
     fns = {"mcc": matthews_corrcoef, "acc": accuracy, "f1": lambda p, t: binary_prf(p, t, positive=1)[2],
            "pearson": pearson, "spearman": spearman}
     return {m: fns[m](pred, target) for m in GLUE_METRICS[task]}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tasks, the multimodal representation and the heads (sections 5.1-5.4)
+
+MOD_LETTERS = {"V": "video", "L": "text", "S": "audio"}   # the paper's V, L, S -> the project's modality names
+MODALITIES = ("video", "text", "audio")
+TASKS = ("sentiment", "emotion", "binary", "mc", "glue")
+# metric used to pick the best epoch on the validation split, and whether lower is better
+SELECT = {"sentiment": ("mae", True), "emotion": ("f1", False), "binary": ("acc", False), "mc": ("acc", False)}
+
+
+def parse_modalities(s):
+    """'V,L,S' (any non-empty subset, any order; names 'video,text,audio' work too) -> modality names in
+    MODALITIES order."""
+    names = {MOD_LETTERS.get(x.strip().upper(), x.strip().lower()) for x in s.split(",") if x.strip()}
+    if not names or names - set(MODALITIES):
+        raise ValueError(f"--modalities takes a non-empty subset of V,L,S, got {s!r}")
+    return tuple(m for m in MODALITIES if m in names)
+
+
+def modality_letters(mods):
+    return "+".join(k for k, v in MOD_LETTERS.items() if v in mods)
+
+
+def joint_representation(tokens, valids):
+    """The multimodal representation of section 5.2 ("the average of the outputs from the fusion network").
+
+    tokens: {m: fused tokens [B, L_m, D]}; valids: {m: [B, L_m] bool or None}. Each modality's tokens are
+    first averaged over its *valid* positions (padding excluded; video over all T_v*H_v*W_v cells), then the
+    per-modality means are averaged with equal weight. So a modality counts the same whatever its length:
+    99 speech frames do not outvote 8 video cells or 20 text tokens. Same as `ICode.encode(...).joint`.
+    """
+    from model.fusion import masked_mean
+    return torch.stack([masked_mean(tokens[m], valids.get(m)) for m in MODALITIES if m in tokens]).mean(0)
+
+
+class TaskHead(nn.Module):
+    """Dropout + Linear on the joint representation [B, D] -> [B, n_out] (a projection to logits, section 5)."""
+
+    def __init__(self, dim, n_out, dropout=0.1):
+        super().__init__()
+        self.drop = nn.Dropout(dropout)
+        self.proj = nn.Linear(dim, n_out)
+
+    def forward(self, x):
+        return self.proj(self.drop(x))
+
+
+def head_outputs(task, glue_task=None):
+    """Output width of the head: sentiment 1 (a score), emotion 6 (one logit per class), binary 2,
+    mc 1 (a logit per candidate), glue: classes (1 for STS-B's similarity score)."""
+    if task == "glue":
+        return GLUE_SPECS[glue_task][3]
+    return {"sentiment": 1, "emotion": 6, "binary": 2, "mc": 1}[task]
+
+
+class FineTuner(nn.Module):
+    """i-Code + a TaskHead on the joint representation, over a fixed subset of modalities.
+
+    forward(inputs=None, feats=None, valids=None, n_candidates=1) -> logits
+      inputs: raw model inputs {video [B, 3, T, H, W], text [B*K, T_l], text_attention, audio [B, N],
+              audio_attention}, or feats/valids: the encoders' outputs already computed (`encode`), which is
+              how frozen encoders are run once and cached.
+      returns [B, n_out]; for multiple choice [B, K]: one logit per (question, candidate) pair, and
+      `loss_fn` / `predict` apply the softmax over dim 1, i.e. over the candidates of one question only.
+    The attribute is `icode`, not `model`: train.unwrap would otherwise strip the head when saving.
+    """
+
+    def __init__(self, icode, task, n_out, modalities):
+        super().__init__()
+        self.icode, self.task, self.modalities = icode, task, tuple(modalities)
+        self.head = TaskHead(icode.cfg.fusion.dim, n_out)
+
+    def encode(self, inputs):
+        """Encoders only. For multiple choice the text holds B*K rows (question [SEP] candidate [SEP] subtitles)
+        while video and audio hold B rows: each is encoded once, then repeated K times (the encoders are
+        per-modality, so this equals encoding the repeated inputs)."""
+        m = self.modalities
+        feats, valids = self.icode.encode_modalities(
+            video=inputs.get("video") if "video" in m else None, text=inputs.get("text") if "text" in m else None,
+            audio=inputs.get("audio") if "audio" in m else None,
+            text_attention=inputs.get("text_attention"), audio_attention=inputs.get("audio_attention"))
+        return feats, valids
+
+    def forward(self, inputs=None, feats=None, valids=None, n_candidates=1):
+        if feats is None:
+            feats, valids = self.encode(inputs)
+        rows = max(x.shape[0] for x in feats.values())                   # B*K
+        feats, valids = dict(feats), dict(valids)
+        for m in feats:                                                   # repeat per-clip modalities K times
+            if feats[m].shape[0] != rows:
+                feats[m] = feats[m].repeat_interleave(rows // feats[m].shape[0], dim=0)
+                if valids[m] is not None:
+                    valids[m] = valids[m].repeat_interleave(rows // valids[m].shape[0], dim=0)
+        tokens = self.icode.fusion(feats, valids)
+        logits = self.head(joint_representation(tokens, valids))          # [B*K, n_out]
+        if self.task == "mc":
+            return logits.view(-1, n_candidates)                          # [B, K]
+        return logits
+
+
+def loss_fn(task, logits, target):
+    """sentiment: L1 (MAE, as MulT / MISA / Self-MM train on MOSEI); emotion: BCE-with-logits per class;
+    binary: 2-way cross-entropy; mc: cross-entropy over the K candidates of each question (softmax over
+    dim 1 of [B, K]); glue: cross-entropy, or MSE for STS-B's score (one output)."""
+    if task == "sentiment":
+        return F.l1_loss(logits.squeeze(-1), target)
+    if task == "emotion":
+        return F.binary_cross_entropy_with_logits(logits, target)
+    if logits.shape[-1] == 1 and target.is_floating_point():             # STS-B
+        return F.mse_loss(logits.squeeze(-1), target)
+    return F.cross_entropy(logits, target)
+
+
+def predict(task, logits):
+    """Logits -> what the metrics take: a score, 0/1 per emotion (sigmoid > 0.5, i.e. logit > 0), a class id,
+    or the candidate with the highest softmax probability."""
+    if task == "sentiment" or logits.shape[-1] == 1 and task == "glue":
+        return logits.squeeze(-1)
+    if task == "emotion":
+        return (logits > 0).float()
+    return logits.argmax(-1)
+
+
+def task_metrics(task, pred, target, glue_task=None):
+    pred, target = pred.cpu().numpy(), target.cpu().numpy()
+    if task == "sentiment":
+        return regression_metrics(pred, target)
+    if task == "emotion":
+        return multilabel_metrics(pred, target)
+    if task == "glue":
+        return glue_metrics(glue_task, pred, target)
+    return {"acc": accuracy(pred, target)}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Examples -> model inputs
+
+def load_split(path, dcfg, tokenizer):
+    """Every decodable example of a manifest, in memory (downstream splits are small; decoding once saves
+    every later epoch). Bad rows are skipped with a count, as the pretraining loader does."""
+    import data as D
+    ds = D.ManifestDataset(path, dcfg, tokenizer, use_targets=False)
+    out, bad = [], []
+    for i in range(len(ds)):
+        try:
+            out.append(ds[i])
+        except D.BadExample as e:
+            bad.append(f"line {ds.line(i)}: {e.reason}")
+    if bad:
+        print(f"eval: skipped {len(bad)} of {len(ds)} rows of {path}; first: {bad[0]}", file=sys.stderr)
+    if not out:
+        raise ValueError(f"{path}: no usable example")
+    return out
+
+
+def join_segments(tokenizer, segments, max_len):
+    """[CLS] s_1 [SEP] s_2 [SEP] ... s_n [SEP] as ids (sections 5.2-5.3: hypothesis / question, candidate and
+    subtitles joined by [SEP]); past max_len the *last* segment (the subtitles) loses its tail."""
+    pieces = [tokenizer.tokenizer.encode(s, add_special_tokens=False).ids for s in segments]
+    ids = [tokenizer.cls_id]
+    for k, p in enumerate(pieces):
+        room = max_len - len(ids) - (len(pieces) - k)           # keep one [SEP] per remaining segment
+        ids += p[:max(0, room)] + [tokenizer.sep_id]
+    return ids[:max_len - 1] + [tokenizer.sep_id] if len(ids) > max_len else ids
+
+
+def text_sequences(ex, task, tokenizer, max_len):
+    """The text rows of one example: one sequence, or K for multiple choice (question [SEP] answer_k [SEP]
+    subtitles, section 5.3). Other tasks use the data module's ids: [CLS] caption [SEP] text [SEP], which for
+    VIOLIN (caption = hypothesis, text = subtitles) is the paper's "hypothesis [SEP] subtitles" (5.2)."""
+    if task == "mc":
+        return [join_segments(tokenizer, [ex["question"], a, ex["text"]], max_len) for a in ex["answers"]]
+    return [ex["text_ids"]]
+
+
+def target_of(examples, task):
+    if task == "sentiment":
+        return torch.tensor([float(e["score"]) for e in examples])
+    if task == "emotion":
+        return torch.tensor([[float(x) for x in e["emotions"]] for e in examples])
+    key = {"binary": "label", "mc": "answer", "glue": "label"}[task]
+    vals = [e[key] for e in examples]
+    return torch.tensor(vals, dtype=torch.float if isinstance(vals[0], float) else torch.long)
+
+
+def make_inputs(examples, task, modalities, dcfg, tokenizer):
+    """Raw examples (ManifestDataset items, or GLUE's {"text_ids", "label"}) -> (inputs, target, K)."""
+    import data as D
+    inputs = {}
+    if "video" in modalities or "audio" in modalities:
+        b = D.collate([{k: v for k, v in e.items() if k != "text_ids"} for e in examples], dcfg, None)
+        inputs.update({k: b[k] for k in ("video", "audio", "audio_attention") if k in b})
+    K = 1
+    if "text" in modalities:
+        seqs = [text_sequences(e, task, tokenizer, dcfg.max_text_len) for e in examples]
+        K = len(seqs[0])
+        if any(len(s) != K for s in seqs):
+            raise ValueError(f"every question needs the same number of candidates, got {sorted({len(s) for s in seqs})}")
+        inputs["text"], inputs["text_attention"] = tokenizer.pad([x for s in seqs for x in s])   # [B*K, T_l]
+    elif task == "mc":
+        raise ValueError("multiple choice needs the language modality (the candidates are text)")
+    return inputs, target_of(examples, task), K
+
+
+def _to(inputs, device):
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
+
+
+def _rows(x, valid):
+    """[B, L, C] (+ [B, L] valid) -> list of B tensors [L_i, C] without padding (video grids kept whole)."""
+    if valid is None:
+        return list(x.unbind(0))
+    return [x[i, valid[i]] for i in range(x.shape[0])]
+
+
+def _pad_rows(rows):
+    """list of [L_i, C] (or equal-shape video grids) -> (padded [B, L, C], valid [B, L] or None)."""
+    if rows[0].dim() != 2:
+        return torch.stack(rows), None
+    L = max(r.shape[0] for r in rows)
+    x = rows[0].new_zeros(len(rows), L, rows[0].shape[1])
+    valid = torch.zeros(len(rows), L, dtype=torch.bool, device=x.device)
+    for i, r in enumerate(rows):
+        x[i, :len(r)], valid[i, :len(r)] = r, True
+    return x, valid
+
+
+@torch.no_grad()
+def encode_examples(ft, examples, task, dcfg, tokenizer, device, batch_size=32):
+    """Run the (frozen) encoders once: -> per-example items {"feats": {m: [L, C] or [K][L, C] for text}, "ex"}.
+    With the encoders frozen, fine-tuning then runs only the fusion network and the head each epoch."""
+    ft.eval()
+    items = []
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i:i + batch_size]
+        inputs, _, K = make_inputs(chunk, task, ft.modalities, dcfg, tokenizer)
+        feats, valids = ft.encode(_to(inputs, device))
+        per = {m: _rows(feats[m], valids[m]) for m in feats}
+        for j, ex in enumerate(chunk):
+            f = {m: per[m][j] for m in per if m != "text"}
+            if "text" in per:
+                f["text"] = per["text"][j * K:(j + 1) * K]
+            items.append({"feats": f, "ex": ex, "K": K})
+    return items
+
+
+def collate_features(items, task, modalities):
+    """Cached items -> (feats, valids, target, K) as FineTuner.forward takes them, for `modalities` only."""
+    feats, valids = {}, {}
+    for m in modalities:
+        rows = [r for it in items for r in (it["feats"][m] if m == "text" else [it["feats"][m]])]
+        feats[m], valids[m] = _pad_rows(rows)
+    return feats, valids, target_of([it["ex"] for it in items], task), items[0]["K"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Fine-tuning: early stopping on the validation split, best-epoch selection, seeds (appendix A.2)
+
+def _batches(items, batch_size):
+    return [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
+
+
+def _forward(ft, items, task, cached, dcfg, tokenizer, device):
+    """A batch of examples (or cached feature items) -> (logits, target)."""
+    if cached:
+        feats, valids, target, K = collate_features(items, task, ft.modalities)
+        return ft(feats=_to(feats, device), valids=_to(valids, device), n_candidates=K), target.to(device)
+    inputs, target, K = make_inputs(items, task, ft.modalities, dcfg, tokenizer)
+    return ft(_to(inputs, device), n_candidates=K), target.to(device)
+
+
+@torch.no_grad()
+def evaluate(ft, items, task, cached, dcfg, tokenizer, device, batch_size=32, glue_task=None):
+    """Metrics of `ft` on a whole split. Every rank evaluates the full split with identical weights, so all
+    ranks take the same early-stopping decision without communicating."""
+    was = ft.training
+    ft.eval()
+    preds, targets = [], []
+    for b in _batches(items, batch_size):
+        logits, target = _forward(ft, b, task, cached, dcfg, tokenizer, device)
+        preds.append(predict(task, logits).float().cpu())
+        targets.append(target.cpu())
+    ft.train(was)
+    return task_metrics(task, torch.cat(preds), torch.cat(targets), glue_task)
+
+
+def _freeze_unused(ft, items, task, cached, dcfg, tokenizer, device):
+    """Freeze every parameter a training forward does not reach: the pretraining heads, encoders and fusion
+    projections of modalities left out (--modalities), co-attention modules of absent modalities. DDP needs
+    every trainable parameter to get a gradient, and the optimiser then holds only what is trained."""
+    ft.train()
+    for p in ft.parameters():
+        p.grad = None
+    logits, target = _forward(ft, items[:2], task, cached, dcfg, tokenizer, device)
+    loss_fn(task, logits, target).backward()
+    for p in ft.parameters():
+        if p.grad is None:
+            p.requires_grad_(False)
+        p.grad = None
+
+
+def finetune(task, splits, *, ckpt, fusion, modalities, seed, dcfg, tokenizer, d, preset="tiny", lr=1e-3,
+             lr_encoders=0.0, weight_decay=0.01, epochs=10, patience=3, batch_size=32, clip=1.0, glue_task=None,
+             feature_cache=None, out_dir=None, log=print):
+    """Fine-tune one model and test it. Returns {"val": best validation metrics, "test": test metrics at the
+    best epoch, "best_epoch", "epochs_run", "seconds"}.
+
+    splits: {"train" | "validation" | "test": list of examples}. ckpt: pretraining checkpoint folder, or None
+    for no pretraining (fresh initialisation: `train.load_model`). lr_encoders == 0 freezes the encoders;
+    their outputs are then computed once per split (and reused across runs through `feature_cache`, a dict),
+    so each epoch runs only the fusion network and the head. Constant learning rates, AdamW from
+    `train.build_optimizer` (the head joins the fusion group), gradient clipping at `clip`.
+    Model selection: the epoch with the best validation metric (SELECT; the first GLUE metric) is kept, and
+    training stops after `patience` epochs without improvement. With out_dir, rank 0 writes the best
+    weights there (`train.save_weights`, safetensors).
+    """
+    import train as T
+    t0 = time.time()
+    device = d.device
+    torch.manual_seed(seed)                       # the same initial head on every rank (DDP also broadcasts)
+    icode = T.load_model(ckpt, preset, fusion, tokenizer.vocab_size)
+    ft = FineTuner(icode, task, head_outputs(task, glue_task), modalities).to(device)
+    cached = lr_encoders == 0
+    if cached:
+        for enc in (icode.text, icode.vision, icode.speech):
+            enc.requires_grad_(False)
+        key = (ckpt or f"init:{preset}:{seed}", task)
+        cache = feature_cache if feature_cache is not None else {}
+        if key not in cache:     # all of the task's modalities once; runs over subsets pick theirs
+            enc_ft = FineTuner(icode, task, 1, modalities_of(splits["train"], task))
+            cache[key] = {s: encode_examples(enc_ft, splits[s], task, dcfg, tokenizer, device, batch_size)
+                          for s in ("train", "validation", "test")}
+        data = cache[key]
+    else:
+        data = splits
+    _freeze_unused(ft, data["train"], task, cached, dcfg, tokenizer, device)
+    opt = T.build_optimizer(ft.icode, lr, lr_encoders, weight_decay)
+    opt.add_param_group({"params": list(ft.head.parameters()), "lr": lr, "base_lr": lr,
+                         "weight_decay": weight_decay, "name": "head"})
+    ddp = T.wrap_ddp(ft, d) if d.world > 1 else ft
+    select, lower = SELECT.get(task, (GLUE_METRICS.get(glue_task, ("acc",))[0], False))
+    best, best_state, best_epoch, stale, epoch = None, None, -1, 0, 0
+    g = torch.Generator().manual_seed(seed)
+    for epoch in range(epochs):
+        ft.train()
+        perm = torch.randperm(len(data["train"]), generator=g).tolist()
+        n = len(perm) // d.world * d.world if d.world > 1 else len(perm)   # equal steps on every rank
+        mine = [data["train"][i] for i in perm[:n][d.rank::d.world]]
+        losses = []
+        for b in _batches(mine, batch_size):
+            logits, target = _forward(ddp, b, task, cached, dcfg, tokenizer, device)
+            loss = loss_fn(task, logits, target)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if clip:
+                nn.utils.clip_grad_norm_([p for p in ft.parameters() if p.requires_grad], clip)
+            opt.step()
+            losses.append(loss.item())
+        val = evaluate(ft, data["validation"], task, cached, dcfg, tokenizer, device, batch_size, glue_task)
+        score = val[select]
+        log(f"  epoch {epoch + 1}: train loss {np.mean(losses) if losses else float('nan'):.4f}  "
+            f"val {select} {score:.4f}")
+        if best is None or (score < best if lower else score > best):
+            best, best_epoch, stale, best_val = score, epoch, 0, val
+            best_state = {k: p.detach().cpu().clone() for k, p in ft.named_parameters() if p.requires_grad}
+            if out_dir is not None and d.is_main:
+                T.save_weights(ft, out_dir)
+        else:
+            stale += 1
+            if stale >= patience:
+                break
+    with torch.no_grad():
+        params = dict(ft.named_parameters())
+        for k, v in best_state.items():
+            params[k].copy_(v)
+    test = evaluate(ft, data["test"], task, cached, dcfg, tokenizer, device, batch_size, glue_task)
+    return {"val": best_val, "test": test, "best_epoch": best_epoch + 1, "epochs_run": epoch + 1,
+            "seconds": time.time() - t0}
+
+
+def modalities_of(examples, task):
+    """The modalities the examples provide (the manifest's), in MODALITIES order."""
+    if task == "glue":
+        return ("text",)
+    return tuple(m for m in MODALITIES if m in examples[0]["modalities"])
+
+
+def mean_std(runs):
+    """[{metric: value}] over seeds -> {metric: (mean, sample std with ddof=1; 0.0 for one run)}.
+    Appendix A.2 reports mean +- std over 5 fine-tuning seeds."""
+    keys = runs[0].keys()
+    out = {}
+    for k in keys:
+        v = np.array([r[k] for r in runs], dtype=np.float64)
+        out[k] = (float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0)
+    return out

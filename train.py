@@ -30,7 +30,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors.torch import load_file, save_file, save_model
+from safetensors.torch import load_model as load_safetensors_into
 
 from icode import ICode, ICodeConfig, preset
 from losses import PAIR_NAMES, masked_unit_loss, pretraining_loss
@@ -88,7 +89,7 @@ def load_model(ckpt=None, preset_name="tiny", fusion="merge", text_vocab=None):
     with open(state_path) as f:
         cfg = ICodeConfig.from_dict(json.load(f)["config"])
     model = ICode(cfg)
-    missing, unexpected = load_model(model, os.path.join(ckpt, "model.safetensors"), strict=False)
+    missing, unexpected = load_safetensors_into(model, os.path.join(ckpt, "model.safetensors"), strict=False)
     if missing or unexpected:
         raise KeyError(f"{ckpt}/model.safetensors: missing {missing[:5]}, unexpected {unexpected[:5]}")
     return model
@@ -367,7 +368,7 @@ def restore_checkpoint(ckpt, model, opt, loader, d):
     if state["world"] != d.world:
         raise ValueError(f"{ckpt} was written by {state['world']} processes, this run has {d.world}: "
                          "the data order and RNG streams would not continue exactly")
-    load_model(unwrap(model), os.path.join(ckpt, "model.safetensors"))
+    load_safetensors_into(unwrap(model), os.path.join(ckpt, "model.safetensors"))
     load_optimizer_tensors(opt, unwrap(model), load_file(os.path.join(ckpt, "optimizer.safetensors")))
     if loader is not None and state["loader"] is not None:
         loader.load_state_dict(state["loader"])

@@ -1,0 +1,150 @@
+"""train.py: gradient cache, DDP equivalence (gloo, 2 processes), atomic checkpoints."""
+import contextlib
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from safetensors.torch import load_file, save_file
+
+import train
+from icode import ICode, preset
+from losses import pretraining_loss
+from train import Dist, PretrainObjective, count_targets, split_batch, synthetic_batch, train_step
+
+WEIGHTS = dict(alpha=0.5, beta=0.6, gamma=1.0, lam=1.0)
+NOCAST = contextlib.nullcontext
+
+
+def make_model(mode="merge", train_mode=False):
+    torch.manual_seed(0)
+    m = ICode(preset("tiny", mode))
+    return m.train(train_mode)
+
+
+def make_batch(model, B=4):
+    b = synthetic_batch(model.cfg, B, text_len=10, seconds=0.4, frames=4, res=64, device="cpu", seed=1)
+    b["text_attention"][1, 7:] = False
+    b["text_labels"][1, 7:] = -100
+    b["audio_attention"][2, 4000:] = False
+    return b
+
+
+def grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_close(g1, g2, tol=1e-5):
+    assert set(g1) == set(g2), sorted(set(g1) ^ set(g2))[:5]
+    worst = max((g1[k] - g2[k]).abs().max().item() / (g2[k].abs().max().item() + 1e-3) for k in g1)
+    assert worst < tol, worst
+
+
+@pytest.mark.parametrize("mode", ["merge", "co"])
+def test_gradient_cache_equals_one_pass(mode):
+    """No dropout: 2 micro-batches with gradient cache == the global batch in one pass (float32)."""
+    model = make_model(mode)
+    obj = PretrainObjective(model, WEIGHTS)
+    batch = make_batch(model)
+    t_one = train_step(obj, obj, [batch], Dist(), NOCAST, WEIGHTS)
+    g_one = grads(model)
+    model.zero_grad(set_to_none=True)
+    t_cache = train_step(obj, obj, split_batch(batch, 2), Dist(), NOCAST, WEIGHTS)
+    g_cache = grads(model)
+    assert_close(g_cache, g_one)
+    for k in t_one:
+        assert torch.allclose(t_one[k], t_cache[k], atol=1e-5), k
+
+
+def test_gradient_cache_with_dropout_equals_full_graph():
+    """Dropout on: the cached step equals one big graph over all micro-batches built with the same RNG
+    states (this is what restoring the RNG state buys)."""
+    model = make_model(train_mode=True)
+    obj = PretrainObjective(model, WEIGHTS)
+    mbs = split_batch(make_batch(model), 2)
+    torch.manual_seed(123)
+    train_step(obj, obj, mbs, Dist(), NOCAST, WEIGHTS)
+    g_cache = grads(model)
+    model.zero_grad(set_to_none=True)
+    # the reference: RNG states as train_step sees them, then everything in one graph
+    torch.manual_seed(123)
+    targets = [model.targets(mb) for mb in mbs]
+    norms = sum(count_targets(t, False) for t in targets)
+    states = []
+    with torch.no_grad():
+        for mb in mbs:
+            states.append(torch.get_rng_state())
+            obj.representations(mb)
+    reps, total = [], 0
+    for mb, t, s in zip(mbs, targets, states):
+        torch.set_rng_state(s)
+        r, (feats, valids) = obj.representations(mb)
+        reps.append(r)
+        logits = model.masked_unit_logits(feats, valids, t)
+        idx = {"mlm": 0, "mvm": 1, "msm": 2}
+        from losses import masked_unit_loss
+        terms = {k: masked_unit_loss(lg, tg, normalizer=norms[idx[k]]) for k, (lg, tg) in logits.items()}
+        total = total + pretraining_loss(**terms, **WEIGHTS)[0]
+    cat = {m: torch.cat([r[m] for r in reps]) for m in reps[0]}
+    total = total + WEIGHTS["lam"] * sum(model.logit_scales(cat).values())
+    total.backward()
+    assert_close(g_cache, grads(model))
+
+
+def _ddp_worker(rank, world, init_file, accum, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    model = make_model()
+    obj = PretrainObjective(model, WEIGHTS)
+    ddp = torch.nn.parallel.DistributedDataParallel(obj, broadcast_buffers=False)
+    batch = make_batch(model)
+    local = split_batch(batch, world)[rank]
+    terms = train_step(obj, ddp, split_batch(local, accum), Dist(rank, rank, world), NOCAST, WEIGHTS)
+    out = {f"grad.{k}": v for k, v in grads(model).items()}
+    out.update({f"term.{k}": v.reshape(1) for k, v in terms.items()})
+    save_file({k: v.contiguous() for k, v in out.items()}, os.path.join(out_dir, f"rank{rank}.safetensors"))
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_ddp_two_processes_equal_one_process(accum):
+    """2 processes (gloo) with per-rank batch b (and gradient cache over `accum` micro-batches) give the
+    losses and gradients of 1 process with batch 2b, contrastive terms included."""
+    model = make_model()
+    obj = PretrainObjective(model, WEIGHTS)
+    t_ref = train_step(obj, obj, [make_batch(model)], Dist(), NOCAST, WEIGHTS)
+    g_ref = grads(model)
+    with tempfile.TemporaryDirectory() as d:
+        mp.spawn(_ddp_worker, args=(2, os.path.join(d, "init"), accum, d), nprocs=2, join=True)
+        res = [load_file(os.path.join(d, f"rank{r}.safetensors")) for r in range(2)]
+    for r in range(2):
+        g = {k[5:]: v for k, v in res[r].items() if k.startswith("grad.")}
+        assert_close(g, g_ref)
+        for k, v in t_ref.items():
+            assert torch.allclose(res[r][f"term.{k}"], v.reshape(1), atol=1e-5), (k, res[r][f"term.{k}"], v)
+
+
+def test_checkpoint_killed_mid_write_keeps_last_good(tmp_path, monkeypatch):
+    model = make_model()
+    opt = train.build_optimizer(model, 1e-3, 1e-3, 0.01)
+    args = train.parse_args(["--out", str(tmp_path)])
+    good = train.save_checkpoint(str(tmp_path), 5, model, opt, None, model.cfg, args, Dist(), keep=2)
+    assert train.checkpoints(str(tmp_path)) == [good]
+
+    def dies(*a, **k):
+        raise KeyboardInterrupt("killed while writing")
+    monkeypatch.setattr(train, "save_model", dies)
+    with pytest.raises(KeyboardInterrupt):
+        train.save_checkpoint(str(tmp_path), 6, model, opt, None, model.cfg, args, Dist(), keep=2)
+    assert os.path.isdir(os.path.join(tmp_path, "ckpt_0000006.tmp"))     # the half-written one
+    assert train.checkpoints(str(tmp_path)) == [good]                     # never replaces the good one
+    monkeypatch.undo()
+    # the good checkpoint loads: weights and optimiser state round-trip without pickle
+    m2 = train.load_model(good)
+    for (n, p), (_, q) in zip(model.state_dict().items(), m2.state_dict().items()):
+        assert torch.equal(p, q), n
+    # keep=2: older ones are removed
+    for s in (7, 8, 9):
+        train.save_checkpoint(str(tmp_path), s, model, opt, None, model.cfg, args, Dist(), keep=2)
+    assert [os.path.basename(c) for c in train.checkpoints(str(tmp_path))] == ["ckpt_0000008", "ckpt_0000009"]
