@@ -1014,12 +1014,13 @@ def _toy_frames(rng, colour, shape, motion, n_frames):
     return np.stack(out)
 
 
-def _write_mp4(path, frames, fps, audio=None, sr=16000, rotation=0, keyint=10):
-    """H.264 MP4 (+ AAC audio [C, N] float32) written deterministically; rotation sets the display matrix."""
+def _write_mp4(path, frames, fps, audio=None, sr=16000, rotation=0, keyint=10, pix_fmt="yuv420p"):
+    """H.264 MP4 (+ AAC audio [C, N] float32) written deterministically; rotation sets the display matrix.
+    frames: uint8 [T, H, W, 3]; odd H or W need pix_fmt="yuv444p"."""
     with av.open(path, "w", format="mp4", options={"fflags": "+bitexact"}) as c:
         vs = c.add_stream("libx264", rate=fps, options={"preset": "ultrafast", "g": str(keyint), "threads": "1"})
         vs.height, vs.width = frames.shape[1:3]
-        vs.pix_fmt = "yuv420p"
+        vs.pix_fmt = pix_fmt
         vs.codec_context.flags |= av.codec.context.Flags.bitexact
         if rotation:
             vs.set_display_rotation(rotation)

@@ -459,22 +459,44 @@ def _pad_rows(rows):
 
 
 @torch.no_grad()
-def encode_examples(ft, examples, task, dcfg, tokenizer, device, batch_size=32):
-    """Run the (frozen) encoders once: -> per-example items {"feats": {m: [L, C] or [K][L, C] for text}, "ex"}.
-    With the encoders frozen, fine-tuning then runs only the fusion network and the head each epoch."""
-    ft.eval()
-    items = []
+def encode_examples(icode, examples, task, modalities, dcfg, tokenizer, device, batch_size=32):
+    """Run the (frozen) encoders once: -> per example {m: [L, C] (video [T_v, H_v, W_v, C]); "text": a list
+    of K [L, C]} for `modalities`. Fine-tuning then runs only the fusion network and the head each epoch."""
+    icode.eval()
+    enc = FineTuner(icode, task, 1, modalities)
+    out = []
     for i in range(0, len(examples), batch_size):
         chunk = examples[i:i + batch_size]
-        inputs, _, K = make_inputs(chunk, task, ft.modalities, dcfg, tokenizer)
-        feats, valids = ft.encode(_to(inputs, device))
-        per = {m: _rows(feats[m], valids[m]) for m in feats}
-        for j, ex in enumerate(chunk):
+        inputs, _, K = make_inputs(chunk, task, modalities, dcfg, tokenizer)
+        feats, valids = enc.encode(_to(inputs, device))
+        per = {m: [r.cpu() for r in _rows(feats[m], valids[m])] for m in feats}
+        for j in range(len(chunk)):
             f = {m: per[m][j] for m in per if m != "text"}
             if "text" in per:
                 f["text"] = per["text"][j * K:(j + 1) * K]
-            items.append({"feats": f, "ex": ex, "K": K})
-    return items
+            out.append(f)
+    return out
+
+
+def cached_features(icode, splits, task, init_key, cache, dcfg, tokenizer, device, batch_size=32):
+    """{split: [{"feats", "ex", "K"}]} with the encoder outputs of every modality the examples have, computed
+    once per initialisation: video and audio features are shared by all tasks, text features by all tasks
+    but multiple choice (whose text rows are question [SEP] candidate [SEP] subtitles)."""
+    avail = modalities_of(splits["train"], task)
+    groups = [("av", tuple(m for m in avail if m != "text")), ("text:mc" if task == "mc" else "text", ("text",))]
+    out = {}
+    for s in ("train", "validation", "test"):
+        feats = [{} for _ in splits[s]]
+        for name, mods in groups:
+            if not mods or not set(mods) <= set(avail):
+                continue
+            key = (init_key, s, name)
+            if key not in cache:
+                cache[key] = encode_examples(icode, splits[s], task, mods, dcfg, tokenizer, device, batch_size)
+            for f, g in zip(feats, cache[key]):
+                f.update(g)
+        out[s] = [{"feats": f, "ex": ex, "K": len(f.get("text", [None]))} for f, ex in zip(feats, splits[s])]
+    return out
 
 
 def collate_features(items, task, modalities):
@@ -557,13 +579,11 @@ def finetune(task, splits, *, ckpt, fusion, modalities, seed, dcfg, tokenizer, d
     if cached:
         for enc in (icode.text, icode.vision, icode.speech):
             enc.requires_grad_(False)
-        key = (ckpt or f"init:{preset}:{seed}", task)
+        # pretrained encoders are the same for every seed; fresh ones depend on it (and not on the fusion
+        # mode: ICode builds the encoders before the fusion network)
+        init_key = ckpt or f"init:{preset}:{seed}"
         cache = feature_cache if feature_cache is not None else {}
-        if key not in cache:     # all of the task's modalities once; runs over subsets pick theirs
-            enc_ft = FineTuner(icode, task, 1, modalities_of(splits["train"], task))
-            cache[key] = {s: encode_examples(enc_ft, splits[s], task, dcfg, tokenizer, device, batch_size)
-                          for s in ("train", "validation", "test")}
-        data = cache[key]
+        data = cached_features(icode, splits, task, init_key, cache, dcfg, tokenizer, device, batch_size)
     else:
         data = splits
     _freeze_unused(ft, data["train"], task, cached, dcfg, tokenizer, device)
@@ -627,3 +647,109 @@ def mean_std(runs):
         v = np.array([r[k] for r in runs], dtype=np.float64)
         out[k] = (float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0)
     return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Zero-shot retrieval from the contrastive space (section 4.2.2; no fine-tuning)
+
+@torch.no_grad()
+def contrastive_space(model, examples, dcfg, tokenizer, device, batch_size=16):
+    """Unit-norm contrastive vectors {m: [N, D]}: each modality through the fusion network alone, mean-pooled
+    (`ICode.contrastive_representations`), on the unmasked inputs (text: [CLS] caption [SEP] transcript [SEP])."""
+    import data as D
+    model.eval()
+    out = {}
+    for b in _batches(examples, batch_size):
+        batch = D.collate(b, dcfg, tokenizer)
+        mods = batch["modalities"]
+        feats, valids = model.encode_modalities(
+            video=batch["video"].to(device) if "video" in mods else None,
+            text=batch["text_ids_clean"].to(device) if "text" in mods else None,
+            audio=batch["audio"].to(device) if "audio" in mods else None,
+            text_attention=batch["text_attention"].to(device) if "text" in mods else None,
+            audio_attention=batch["audio_attention"].to(device) if "audio" in mods else None)
+        for m, r in model.contrastive_representations(feats, valids).items():
+            out.setdefault(m, []).append(F.normalize(r.float(), dim=-1).cpu())
+    return {m: torch.cat(v) for m, v in out.items()}
+
+
+def zero_shot_retrieval(model, manifest, dcfg, tokenizer, device="cpu", batch_size=16, ks=(1, 5, 10)):
+    """R@K in both directions for every pair of the manifest's modalities: clip i's modality a retrieves
+    among the N clips' modality b by cosine similarity, its own clip being the one positive.
+    Returns {"n": N, "video->text": {"R@1": ...}, "text->video": {...}, ...} (fractions)."""
+    examples = load_split(manifest, dcfg, tokenizer) if isinstance(manifest, str) else manifest
+    reps = contrastive_space(model, examples, dcfg, tokenizer, device, batch_size)
+    res = {"n": len(examples)}
+    for a, b in itertools.combinations([m for m in MODALITIES if m in reps], 2):
+        sim = reps[a] @ reps[b].T                                          # [N, N], row i's positive: column i
+        res[f"{a}->{b}"] = retrieval_recall(sim, ks)
+        res[f"{b}->{a}"] = retrieval_recall(sim.T, ks)
+    return res
+
+
+def retrieval_table(res, title=None):
+    """Markdown table of zero_shot_retrieval's result (percent)."""
+    dirs = [k for k in res if "->" in k]
+    ks = list(res[dirs[0]]) if dirs else []
+    lines = [f"{title or 'Zero-shot retrieval'} ({res['n']} clips; chance R@1 = {100 / max(1, res['n']):.1f})", "",
+             "| direction | " + " | ".join(ks) + " |", "|---|" + "---|" * len(ks)]
+    lines += [f"| {k} | " + " | ".join(f"{100 * res[k][r]:.1f}" for r in ks) + " |" for k in dirs]
+    return "\n".join(lines)
+
+
+def print_retrieval_table(res):
+    print(retrieval_table(res), flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# GLUE (Table 7): text only, read from GLUE's TSV files
+
+# first text column, second (None for single sentences), label column, head outputs, label values in id order
+GLUE_SPECS = {
+    "CoLA": ("sentence", None, "label", 2, ("0", "1")),           # no header: source, label, author label, sentence
+    "SST-2": ("sentence", None, "label", 2, ("0", "1")),
+    "MRPC": ("#1 String", "#2 String", "Quality", 2, ("0", "1")),
+    "QQP": ("question1", "question2", "is_duplicate", 2, ("0", "1")),
+    "STS-B": ("sentence1", "sentence2", "score", 1, None),         # a similarity score in [0, 5]: regression
+    "MNLI": ("sentence1", "sentence2", "gold_label", 3, ("contradiction", "entailment", "neutral")),
+    "QNLI": ("question", "sentence", "label", 2, ("entailment", "not_entailment")),
+    "RTE": ("sentence1", "sentence2", "label", 2, ("entailment", "not_entailment")),
+    "WNLI": ("sentence1", "sentence2", "label", 2, ("0", "1")),
+}
+
+
+def read_glue_tsv(path, task):
+    """One GLUE TSV (train.tsv / dev.tsv) -> [(text_a, text_b or None, label)], label an id (float for STS-B).
+    Rows with a wrong number of columns or an unknown label (a few in QQP) are skipped with a count."""
+    a_col, b_col, y_col, _, values = GLUE_SPECS[task]
+    rows, bad = [], 0
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        header = ["source", "label", "author_label", "sentence"] if task == "CoLA" else next(reader)
+        for r in reader:
+            if len(r) != len(header):
+                bad += 1
+                continue
+            r = dict(zip(header, r))
+            try:
+                y = float(r[y_col]) if values is None else values.index(r[y_col])
+            except (KeyError, ValueError):
+                bad += 1
+                continue
+            rows.append((r[a_col], r[b_col] if b_col else None, y))
+    if bad:
+        print(f"eval: skipped {bad} malformed rows of {path}", file=sys.stderr)
+    return rows
+
+
+def load_glue(glue_dir, task, tokenizer, max_len):
+    """Splits for fine-tuning: train.tsv; validation and test both dev.tsv (MNLI: dev_matched.tsv), since
+    GLUE's test labels are hidden. Numbers are dev-set numbers, selected on dev, as BERT / DeBERTa report."""
+    if task not in GLUE_SPECS:
+        raise ValueError(f"--glue-task must be one of {sorted(GLUE_SPECS)}, got {task!r}")
+
+    def exs(name):
+        return [{"text_ids": tokenizer.encode_one(a, b, max_len=max_len), "label": y, "modalities": ("text",)}
+                for a, b, y in read_glue_tsv(os.path.join(glue_dir, name), task)]
+    dev = exs("dev_matched.tsv" if task == "MNLI" else "dev.tsv")
+    return {"train": exs("train.tsv"), "validation": dev, "test": dev}

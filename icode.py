@@ -213,10 +213,12 @@ class ICode(nn.Module):
     def pretrain_features(self, batch, masked=True):
         """Encoders on the (masked) inputs of a collated batch (data.collate)."""
         m = batch["modalities"]
-        text = batch["text_ids"] if masked else batch.get("text_ids_clean", batch["text_ids"])
+        text = None
+        if "text" in m:
+            text = batch["text_ids"] if masked else batch.get("text_ids_clean", batch["text_ids"])
         return self.encode_modalities(
             video=batch["video"] if "video" in m else None,
-            text=text if "text" in m else None,
+            text=text,
             audio=batch["audio"] if "audio" in m else None,
             text_attention=batch.get("text_attention"), audio_attention=batch.get("audio_attention"),
             video_patch_mask=tube_to_patch_mask(batch["video_mask"]) if masked and "video" in m else None,

@@ -39,6 +39,8 @@ from losses import PAIR_NAMES, masked_unit_loss, pretraining_loss
 TERMS = ("mlm", "mvm", "msm", "vl", "vs", "ls")
 TOY_DIR = "toy"
 TOY_OUT = os.path.join("runs", "toy")
+TOY_PRETRAIN = ("video.jsonl", "image_text.jsonl", "speech_text.jsonl", "video_speech.jsonl")  # data.make_toy
+TOY_HELDOUT = "video_test.jsonl"   # held-out V+L+S clips: zero-shot retrieval after pretraining
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -427,6 +429,8 @@ def parse_args(argv=None):
     p.add_argument("--max-bad-steps", type=int, default=5, help="stop after this many non-finite steps in a row")
     p.add_argument("--log-every", type=int, default=10, help="metrics.jsonl every N steps")
     p.add_argument("--overfit-batch", action="store_true", help="debug: train on the first batch only")
+    p.add_argument("--stop-at-step", type=int, default=None,
+                   help="act as if preempted at this step: checkpoint and exit (tests exact resume)")
     p.add_argument("--no-eval", action="store_true", help="skip the zero-shot retrieval at the end")
     p.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
     p.add_argument("--benchmark", action="store_true", help="time the step on synthetic tensors, print JSON")
@@ -481,7 +485,7 @@ def main(argv=None):
             D.make_toy(args.toy_dir)
         if dist.is_initialized():
             dist.barrier()
-        manifests = [os.path.join(args.toy_dir, f) for f in D.TOY_PRETRAIN_MANIFESTS]
+        manifests = [os.path.join(args.toy_dir, f) for f in TOY_PRETRAIN]
         tok_path = tok_path or os.path.join(args.toy_dir, "tokenizer.json")
     if tok_path is None:
         raise ValueError("--tokenizer is required with --data (a tokenizers tokenizer.json; see README)")
@@ -497,7 +501,7 @@ def main(argv=None):
         raise ValueError(f"--global-batch {args.global_batch} != batch {args.batch} x accum {args.accum} "
                          f"x world {d.world} = {global_batch}")
     workers = args.workers if args.workers is not None else min(4, max(0, (os.cpu_count() or 2) // max(1, d.world) - 1))
-    loader = D.make_loader(manifests, args.data_weights, dcfg, tokenizer, batch_size=args.batch * args.accum,
+    loader = D.make_loader(manifests, args.data_weights or [1.0] * len(manifests), dcfg, tokenizer, batch_size=args.batch * args.accum,
                            rank=d.rank, world_size=d.world, seed=args.seed, num_workers=workers)
     weights = dict(alpha=args.alpha, beta=args.beta, gamma=args.gamma, lam=args.lam)
     objective = PretrainObjective(model, weights, args.unmasked_contrastive)
@@ -585,12 +589,14 @@ def main(argv=None):
                 if step % args.log_every == 0 or step == args.steps:
                     with open(metrics_path, "a") as f:
                         f.write(json.dumps(rec) + "\n")
+            if step == args.stop_at_step:
+                stop["signal"] = int(signal.SIGTERM)
             flag = all_reduce_(torch.tensor([float(stop["signal"])], device=d.device), dist.ReduceOp.MAX).item()
             if step % args.save_every == 0 or step == args.steps or flag:
                 save_checkpoint(args.out, step, objective.model, opt, loader, cfg, args, d, args.keep, history)
             if flag:
                 print0(f"\nsignal {int(flag)}: checkpoint saved at step {step}, exiting")
-                return {"step": step, "stopped": True}
+                return {"step": step, "stopped": True, "history": history}
     finally:
         if bar is not None:
             bar.close()
@@ -606,7 +612,7 @@ def main(argv=None):
     result = {"step": step, "history": history}
     if not args.no_eval and d.is_main and args.data is None:
         from eval import print_retrieval_table, zero_shot_retrieval
-        res = zero_shot_retrieval(model.eval(), os.path.join(args.toy_dir, D.TOY_HELDOUT_MANIFEST), dcfg, tokenizer,
+        res = zero_shot_retrieval(model.eval(), os.path.join(args.toy_dir, TOY_HELDOUT), dcfg, tokenizer,
                                   d.device)
         print_retrieval_table(res)
         result["retrieval"] = res

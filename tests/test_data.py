@@ -1,0 +1,380 @@
+"""Tests for data.py below the masking section: decoding, manifests, collation, mixing, bad rows, the toy world.
+
+Everything runs on real files written here (H.264 MP4 with AAC, JPEG, WAV, FLAC) on the CPU.
+"""
+import hashlib
+import itertools
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+
+import data
+
+CFG = data.TOY_DATA
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("toy"))
+    data.make_toy(out, seed=0, size="tiny")
+    return out
+
+
+@pytest.fixture(scope="module")
+def tok(toy):
+    return data.load_tokenizer(os.path.join(toy, "tokenizer.json"))
+
+
+def _write_manifest(path, rows):
+    with open(path, "w") as f:
+        for r in rows:
+            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+    return str(path)
+
+
+def _grey_clip(path, n=40, fps=10, keyint=5, audio=None, sr=16000):
+    """Frame f is a uniform grey of level 5 * f + 20, so a decoded frame tells its index."""
+    frames = np.stack([np.full((48, 64, 3), 5 * f + 20, np.uint8) for f in range(n)])
+    data._write_mp4(str(path), frames, fps, audio, sr, keyint=keyint)
+    return str(path)
+
+
+def _frame_index(img):
+    return int(round((img.astype(float).mean() - 20) / 5))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Video
+
+def test_seek_matches_decoding_everything(tmp_path):
+    path = _grey_clip(tmp_path / "g.mp4", n=40, fps=10, keyint=5)  # 4 s, a keyframe every 0.5 s
+    for start, end in [(None, None), (1.3, 3.7), (2.95, 3.05), (0.0, 0.4)]:
+        a = data.read_video(path, 4, 32, start, end, seek=True)
+        b = data.read_video(path, 4, 32, start, end, seek=False)
+        assert np.array_equal(a, b), (start, end)
+        s, e = start or 0.0, end or 4.0
+        want = [int((s + (i + 0.5) * (e - s) / 4) * 10 + 1e-6) for i in range(4)]  # frame on display at t
+        assert [_frame_index(x) for x in a] == want, (start, end)
+
+
+def test_short_clip_repeats_frames_and_bad_ranges(tmp_path):
+    path = _grey_clip(tmp_path / "short.mp4", n=2, fps=10)  # 0.2 s, 2 frames, asked for 8
+    v = data.read_video(path, 8, 32)
+    assert v.shape == (8, 32, 32, 3)
+    assert [_frame_index(x) for x in v] == [0, 0, 0, 0, 1, 1, 1, 1]
+    with pytest.raises(data.BadExample, match="clip starts"):
+        data.read_video(path, 4, 32, start=5.0, end=6.0)
+
+
+def test_rotated_video_is_upright(tmp_path):
+    img = np.zeros((64, 80, 3), np.uint8)
+    img[:, :40] = (220, 30, 30)   # left half red
+    img[:, 40:] = (30, 30, 220)   # right half blue
+    img[:12] = (30, 200, 30)      # top strip green
+    frames = np.stack([img] * 6)
+    data._write_mp4(str(tmp_path / "up.mp4"), frames, 10)
+    # a phone stores the sensor's orientation and a display matrix turning it upright
+    data._write_mp4(str(tmp_path / "rot.mp4"), np.rot90(frames, k=-1, axes=(1, 2)), 10, rotation=90)
+    up = data.read_video(str(tmp_path / "up.mp4"), 2, 64).astype(float)
+    rot = data.read_video(str(tmp_path / "rot.mp4"), 2, 64).astype(float)
+    assert np.abs(up - rot).mean() < 6
+    assert rot[0, 40, 10, 0] > 150 and rot[0, 40, 60, 2] > 150 and rot[0, 2, 32, 1] > 150
+
+
+def test_odd_resolution_and_image(tmp_path):
+    rng = np.random.default_rng(0)
+    data._write_mp4(str(tmp_path / "odd.mp4"), rng.integers(0, 255, (5, 61, 97, 3), dtype=np.uint8), 10,
+                    pix_fmt="yuv444p")
+    assert data.read_video(str(tmp_path / "odd.mp4"), 4, 64).shape == (4, 64, 64, 3)
+    img = np.zeros((50, 90, 3), np.uint8)
+    img[:, 45:] = 200
+    data._write_jpeg(str(tmp_path / "a.jpg"), img)
+    v = data.read_image(str(tmp_path / "a.jpg"), 4, 32)
+    assert v.shape == (4, 32, 32, 3) and all(np.array_equal(v[0], x) for x in v)
+    assert v[0, :, :10].mean() < 20 and v[0, :, -10:].mean() > 180  # centre crop keeps both halves
+
+
+# ----------------------------------------------------------------------------------------------------
+# Audio
+
+def _sine(sr, seconds, hz=440.0, channels=1):
+    t = np.arange(int(sr * seconds)) / sr
+    x = (0.5 * np.sin(2 * np.pi * hz * t)).astype(np.float32)
+    return np.stack([x] * channels, 1)
+
+
+def _peak_hz(x, sr=16000):
+    spec = np.abs(np.fft.rfft(x * np.hanning(len(x))))
+    return np.argmax(spec) * sr / len(x)
+
+
+@pytest.mark.parametrize("sr,channels,fmt", [(44100, 2, "WAV"), (8000, 1, "WAV"), (48000, 2, "FLAC"), (16000, 1, "WAV")])
+def test_resampling_keeps_duration_and_pitch(tmp_path, sr, channels, fmt):
+    path = str(tmp_path / f"a.{fmt.lower()}")
+    soundfile.write(path, _sine(sr, 1.5, 440, channels), sr, format=fmt)
+    x = data.read_audio(path, 16000)
+    assert abs(len(x) - 24000) <= 2 and x.dtype == np.float32
+    assert abs(_peak_hz(x) - 440) < 3
+    cut = data.read_audio(path, 16000, start=0.25, end=1.0)
+    assert abs(len(cut) - 12000) <= 2
+
+
+def test_audio_from_video_container(tmp_path):
+    wave = _sine(48000, 2.0, 300, 2).T.copy()  # [2, N] stereo 48 kHz AAC
+    path = _grey_clip(tmp_path / "av.mp4", n=20, audio=wave, sr=48000)
+    x = data.read_audio(path, 16000)
+    assert abs(len(x) - 32000) <= 160 and abs(_peak_hz(x) - 300) < 3
+    cut = data.read_audio(path, 16000, start=0.5, end=1.5)
+    assert abs(len(cut) - 16000) <= 2
+    assert len(data.read_audio(path, 16000, max_s=1.2)) == 19200
+    with pytest.raises(data.BadExample, match="no audio stream"):
+        data.read_audio(_grey_clip(tmp_path / "mute.mp4", n=5), 16000)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Manifests, every field combination, collation
+
+COMBOS = [  # row fields -> modalities
+    (dict(video="video/000000.mp4", text="a red circle", caption="caption here"), ("video", "text", "audio")),
+    (dict(video="video/000000.mp4"), ("video", "audio")),
+    (dict(video="video/000000.mp4", text="a red circle", mute=True), ("video", "text")),
+    (dict(video="video/000000.mp4", start=0.5, end=1.5, text="clip"), ("video", "text", "audio")),
+    (dict(video="video/000000.mp4", audio="speech_text/000002.wav"), ("video", "audio")),
+    (dict(image="image_text/000000.jpg", text="a red circle"), ("video", "text")),
+    (dict(image="image_text/000000.jpg", audio="speech_text/000000.flac"), ("video", "audio")),
+    (dict(audio="speech_text/000001.wav", text="left orange"), ("text", "audio")),
+    (dict(image="image_text/000000.jpg", caption="only a caption"), ("video", "text")),
+    (dict(text="just text", label=1), ("text",)),
+]
+
+
+@pytest.mark.parametrize("row,mods", COMBOS)
+def test_every_field_combination(toy, tok, row, mods):
+    path = _write_manifest(os.path.join(toy, "combo.jsonl"), [row, row])
+    ds = data.ManifestDataset(path, CFG, tok)
+    assert ds.modalities == mods and ds.name == "combo"
+    b = data.collate([ds[0], ds[1]], CFG, tok, torch.Generator().manual_seed(0))
+    keys = {"video": {"video", "video_mask"}, "text": {"text_ids", "text_ids_clean", "text_attention", "text_labels"},
+            "audio": {"audio", "audio_attention", "audio_mask"}}
+    for m, ks in keys.items():
+        assert (ks <= set(b)) == (m in mods) and (not ks & set(b)) == (m not in mods)
+    assert b["modalities"] == mods and b["source"] == "combo" and b["index"] == [("combo", 1), ("combo", 2)]
+    if "video" in mods:
+        assert b["video"].shape == (2, 3, CFG.frames, 64, 64) and b["video_mask"].shape == (2, CFG.frames, 4, 4)
+        pix = b["video"] * torch.tensor(CFG.std).view(1, 3, 1, 1, 1) + torch.tensor(CFG.mean).view(1, 3, 1, 1, 1)
+        assert pix.min() > -1e-4 and pix.max() < 1 + 1e-4
+    if "audio" in mods:
+        n = b["audio"].shape[1]
+        want = int(round(((row.get("end") or 2.0) - (row.get("start") or 0.0)) * 16000))
+        assert n == want and b["audio_attention"].all()
+        assert b["audio_mask"].shape == (2, int(data.speech_frames(n)))
+    if "text" in mods:
+        ids = b["text_ids_clean"]
+        assert ids[:, 0].eq(tok.cls_id).all()
+        if "caption" in row and "text" in row:  # section 4.2.2: caption and transcript joined
+            assert (ids[0] == tok.sep_id).sum() == 2
+    if "label" in row:
+        assert b["labels"]["label"].tolist() == [1, 1]
+
+
+def test_collate_masks_respect_padding_and_specials(toy, tok):
+    ds = data.ManifestDataset(os.path.join(toy, "speech_text.jsonl"), CFG, tok)
+    exs = [ds[i] for i in range(len(ds))]
+    exs[0]["audio"] = exs[0]["audio"][:5000]  # one short row: padding must never be masked
+    b = data.collate(exs, CFG, tok, torch.Generator().manual_seed(1))
+    frames = [int(data.speech_frames(len(e["audio"]))) for e in exs]
+    for i, n in enumerate(frames):
+        assert not b["audio_mask"][i, n:].any() and b["audio_mask"][i, :n].any()
+        assert b["audio_attention"][i].sum() == len(exs[i]["audio"])
+    lab, ids, clean = b["text_labels"], b["text_ids"], b["text_ids_clean"]
+    special = ~b["text_attention"] | torch.isin(clean, torch.tensor(tok.special_ids))
+    assert not (lab != -100)[special].any()
+    assert torch.equal(lab[lab != -100], clean[lab != -100])
+    assert torch.equal(ids[lab == -100], clean[lab == -100])
+
+
+def test_downstream_labels_pass_through(toy, tok):
+    ds = data.ManifestDataset(os.path.join(toy, "downstream_train.jsonl"), CFG, tok)
+    b = data.collate([ds[0], ds[1], ds[2]], CFG, tok)
+    lab = b["labels"]
+    assert lab["score"].shape == (3,) and lab["emotions"].shape == (3, 6) and lab["label"].dtype == torch.long
+    assert all(len(a) == 4 for a in lab["answers"]) and lab["answer"].max() < 4
+    assert ((lab["score"] > 0).long() == lab["label"]).all() and lab["score"].abs().max() <= 3
+
+
+# ----------------------------------------------------------------------------------------------------
+# Bad rows: check reports them, the loader skips and counts them, too many stop training
+
+@pytest.fixture()
+def bad_manifest(toy, tmp_path):
+    good = os.path.join(toy, "video", "000000.mp4")
+    shutil.copy(good, tmp_path / "good.mp4")
+    (tmp_path / "corrupt.mp4").write_bytes(np.random.default_rng(0).bytes(5000))
+    (tmp_path / "empty.mp4").write_bytes(b"")
+    raw = open(good, "rb").read()
+    (tmp_path / "trunc.mp4").write_bytes(raw[:len(raw) // 2])
+    _grey_clip(tmp_path / "noaudio.mp4", n=10)
+    g = {"video": "good.mp4", "text": "a red circle"}
+    rows = [g, {"video": "nothere.mp4", "text": "x"}, {"video": "corrupt.mp4", "text": "x"},
+            {"video": "empty.mp4", "text": "x"}, {"video": "trunc.mp4", "text": "x"}, {"video": "good.mp4", "text": "  "},
+            {"video": "good.mp4", "text": "x", "colour": "red"}, "{not json", {"video": "noaudio.mp4", "text": "x"},
+            {"video": "good.mp4", "text": "y", "start": 3.0, "end": 4.0}]
+    rows += [g] * 10
+    expected = {2: "missing file", 3: "undecodable video", 4: "empty file", 5: "undecodable video", 6: "empty text",
+                7: "unknown field", 8: "invalid JSON", 9: "no audio stream", 10: "clip starts"}
+    return _write_manifest(tmp_path / "mixed.jsonl", rows), expected
+
+
+def test_check_reports_each_bad_row(bad_manifest, tok):
+    path, expected = bad_manifest
+    lines = []
+    rows, bad = data.check_manifest(path, CFG, tok, log=lines.append)
+    assert (rows, bad) == (20, len(expected))
+    for line, reason in expected.items():
+        assert any(m.startswith(f"{path}:{line}: {reason}") for m in lines), (line, reason, lines)
+    assert "20 rows, 9 bad" in lines[-1]
+    assert data.main(["check", path]) == 1
+
+
+def test_loader_skips_and_counts_bad_rows(bad_manifest, tok):
+    path, expected = bad_manifest
+    cfg = data.dataclasses.replace(CFG, max_bad_share=0.9)
+    logs = []
+    loader = data.make_loader([path], [1.0], cfg, tok, batch_size=4, seed=3, spares=0, log=logs.append)
+    it = iter(loader)
+    seen = [line for _ in range(5) for _, line in next(it)["index"]]  # one epoch: 5 batches of 4 rows
+    assert loader.tried_counts["mixed"] == 20
+    skipped = 20 - len(seen)
+    assert skipped == len(expected) and sorted(seen) == [1] + list(range(11, 21))
+    assert loader.bad_counts["mixed"] == skipped and not set(seen) & set(expected)
+    assert sum(loader.bad_reasons["mixed"].values()) == skipped
+    assert len(logs) == min(skipped, 5) and all("mixed.jsonl:" in m for m in logs)
+    # spares fill the batch in place of bad rows
+    loader = data.make_loader([path], [1.0], cfg, tok, batch_size=4, seed=3, spares=6, log=logs.append)
+    sizes = [len(next(iter(loader))["index"])]
+    assert sizes == [4]
+    # the default 10% share stops training with the manifest's name
+    loader = data.make_loader([path], [1.0], CFG, tok, batch_size=4, seed=3, log=logs.append)
+    with pytest.raises(data.TooManyBadExamples, match="mixed.jsonl"):
+        for _ in itertools.islice(loader, 50):  # 9 of 20 rows are bad: stops within the first epoch or two
+            pass
+
+
+# ----------------------------------------------------------------------------------------------------
+# Mixing: same source on every rank, disjoint shards, exact resume
+
+def test_sampler_same_source_disjoint_and_resumes():
+    sizes, weights, W, bs = [10, 7, 23], [1, 2, 1], 3, 2
+    samplers = [data.MixedBatchSampler(sizes, weights, bs, r, W, seed=5, spares=1, names="abc") for r in range(W)]
+    plans = [[s.next_plan() for _ in range(60)] for s in samplers]
+    per_source = {k: [[] for _ in range(W)] for k in range(3)}
+    for step in range(60):
+        srcs = {p[step][1] for p in plans}
+        assert len(srcs) == 1  # every rank, same source
+        rows = [set(p[step][2]) for p in plans]
+        assert not (rows[0] & rows[1] or rows[0] & rows[2] or rows[1] & rows[2])
+        for r in range(W):
+            per_source[plans[r][step][1]][r] += plans[r][step][2]
+            spare = plans[r][step][3][0]
+            assert all(spare not in plans[q][step][2] for q in range(W) if q != r)
+    assert {p[1] for p in plans[0]} == {0, 1, 2}
+    for k, n in enumerate(sizes):  # within an epoch, all rows of all ranks are distinct
+        m = n // W
+        first = [row for r in range(W) for row in per_source[k][r][:m]]
+        assert len(set(first)) == len(first) == m * W
+    # resume: a fresh sampler loaded from a JSON round trip of step 25's state continues identically
+    s = data.MixedBatchSampler(sizes, weights, bs, 1, W, seed=5, spares=1, names="abc")
+    for _ in range(25):
+        s.next_plan()
+    state = json.loads(json.dumps(s.state_dict()))
+    s2 = data.MixedBatchSampler(sizes, weights, bs, 1, W, seed=5, spares=1, names="abc")
+    s2.load_state_dict(state)
+    assert [s2.next_plan() for _ in range(35)] == plans[1][25:]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_loader_resumes_with_the_exact_next_batch(toy, tok, workers):
+    ms = [os.path.join(toy, f"{n}.jsonl") for n in ("video", "image_text", "speech_text")]
+    loader = data.make_loader(ms, [1, 1, 1], CFG, tok, batch_size=2, rank=0, world_size=2, seed=7, num_workers=workers)
+    it = iter(loader)
+    for _ in range(3):
+        next(it)
+    state = json.loads(json.dumps(loader.state_dict()))
+    want = [next(it) for _ in range(2)]
+    again = data.make_loader(ms, [1, 1, 1], CFG, tok, batch_size=2, rank=0, world_size=2, seed=7, num_workers=workers)
+    again.load_state_dict(state)
+    it2 = iter(again)
+    got = [next(it2) for _ in range(2)]
+    for a, b in zip(want, got):
+        assert a["index"] == b["index"] and a["step"] == b["step"]
+        for k, v in a.items():
+            if torch.is_tensor(v):
+                assert torch.equal(v, b[k]), k
+
+
+# ----------------------------------------------------------------------------------------------------
+# Offline VQ targets, the toy world, the command line
+
+def test_target_cache_round_trip(toy, tok, tmp_path):
+    for f in ("video", "speech_text"):
+        shutil.copytree(os.path.join(toy, f), tmp_path / f)
+    path = shutil.copy(os.path.join(toy, "video.jsonl"), tmp_path / "v.jsonl")
+
+    def quantize(batch):  # a stand-in tokenizer: ids from pixel and sample statistics
+        v = batch["video"]
+        ids = (v.mean(1).unfold(2, 16, 16).unfold(3, 16, 16).mean((-1, -2)) * 100).long().abs()
+        a = batch["audio"].unfold(1, 400, 320)[:, :, :1].abs().mul(1000).long()
+        return {"video_targets": ids, "audio_targets": a[:, :, 0]}
+
+    written, bad = data.tokenize_manifest(str(path), CFG, quantize, batch_size=4, name="test")
+    assert (written, bad) == (6, 0) and os.path.exists(tmp_path / "v.targets" / "00000001.safetensors")
+    ds = data.ManifestDataset(str(path), CFG, tok)
+    b = data.collate([ds[0], ds[3]], CFG, tok)
+    ref = quantize(data.collate([ds[0], ds[3]], CFG, tok))
+    assert torch.equal(b["video_targets"], ref["video_targets"])
+    assert torch.equal(b["audio_targets"], ref["audio_targets"])
+    stale = data.ManifestDataset(str(path), data.dataclasses.replace(CFG, frames=2), tok)
+    assert stale.targets is None
+
+
+def _tree_hash(root):
+    h = {}
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            p = os.path.join(dirpath, f)
+            h[os.path.relpath(p, root)] = hashlib.sha256(open(p, "rb").read()).hexdigest()
+    return h
+
+
+def test_toy_world_is_deterministic(toy, tmp_path):
+    data.make_toy(str(tmp_path / "again"), seed=0, size="tiny")
+    data.make_toy(str(tmp_path / "other"), seed=1, size="tiny")
+    a, b, c = _tree_hash(toy), _tree_hash(tmp_path / "again"), _tree_hash(tmp_path / "other")
+    a = {k: v for k, v in a.items() if not k.startswith("combo")}
+    assert a == b and len(a) > 60
+    assert sum(a[k] != c.get(k) for k in a) > 50
+
+
+def test_toy_world_reads_clean_and_carries_content(toy, tok):
+    for name in ("video", "image_text", "speech_text", "video_speech", "video_test",
+                 "downstream_train", "downstream_validation", "downstream_test"):
+        rows, bad = data.check_manifest(os.path.join(toy, f"{name}.jsonl"), CFG, tok, log=lambda m: None)
+        assert rows > 0 and bad == 0, name
+    # the spoken words are audible: the same word said by two speakers correlates more than two words
+    rng = np.random.default_rng(0)
+    spec = lambda w: np.abs(np.fft.rfft(data.toy_speech([w], 16000, rng, 0.5)[0]))[:4000]
+    red1, red2, blue = spec("red"), spec("red"), spec("blue")
+    cos = lambda a, b: a @ b / np.linalg.norm(a) / np.linalg.norm(b)
+    assert cos(red1, red2) > cos(red1, blue) + 0.1
+    assert tok.pad_id == 0 and tok.tokenizer.encode("red circle").tokens == ["[CLS]", "red", "circle", "[SEP]"]
+
+
+def test_cli_bench_and_make_toy(toy, capsys):
+    assert data.main(["bench", os.path.join(toy, "video.jsonl"), "-n", "4"]) == 0
+    out = capsys.readouterr()
+    assert "examples/s per worker" in out.out + out.err and "workers" in out.out
