@@ -21,6 +21,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -282,7 +283,8 @@ def frames_at(container, stream, targets, seek=True):
     gen, prev, nxt, done = None, None, None, False
     for i in sorted(range(len(targets)), key=targets.__getitem__):
         t = targets[i]
-        last = _frame_time(nxt if nxt is not None else prev, tb) if (prev or nxt) is not None else -math.inf
+        ref = nxt if nxt is not None else prev
+        last = _frame_time(ref, tb) if ref is not None else -math.inf
         jump = any(last < k <= t for k in keyframes) if keyframes else t - last > 2.0
         if gen is None or (seek and jump):
             if seek:
@@ -506,16 +508,21 @@ def load_tokenizer(path):
 
 
 def train_tokenizer(texts, path, vocab_size=400):
-    """Train a lower-cased WordPiece tokenizer.json on `texts`: [PAD]=0, [UNK], [CLS], [SEP], [MASK]."""
-    from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
+    """Build a lower-cased WordPiece tokenizer.json from `texts`: [PAD]=0, [UNK], [CLS], [SEP], [MASK], every
+    character (alone and as a "##" continuation, so no word is ever unknown), then the most frequent whole
+    words. Counting words ourselves instead of running a `tokenizers` trainer keeps the file bit-identical
+    from run to run (the trainers break ties between equal counts in no fixed order)."""
+    from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok = tokenizers.Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.decoder = decoders.WordPiece()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False)
-    tok.train_from_iterator(sorted(set(texts)), trainer=trainer)
-    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    norm, pre = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+    counts = collections.Counter(w for t in texts for w, _ in pre.pre_tokenize_str(norm.normalize_str(t)))
+    chars = sorted({c for w in counts for c in w})
+    vocab = specials + chars + ["##" + c for c in chars]
+    words = [w for w, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if w not in vocab]
+    vocab += words[:max(0, vocab_size - len(vocab))]
+    tok = tokenizers.Tokenizer(models.WordPiece({w: i for i, w in enumerate(vocab)}, unk_token="[UNK]"))
+    tok.normalizer, tok.pre_tokenizer, tok.decoder = norm, pre, decoders.WordPiece()
+    cls, sep = vocab.index("[CLS]"), vocab.index("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
     tok.save(str(path))
@@ -692,11 +699,11 @@ def collate(examples, cfg, tokenizer, generator=None):
              "index": [(e["source"], e["line"]) for e in examples]}
     B = len(examples)
     if "video" in mods:
-        v = torch.from_numpy(np.stack([e["video"] for e in examples]))  # [B, T, H, W, 3] uint8
-        v = v.permute(0, 4, 1, 2, 3).float().div_(255.0)  # [B, 3, T, H, W]
-        mean = torch.tensor(cfg.mean).view(1, 3, 1, 1, 1)
+        u8 = torch.from_numpy(np.stack([e["video"] for e in examples]))  # [B, T, H, W, 3] uint8
+        v = torch.empty(u8.permute(0, 4, 1, 2, 3).shape)                 # [B, 3, T, H, W] float, contiguous
+        v.copy_(u8.permute(0, 4, 1, 2, 3))
         std = torch.tensor(cfg.std).view(1, 3, 1, 1, 1)
-        batch["video"] = (v - mean) / std
+        batch["video"] = v.mul_(1.0 / (255.0 * std)).sub_(torch.tensor(cfg.mean).view(1, 3, 1, 1, 1) / std)
         T, H, W = v.shape[2:]
         batch["video_mask"] = torch.stack([tube_mask(T, H // cfg.token_patch, W // cfg.token_patch, cfg.tube_ratio, g)
                                            for _ in range(B)])
@@ -749,8 +756,9 @@ class MixedBatchSampler:
     the same source at the same step (same modalities, same DDP graph). Each source is shuffled once per
     epoch with a generator seeded by (seed, source, epoch); rank r owns positions r, r + W, r + 2W, ... of
     that permutation (n // W of them, so ranks never overlap and all have the same count) and walks its
-    share `batch_size` rows per step. Every rank advances the same per-source counter, so epochs turn over
-    together. Spares are drawn from the rank's own share of the current epoch (seeded by seed, k, rank).
+    share `batch_size` rows per step; a batch never spans two epochs (the tail of an epoch that does not
+    fill one is dropped, like drop_last). Every rank advances the same per-source counter, so epochs turn
+    over together. Spares are drawn from the rank's own share of the current epoch (seeded by seed, k, rank).
     The state is {"step": k, "consumed": {source name: rows consumed per rank}}: JSON-able and exact.
     """
 
@@ -764,8 +772,9 @@ class MixedBatchSampler:
             raise ValueError(f"rank {rank} outside world size {world_size}")
         self.names = list(names) if names is not None else [str(i) for i in range(len(sizes))]
         for n, name, wi in zip(sizes, self.names, w):
-            if wi > 0 and n // world_size < 1:
-                raise ValueError(f"source {name} has {n} rows, fewer than the world size {world_size}")
+            if wi > 0 and n // world_size < batch_size:
+                raise ValueError(f"source {name} has {n} rows, fewer than batch_size x world_size "
+                                 f"({batch_size} x {world_size})")
         self.sizes, self.p = list(sizes), w / w.sum()
         self.batch_size, self.rank, self.world_size, self.seed, self.spares = batch_size, rank, world_size, seed, spares
         self.step = 0
@@ -787,9 +796,11 @@ class MixedBatchSampler:
     def next_plan(self):
         """-> (step, source index, rows, spare rows); advances the state."""
         step, s = self.step, self.source_at(self.step)
-        pos = self.consumed[self.names[s]]
-        rows = [self._row(s, j) for j in range(pos, pos + self.batch_size)]
         per_rank = self.sizes[s] // self.world_size
+        pos = self.consumed[self.names[s]]
+        if pos % per_rank + self.batch_size > per_rank:  # a batch never spans two epochs (drop the tail)
+            pos = (pos // per_rank + 1) * per_rank
+        rows = [self._row(s, j) for j in range(pos, pos + self.batch_size)]
         rng = np.random.default_rng([self.seed, step, self.rank, 1])
         epoch_start = pos // per_rank * per_rank
         spares = [self._row(s, epoch_start + int(k)) for k in rng.integers(0, per_rank, self.spares)]
@@ -1014,11 +1025,11 @@ def _toy_frames(rng, colour, shape, motion, n_frames):
     return np.stack(out)
 
 
-def _write_mp4(path, frames, fps, audio=None, sr=16000, rotation=0, keyint=10, pix_fmt="yuv420p"):
+def _write_mp4(path, frames, fps, audio=None, sr=16000, rotation=0, keyint=10, pix_fmt="yuv420p", preset="ultrafast"):
     """H.264 MP4 (+ AAC audio [C, N] float32) written deterministically; rotation sets the display matrix.
     frames: uint8 [T, H, W, 3]; odd H or W need pix_fmt="yuv444p"."""
     with av.open(path, "w", format="mp4", options={"fflags": "+bitexact"}) as c:
-        vs = c.add_stream("libx264", rate=fps, options={"preset": "ultrafast", "g": str(keyint), "threads": "1"})
+        vs = c.add_stream("libx264", rate=fps, options={"preset": preset, "g": str(keyint), "threads": "1"})
         vs.height, vs.width = frames.shape[1:3]
         vs.pix_fmt = pix_fmt
         vs.codec_context.flags |= av.codec.context.Flags.bitexact
@@ -1355,8 +1366,10 @@ def main(argv=None):
         return 1 if bad else 0
     if args.cmd == "bench":
         if args.clip360p:
+            import atexit
             import tempfile
             folder = tempfile.mkdtemp(prefix="icode_bench_")
+            atexit.register(shutil.rmtree, folder, True)
             args.manifest = make_bench_clip(folder)
             tok = _find_tokenizer(args.tokenizer, args.manifest) or train_tokenizer(
                 ["a moving gradient with noise", "colourful stripes"], os.path.join(folder, "tokenizer.json"), 100)

@@ -430,8 +430,6 @@ def make_inputs(examples, task, modalities, dcfg, tokenizer):
         if any(len(s) != K for s in seqs):
             raise ValueError(f"every question needs the same number of candidates, got {sorted({len(s) for s in seqs})}")
         inputs["text"], inputs["text_attention"] = tokenizer.pad([x for s in seqs for x in s])   # [B*K, T_l]
-    elif task == "mc":
-        raise ValueError("multiple choice needs the language modality (the candidates are text)")
     return inputs, target_of(examples, task), K
 
 
@@ -572,6 +570,8 @@ def finetune(task, splits, *, ckpt, fusion, modalities, seed, dcfg, tokenizer, d
     import train as T
     t0 = time.time()
     device = d.device
+    if task == "mc" and "text" not in modalities:
+        raise ValueError("multiple choice needs the language modality L (the candidates are text)")
     torch.manual_seed(seed)                       # the same initial head on every rank (DDP also broadcasts)
     icode = T.load_model(ckpt, preset, fusion, tokenizer.vocab_size)
     ft = FineTuner(icode, task, head_outputs(task, glue_task), modalities).to(device)
@@ -753,3 +753,339 @@ def load_glue(glue_dir, task, tokenizer, max_len):
                 for a, b, y in read_glue_tsv(os.path.join(glue_dir, name), task)]
     dev = exs("dev_matched.tsv" if task == "MNLI" else "dev.tsv")
     return {"train": exs("train.tsv"), "validation": dev, "test": dev}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Formatting
+
+PERCENT = {"corr", "acc2_nonneg", "f1_nonneg", "acc2_pos", "f1_pos", "acc7", "accuracy", "f1", "precision",
+           "recall", "subset_acc", "acc", "mcc", "pearson", "spearman"}
+COLUMNS = {  # (header, metric keys joined by "/") per task, in the paper's column order
+    "sentiment": [("MAE (lower better)", ("mae",)), ("Corr", ("corr",)), ("Acc-2", ("acc2_nonneg", "acc2_pos")),
+                  ("F1", ("f1_nonneg", "f1_pos")), ("Acc-7", ("acc7",))],
+    "emotion": [("Acc", ("accuracy",)), ("F1", ("f1",)), ("Precision", ("precision",)), ("Recall", ("recall",))],
+    "binary": [("Acc", ("acc",))], "mc": [("Acc", ("acc",))],
+}
+
+
+def fmt(key, ms):
+    """(mean, std) -> '84.7+-0.3' (x100 for accuracies, F1, P, R, correlations; 3 decimals for MAE)."""
+    m, s = ms
+    if key in PERCENT:
+        return f"{100 * m:.1f}" + (f"±{100 * s:.1f}" if s else "")
+    return f"{m:.3f}" + (f"±{s:.3f}" if s else "")
+
+
+def metric_cells(task, summary):
+    return [" / ".join(fmt(k, summary[k]) for k in keys) for _, keys in COLUMNS[task]]
+
+
+def resolve_ckpt(path):
+    """A checkpoint folder (has state.json), or a run folder -> its latest ckpt_*; 'none' -> None."""
+    import train as T
+    if path is None or str(path).lower() == "none":
+        return None
+    if os.path.isfile(os.path.join(path, "state.json")):
+        return path
+    found = T.checkpoints(path)
+    if not found:
+        raise FileNotFoundError(f"{path!r} is neither a checkpoint folder (state.json) nor a run folder with ckpt_*")
+    return found[-1]
+
+
+def ckpt_fusion(ckpt):
+    with open(os.path.join(ckpt, "state.json")) as f:
+        return json.load(f)["config"]["fusion"]["mode"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command line
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", default="report", choices=("report",) + TASKS + ("retrieval",),
+                   help="report (default): the toy world's tables; or one task on your manifests")
+    p.add_argument("--train", default=None, help="labelled training manifest (default: the toy world's)")
+    p.add_argument("--val", default=None, help="validation manifest: early stopping and model selection")
+    p.add_argument("--test", default=None, help="test manifest (retrieval: the clips to retrieve among)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the toy world's)")
+    p.add_argument("--toy-dir", default="toy", help="the toy world (made with data.make_toy if missing)")
+    p.add_argument("--toy-size", default="default", help="make_toy size when the toy world is missing")
+    p.add_argument("--ckpt", default=None, help="pretraining checkpoint or run folder (its latest ckpt_*); "
+                   "'none' = no pretraining; default: runs/toy when it holds a checkpoint")
+    p.add_argument("--ckpt-co", default=None, help="report: a co-attention pretraining run (default runs/toy_co)")
+    p.add_argument("--preset", default="tiny", choices=["tiny", "paper"], help="model size without a checkpoint")
+    p.add_argument("--fusion", default="merge", choices=["merge", "co"], help="fusion without a checkpoint")
+    p.add_argument("--modalities", default="V,L,S", help="modalities at fine-tuning and test time, e.g. L,S")
+    p.add_argument("--epochs", type=int, default=10, help="maximum fine-tuning epochs")
+    p.add_argument("--patience", type=int, default=3, help="stop after this many epochs without a better val")
+    p.add_argument("--batch", type=int, default=32, help="batch size per process")
+    p.add_argument("--lr", type=float, default=None, help="fusion + head LR (default: tiny 1e-3, paper 2e-5)")
+    p.add_argument("--lr-encoders", type=float, default=None,
+                   help="encoders LR; 0 freezes them and caches their outputs (default: tiny 0, paper 1e-5)")
+    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
+    p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping (0: off)")
+    p.add_argument("--seeds", type=int, default=1, help="fine-tuning runs with seeds seed..seed+n-1: mean +- std")
+    p.add_argument("--seed", type=int, default=0, help="first seed")
+    p.add_argument("--glue-task", default=None, choices=sorted(GLUE_SPECS), help="GLUE task (--task glue)")
+    p.add_argument("--glue-dir", default=None, help="folder with the task's train.tsv and dev.tsv")
+    p.add_argument("--max-train", type=int, default=None, help="use only the first N training examples")
+    p.add_argument("--out", default=os.path.join("runs", "eval"), help="results, best weights, report")
+    p.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
+    a = p.parse_args(argv)
+    a.lr = a.lr if a.lr is not None else (1e-3 if a.preset == "tiny" else 2e-5)
+    a.lr_encoders = a.lr_encoders if a.lr_encoders is not None else (0.0 if a.preset == "tiny" else 1e-5)
+    if a.task == "glue" and (a.glue_task is None or a.glue_dir is None):
+        p.error("--task glue needs --glue-task and --glue-dir")
+    return a
+
+
+def _toy(args):
+    import data as D
+    if not os.path.isfile(os.path.join(args.toy_dir, "toy_world.json")):
+        print(f"making the toy world in {args.toy_dir}/ (size {args.toy_size}) ...", flush=True)
+        D.make_toy(args.toy_dir, size=args.toy_size)
+    return {s: args.__dict__[k] or os.path.join(args.toy_dir, f"downstream_{s}.jsonl")
+            for s, k in (("train", "train"), ("validation", "val"), ("test", "test"))}
+
+
+def run_seeds(task, splits, args, d, ckpt, fusion, modalities, dcfg, tokenizer, cache, out_dir=None):
+    """args.seeds fine-tuning runs -> {"test": {metric: (mean, std)}, "val": ..., "runs": [...]}."""
+    runs = []
+    for k in range(args.seeds):
+        seed = args.seed + k
+        print(f"{task} | {'pretrained ' + ckpt if ckpt else 'no pretraining'} | {fusion} | "
+              f"{modality_letters(modalities)} | seed {seed}", flush=True)
+        r = finetune(task, splits, ckpt=ckpt, fusion=fusion, modalities=modalities, seed=seed, dcfg=dcfg,
+                     tokenizer=tokenizer, d=d, preset=args.preset, lr=args.lr, lr_encoders=args.lr_encoders,
+                     weight_decay=args.weight_decay, epochs=args.epochs, patience=args.patience,
+                     batch_size=args.batch, clip=args.clip, glue_task=args.glue_task, feature_cache=cache,
+                     out_dir=None if out_dir is None else os.path.join(out_dir, f"seed{seed}"),
+                     log=print if d.is_main else (lambda *a: None))
+        runs.append(r)
+    return {"test": mean_std([r["test"] for r in runs]), "val": mean_std([r["val"] for r in runs]), "runs": runs}
+
+
+def main(argv=None):
+    import data as D
+    import train as T
+    args = parse_args(argv)
+    d = T.setup_distributed(args.device)
+    dcfg = D.TOY_DATA if args.preset == "tiny" else D.PAPER_DATA
+    if args.task == "report":
+        return report(args, d, dcfg)
+    paths = _toy(args) if args.task != "glue" and not (args.train or args.test) else \
+        {"train": args.train, "validation": args.val, "test": args.test}
+    tok_path = args.tokenizer or os.path.join(args.toy_dir, "tokenizer.json")
+    tokenizer = D.load_tokenizer(tok_path)
+    ckpt = resolve_ckpt(args.ckpt if args.ckpt is not None else
+                        (os.path.join("runs", "toy") if T.checkpoints(os.path.join("runs", "toy")) else None))
+    fusion = ckpt_fusion(ckpt) if ckpt else args.fusion
+    if args.task == "retrieval":
+        model = T.load_model(ckpt, args.preset, fusion, tokenizer.vocab_size).to(d.device)
+        res = zero_shot_retrieval(model, paths["test"], dcfg, tokenizer, d.device, args.batch)
+        print_retrieval_table(res)
+        return res
+    if args.task == "glue":
+        splits = load_glue(args.glue_dir, args.glue_task, tokenizer, dcfg.max_text_len)
+    else:
+        missing = [s for s, p in paths.items() if not p]
+        if missing:
+            raise ValueError(f"give --train, --val and --test (missing {missing})")
+        splits = {s: load_split(p, dcfg, tokenizer) for s, p in paths.items()}
+    if args.max_train:
+        splits["train"] = splits["train"][:args.max_train]
+    mods = ("text",) if args.task == "glue" else parse_modalities(args.modalities)
+    out_dir = os.path.join(args.out, f"{args.task}_{modality_letters(mods)}")
+    res = run_seeds(args.task, splits, args, d, ckpt, fusion, mods, dcfg, tokenizer, {}, out_dir)
+    if d.is_main:
+        print(f"\n{args.task} ({modality_letters(mods)}, {args.seeds} seed(s), test split, best val epoch):")
+        for k, ms in res["test"].items():
+            print(f"  {k:12s} {fmt(k, ms)}")
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "results.json"), "w") as f:
+            json.dump({"args": vars(args), "ckpt": ckpt, "fusion": fusion, **res}, f, indent=1, default=str)
+    return res
+
+
+# ----------------------------------------------------------------------------------------------------
+# The paper's tables in miniature on the toy world (`python eval.py`)
+
+SUBSETS = [("video",), ("text",), ("audio",), ("video", "text"), ("video", "audio"), ("text", "audio"),
+           ("video", "text", "audio")]                                        # Table 8's seven rows
+HEADLINE = {"sentiment": ("corr", "Corr"), "emotion": ("f1", "micro-F1"), "binary": ("acc", "Acc"),
+            "mc": ("acc", "Acc")}
+
+
+def report(args, d, dcfg):
+    """Fine-tune and test every configuration on the toy world's downstream splits; write
+    <out>/report.md, report.png and results.json. Returns the results dict."""
+    import data as D
+    import train as T
+    t0 = time.time()
+    paths = _toy(args)
+    tokenizer = D.load_tokenizer(args.tokenizer or os.path.join(args.toy_dir, "tokenizer.json"))
+    run_dir = os.path.join("runs", "toy")
+    ckpt = resolve_ckpt(args.ckpt if args.ckpt is not None else (run_dir if T.checkpoints(run_dir) else None))
+    co_dir = args.ckpt_co or os.path.join("runs", "toy_co")
+    ckpt_co = resolve_ckpt(co_dir) if (args.ckpt_co or T.checkpoints(co_dir)) else None
+    if ckpt is None:
+        print("eval: no pretraining checkpoint (run `python train.py` first, it writes runs/toy/ckpt_*): "
+              "only the no-pretraining rows are run", flush=True)
+    splits = {s: load_split(p, dcfg, tokenizer) for s, p in paths.items()}
+    if args.max_train:
+        splits["train"] = splits["train"][:args.max_train]
+    cache, results = {}, {"tables": {}, "subsets": {}, "retrieval": {}}
+    full = ("video", "text", "audio")
+    rows = [("NP+M", None, "merge"), ("NP+C", None, "co")]
+    if ckpt:
+        rows.append((f"D+{ckpt_fusion(ckpt)[0].upper()}", ckpt, ckpt_fusion(ckpt)))
+    if ckpt_co:
+        rows.append((f"D+{ckpt_fusion(ckpt_co)[0].upper()}", ckpt_co, ckpt_fusion(ckpt_co)))
+    for task in ("sentiment", "emotion", "binary", "mc"):
+        for name, c, fusion in rows:
+            results["tables"].setdefault(task, {})[name] = run_seeds(task, splits, args, d, c, fusion, full, dcfg,
+                                                                     tokenizer, cache)
+    best_name, best_ckpt, best_fusion = rows[2] if ckpt else rows[0]
+    for task in ("emotion", "sentiment"):
+        for mods in SUBSETS:
+            if mods == full:
+                r = results["tables"][task][best_name]
+            else:
+                r = run_seeds(task, splits, args, d, best_ckpt, best_fusion, mods, dcfg, tokenizer, cache)
+            results["subsets"].setdefault(task, {})[modality_letters(mods)] = r
+    held = os.path.join(args.toy_dir, getattr(D, "TOY_HELDOUT_MANIFEST", "video_test.jsonl"))
+    held_ex = load_split(held, dcfg, tokenizer)
+    for name, c, fusion in rows:
+        if name.endswith("M") or c is not None:
+            torch.manual_seed(args.seed)
+            model = T.load_model(c, args.preset, fusion, tokenizer.vocab_size).to(d.device)
+            results["retrieval"][name] = zero_shot_retrieval(model, held_ex, dcfg, tokenizer, d.device, args.batch)
+    results["seconds"] = time.time() - t0
+    results["ckpt"], results["ckpt_co"] = ckpt, ckpt_co
+    if d.is_main:
+        os.makedirs(args.out, exist_ok=True)
+        md = report_markdown(results, args, splits, argv_line=" ".join(["python", "eval.py"] + sys.argv[1:])
+                             if os.path.basename(sys.argv[0]) == "eval.py" else "eval.main(...)")
+        with open(os.path.join(args.out, "report.md"), "w") as f:
+            f.write(md)
+        with open(os.path.join(args.out, "results.json"), "w") as f:
+            json.dump(results, f, indent=1, default=str)
+        plot_report(results, os.path.join(args.out, "report.png"))
+        print(md)
+        print(f"wrote {args.out}/report.md, report.png, results.json in {results['seconds']:.0f} s")
+    return results
+
+
+def report_markdown(res, args, splits, argv_line):
+    n = {s: len(v) for s, v in splits.items()}
+    L = [f"# i-Code downstream evaluation on the toy world", "",
+         f"Command: `{argv_line}` ({res['seconds']:.0f} s, {args.seeds} fine-tuning seed(s) per row"
+         f"{', mean±std' if args.seeds > 1 else ''}).", "",
+         f"Downstream splits: {n['train']} train / {n['validation']} validation / {n['test']} test clips. "
+         f"Pretrained checkpoint (D): `{res['ckpt'] or 'none'}`"
+         + (f"; co-attention: `{res['ckpt_co']}`" if res["ckpt_co"] else "") + ". NP = no pretraining (fresh "
+         f"initialisation of encoders *and* fusion: unlike the paper's NP, whose encoders are pretrained "
+         f"single-modality models). M / C = merge- / co-attention fusion.", "",
+         f"Fine-tuning: up to {args.epochs} epochs, early stopping after {args.patience} epochs without a better "
+         f"validation metric, test metrics at the best validation epoch; AdamW, LR {args.lr:g} (fusion + head), "
+         + ("encoders frozen (their outputs computed once and cached; `--lr-encoders` > 0 fine-tunes them)"
+            if args.lr_encoders == 0 else f"encoders LR {args.lr_encoders:g}") + f", batch {args.batch}.", ""]
+    titles = {"sentiment": "Table 1 in miniature: sentiment regression (score in [-3, 3]); Acc-2 and F1 as "
+                           "negative/non-negative / negative/positive",
+              "emotion": "Table 2 in miniature: multi-label emotion (6 classes); Acc = Jaccard, micro-F1, P, R"}
+    for task in ("sentiment", "emotion"):
+        L += [f"## {titles[task]}", "", "| model | " + " | ".join(h for h, _ in COLUMNS[task]) + " |",
+              "|---|" + "---|" * len(COLUMNS[task])]
+        L += [f"| i-Code {name} | " + " | ".join(metric_cells(task, r["test"])) + " |"
+              for name, r in res["tables"][task].items()]
+        L.append("")
+    L += ["## Tables 3-6 in miniature: binary classification (label = score > 0) and multiple choice "
+          "(4 candidates; question [SEP] answer [SEP] subtitles)", "", "| model | binary Acc | MC Acc |",
+          "|---|---|---|"]
+    for name in res["tables"]["binary"]:
+        L.append(f"| i-Code {name} | {metric_cells('binary', res['tables']['binary'][name]['test'])[0]} | "
+                 f"{metric_cells('mc', res['tables']['mc'][name]['test'])[0]} |")
+    L += ["", "## Table 8 in miniature: modality subsets at fine-tuning and test time "
+          f"(model {'D' if res['ckpt'] else 'NP'}+M)", "",
+          "| V | L | S | emotion Acc | F1 | Precision | Recall | sentiment MAE | Corr |",
+          "|---|---|---|---|---|---|---|---|---|"]
+    for letters, r in res["subsets"]["emotion"].items():
+        s = res["subsets"]["sentiment"][letters]["test"]
+        marks = " | ".join("X" if k in letters.split("+") else "" for k in "VLS")
+        L.append(f"| {marks} | " + " | ".join(metric_cells("emotion", r["test"])) +
+                 f" | {fmt('mae', s['mae'])} | {fmt('corr', s['corr'])} |")
+    L += ["", "## Zero-shot retrieval (contrastive space, no fine-tuning; held-out clips)", ""]
+    for name, r in res["retrieval"].items():
+        L += [retrieval_table(r, f"i-Code {name}"), ""]
+    L += ["## What the numbers say", ""] + observations(res) + [""]
+    return "\n".join(L)
+
+
+def observations(res):
+    """Plain-sentence comparisons the issue asks to state honestly (computed, not hand-written)."""
+    out = []
+    tabs = res["tables"]
+    names = list(tabs["sentiment"])
+    pre = [n for n in names if n.startswith("D+M")]
+    if pre:
+        wins = []
+        for task, (key, label) in HEADLINE.items():
+            a, b = tabs[task][pre[0]]["test"][key][0], tabs[task]["NP+M"]["test"][key][0]
+            wins.append(a > b)
+            out.append(f"- {task}: D+M {label} {fmt(key, (a, 0))} vs NP+M {fmt(key, (b, 0))} "
+                       f"({'pretraining helps' if a > b else 'pretraining does NOT help here'}).")
+        out.append(f"- Pretraining beats no pretraining on {sum(wins)} of {len(wins)} headline metrics.")
+    else:
+        out.append("- No pretraining checkpoint: pretrained rows missing (run `python train.py` first).")
+    for task in ("emotion", "sentiment"):
+        key, label = HEADLINE[task]
+        sub = {k: v["test"][key][0] for k, v in res["subsets"][task].items()}
+        full, singles = sub["V+L+S"], {k: sub[k] for k in ("V", "L", "S")}
+        beaten = [k for k, v in singles.items() if v >= full]
+        out.append(f"- {task} {label}: V+L+S {fmt(key, (full, 0))}; single modalities "
+                   + ", ".join(f"{k} {fmt(key, (v, 0))}" for k, v in singles.items())
+                   + (" -> three modalities beat each single one." if not beaten else
+                      f" -> three modalities do NOT beat {', '.join(beaten)}."))
+    ret = res["retrieval"]
+    if len(ret) > 1:
+        r1 = {n: np.mean([v["R@1"] for k, v in r.items() if "->" in k]) for n, r in ret.items()}
+        out.append("- Retrieval, mean R@1 over directions: " + ", ".join(f"{n} {100 * v:.1f}" for n, v in r1.items()))
+    return out
+
+
+def plot_report(res, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    ax = axes[0]
+    tasks = list(HEADLINE)
+    names = list(res["tables"]["sentiment"])
+    w = 0.8 / len(names)
+    for i, n in enumerate(names):
+        vals = [100 * res["tables"][t][n]["test"][HEADLINE[t][0]][0] for t in tasks]
+        errs = [100 * res["tables"][t][n]["test"][HEADLINE[t][0]][1] for t in tasks]
+        ax.bar(np.arange(len(tasks)) + i * w, vals, w, yerr=errs, label=f"i-Code {n}")
+    ax.set_xticks(np.arange(len(tasks)) + w * (len(names) - 1) / 2)
+    ax.set_xticklabels([f"{t}\n{HEADLINE[t][1]}" for t in tasks])
+    ax.set_ylabel("test metric x100")
+    ax.set_title("Tables 1-6 in miniature")
+    ax.legend(fontsize=8)
+    ax = axes[1]
+    subsets = list(res["subsets"]["emotion"])
+    for i, t in enumerate(("emotion", "sentiment")):
+        key = HEADLINE[t][0]
+        ax.bar(np.arange(len(subsets)) + i * 0.4, [100 * res["subsets"][t][s]["test"][key][0] for s in subsets], 0.4,
+               label=f"{t} {HEADLINE[t][1]}")
+    ax.set_xticks(np.arange(len(subsets)) + 0.2)
+    ax.set_xticklabels(subsets)
+    ax.set_title("Table 8 in miniature: modality subsets")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

@@ -37,10 +37,10 @@ def _write_manifest(path, rows):
     return str(path)
 
 
-def _grey_clip(path, n=40, fps=10, keyint=5, audio=None, sr=16000):
+def _grey_clip(path, n=40, fps=10, keyint=5, audio=None, sr=16000, preset="ultrafast"):
     """Frame f is a uniform grey of level 5 * f + 20, so a decoded frame tells its index."""
     frames = np.stack([np.full((48, 64, 3), 5 * f + 20, np.uint8) for f in range(n)])
-    data._write_mp4(str(path), frames, fps, audio, sr, keyint=keyint)
+    data._write_mp4(str(path), frames, fps, audio, sr, keyint=keyint, preset=preset)
     return str(path)
 
 
@@ -51,8 +51,9 @@ def _frame_index(img):
 # ----------------------------------------------------------------------------------------------------
 # Video
 
-def test_seek_matches_decoding_everything(tmp_path):
-    path = _grey_clip(tmp_path / "g.mp4", n=40, fps=10, keyint=5)  # 4 s, a keyframe every 0.5 s
+@pytest.mark.parametrize("preset", ["ultrafast", "veryfast"])  # veryfast has B-frames: decode order != display
+def test_seek_matches_decoding_everything(tmp_path, preset):
+    path = _grey_clip(tmp_path / "g.mp4", n=40, fps=10, keyint=5, preset=preset)  # 4 s, a keyframe every 0.5 s
     for start, end in [(None, None), (1.3, 3.7), (2.95, 3.05), (0.0, 0.4)]:
         a = data.read_video(path, 4, 32, start, end, seek=True)
         b = data.read_video(path, 4, 32, start, end, seek=False)
@@ -284,7 +285,7 @@ def test_sampler_same_source_disjoint_and_resumes():
             assert all(spare not in plans[q][step][2] for q in range(W) if q != r)
     assert {p[1] for p in plans[0]} == {0, 1, 2}
     for k, n in enumerate(sizes):  # within an epoch, all rows of all ranks are distinct
-        m = n // W
+        m = n // W // bs * bs  # rows per rank per epoch (an incomplete last batch is dropped)
         first = [row for r in range(W) for row in per_source[k][r][:m]]
         assert len(set(first)) == len(first) == m * W
     # resume: a fresh sampler loaded from a JSON round trip of step 25's state continues identically
@@ -356,8 +357,8 @@ def test_toy_world_is_deterministic(toy, tmp_path):
     data.make_toy(str(tmp_path / "other"), seed=1, size="tiny")
     a, b, c = _tree_hash(toy), _tree_hash(tmp_path / "again"), _tree_hash(tmp_path / "other")
     a = {k: v for k, v in a.items() if not k.startswith("combo")}
-    assert a == b and len(a) > 60
-    assert sum(a[k] != c.get(k) for k in a) > 50
+    assert a == b and len(a) > 40
+    assert sum(a[k] != c.get(k) for k in a) > 40
 
 
 def test_toy_world_reads_clean_and_carries_content(toy, tok):
