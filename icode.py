@@ -75,15 +75,19 @@ def preset(name, fusion_mode="merge", text_vocab=None):
         cfg = ICodeConfig(fusion=FusionConfig(mode=fusion_mode, dim=768, layers=layers, heads=12))
     elif name == "tiny":
         cfg = ICodeConfig(
+            # No dropout at toy scale: the encoders train from scratch for a few hundred steps.
             text=DebertaConfig(vocab_size=1024, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                               intermediate_size=128, max_position_embeddings=128, position_buckets=32),
+                               intermediate_size=128, max_position_embeddings=128, position_buckets=32,
+                               hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
             speech=SpeechConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
                                 conv_dim=(32,) * 7, conv_bias=True, feat_extract_norm="layer",
                                 do_stable_layer_norm=True, num_conv_pos_embeddings=16,
-                                num_conv_pos_embedding_groups=4, num_buckets=32, max_bucket_distance=100),
+                                num_conv_pos_embedding_groups=4, num_buckets=32, max_bucket_distance=100,
+                                hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0),
             vision=SwinConfig(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8), window_size=(2, 4, 4),
                               drop_path_rate=0.0),
-            fusion=FusionConfig(mode=fusion_mode, dim=64, layers=2 if fusion_mode == "merge" else 1, heads=4),
+            fusion=FusionConfig(mode=fusion_mode, dim=64, layers=2 if fusion_mode == "merge" else 1, heads=4,
+                                dropout=0.0),
             video_codebook=256, speech_groups=2, speech_vars=64)
     else:
         raise ValueError(f"preset must be 'paper' or 'tiny', got {name!r}")

@@ -80,6 +80,15 @@ def all_reduce_(t, op=None):
 # ----------------------------------------------------------------------------------------------------
 # Model, optimiser, schedule
 
+def wrap_ddp(module, d):
+    """DDP over `module` when there are several processes; the module itself otherwise."""
+    if d.world == 1:
+        return module
+    return nn.parallel.DistributedDataParallel(
+        module, device_ids=[d.local_rank] if d.device.type == "cuda" else None,
+        broadcast_buffers=False)   # no batch norm: nothing to broadcast
+
+
 def load_model(ckpt=None, preset_name="tiny", fusion="merge", text_vocab=None):
     """An ICode from a checkpoint folder (model.safetensors + state.json, architecture from its config)
     or, with ckpt=None, freshly initialised from a preset."""
@@ -405,10 +414,10 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=16, help="micro-batch per device")
     p.add_argument("--accum", type=int, default=1, help="micro-batches per step (gradient cache when > 1)")
     p.add_argument("--global-batch", type=int, default=None, help="check: must equal batch x accum x world")
-    p.add_argument("--steps", type=int, default=None, help="optimiser steps (default: tiny 300, paper 100000)")
-    p.add_argument("--lr-fusion", type=float, default=None, help="fusion + heads LR (paper 2e-5; tiny 2e-3)")
-    p.add_argument("--lr-encoders", type=float, default=None, help="encoders LR (paper 1e-5; tiny 1e-3)")
-    p.add_argument("--warmup", type=int, default=None, help="warm-up steps (paper 20000; tiny 30)")
+    p.add_argument("--steps", type=int, default=None, help="optimiser steps (default: tiny 600, paper 100000)")
+    p.add_argument("--lr-fusion", type=float, default=None, help="fusion + heads LR (paper 2e-5; tiny 3e-4)")
+    p.add_argument("--lr-encoders", type=float, default=None, help="encoders LR (paper 1e-5; tiny 3e-4)")
+    p.add_argument("--warmup", type=int, default=None, help="warm-up steps (paper 20000; tiny 50)")
     p.add_argument("--decay", default="cosine", choices=["cosine", "linear"], help="decay after warm-up")
     p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
     p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping")
@@ -437,10 +446,11 @@ def parse_args(argv=None):
     p.add_argument("--bench-steps", type=int, default=10, help="timed steps in --benchmark")
     a = p.parse_args(argv)
     tiny = a.preset == "tiny"
-    a.steps = a.steps if a.steps is not None else (300 if tiny else 100000)
-    a.lr_fusion = a.lr_fusion if a.lr_fusion is not None else (2e-3 if tiny else 2e-5)
-    a.lr_encoders = a.lr_encoders if a.lr_encoders is not None else (1e-3 if tiny else 1e-5)
-    a.warmup = a.warmup if a.warmup is not None else (30 if tiny else 20000)
+    a.steps = a.steps if a.steps is not None else (600 if tiny else 100000)
+    # tiny: from-scratch encoders; 1e-3 and above collapse the contrastive terms to log(B) (README, Results)
+    a.lr_fusion = a.lr_fusion if a.lr_fusion is not None else (3e-4 if tiny else 2e-5)
+    a.lr_encoders = a.lr_encoders if a.lr_encoders is not None else (3e-4 if tiny else 1e-5)
+    a.warmup = a.warmup if a.warmup is not None else (50 if tiny else 20000)
     a.out = a.out or (TOY_OUT if a.data is None else os.path.join("runs", "pretrain"))
     return a
 
@@ -506,11 +516,7 @@ def main(argv=None):
     weights = dict(alpha=args.alpha, beta=args.beta, gamma=args.gamma, lam=args.lam)
     objective = PretrainObjective(model, weights, args.unmasked_contrastive)
     opt = build_optimizer(model, args.lr_fusion, args.lr_encoders, args.weight_decay)
-    ddp = objective
-    if d.world > 1:
-        ddp = nn.parallel.DistributedDataParallel(
-            objective, device_ids=[d.local_rank] if d.device.type == "cuda" else None,
-            broadcast_buffers=False)   # no batch norm: nothing to broadcast
+    ddp = wrap_ddp(objective, d)
     if args.compile:
         ddp = torch.compile(ddp)
     step, history = 0, []

@@ -142,7 +142,8 @@ def test_retrieval_recall_ties_pessimistic():
     r = retrieval_recall(sim, ks=(1, 2, 3))
     assert r == pytest.approx({"R@1": 1 / 3, "R@2": 1 / 3, "R@3": 1.0})
     # other direction: rows of sim.T: [.9,.8,.2] rank 0, [.1,.7,.3] rank 0, [.5,.7,.1] rank 2
-    assert retrieval_recall(torch.tensor(sim).T, ks=(1, 2, 3)) == pytest.approx({"R@1": 2 / 3, "R@2": 2 / 3, "R@3": 1.0})
+    assert retrieval_recall(torch.tensor(sim).T, ks=(1, 2, 3)) == pytest.approx(
+        {"R@1": 2 / 3, "R@2": 2 / 3, "R@3": 1.0})
     # a collapsed representation (every similarity equal) retrieves nothing below K = N
     assert retrieval_recall(np.ones((4, 4)), ks=(1, 3, 5)) == {"R@1": 0.0, "R@3": 0.0, "R@5": 1.0}
     with pytest.raises(ValueError):

@@ -1,0 +1,210 @@
+"""eval.py beyond the metrics: the joint representation, the multiple-choice head, text joining, GLUE
+reading, and fine-tuning smoke runs on the smallest toy world (CPU, well under a minute)."""
+import math
+import os
+
+import pytest
+import torch
+
+import data as D
+import eval as E
+from icode import ICode, preset
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny model runs fastest on one thread; with 2 threads on a busy 2-core machine (other jobs beside
+    pytest) OpenMP's waiting threads made this file 15x slower. Restored afterwards for the other test files."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    root = tmp_path_factory.mktemp("toy")
+    D.make_toy(str(root), size="tiny")
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def tok(toy):
+    return D.load_tokenizer(os.path.join(toy, "tokenizer.json"))
+
+
+def tiny_icode(vocab, fusion="merge", seed=0):
+    torch.manual_seed(seed)
+    return ICode(preset("tiny", fusion, text_vocab=vocab)).eval()
+
+
+def test_parse_modalities():
+    assert E.parse_modalities("V,L,S") == ("video", "text", "audio")
+    assert E.parse_modalities("s, v") == ("video", "audio")             # any order, MODALITIES order out
+    assert E.parse_modalities("text") == ("text",)
+    for bad in ("", "V,X", ","):
+        with pytest.raises(ValueError):
+            E.parse_modalities(bad)
+
+
+@pytest.mark.parametrize("fusion", ["merge", "co"])
+def test_joint_representation_is_icode_encode_joint(fusion):
+    """Same rule as ICode.encode: per-modality means over valid tokens, then an equal-weight mean; padding
+    (text and audio here) must not change it."""
+    m = tiny_icode(100, fusion)
+    torch.manual_seed(1)
+    video, audio = torch.randn(2, 3, 4, 64, 64), torch.randn(2, 3200)
+    text = torch.randint(5, 100, (2, 7))
+    att = torch.ones(2, 7, dtype=torch.bool)
+    att[1, 4:] = False
+    a_att = torch.ones(2, 3200, dtype=torch.bool)
+    a_att[0, 2000:] = False
+    with torch.no_grad():
+        ref = m.encode(video=video, text=text, audio=audio, text_attention=att, audio_attention=a_att)
+        feats, valids = m.encode_modalities(video=video, text=text, audio=audio, text_attention=att,
+                                            audio_attention=a_att)
+        mine = E.joint_representation(m.fusion(feats, valids), valids)
+        # by hand: each modality's masked mean, then the mean of the three
+        toks = m.fusion(feats, valids)
+        hand = []
+        for mod in ("video", "text", "audio"):
+            x, v = toks[mod], valids[mod]
+            hand.append(x.mean(1) if v is None else (x * v[..., None]).sum(1) / v.sum(1, keepdim=True))
+        hand = torch.stack(hand).mean(0)
+    assert torch.allclose(mine, ref.joint, atol=1e-6)
+    assert torch.allclose(mine, hand, atol=1e-5)
+
+
+def _mc_inputs(tok, n_q=3, K=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    video = torch.randn(n_q, 3, 4, 64, 64, generator=g)
+    audio = torch.randn(n_q, 3200, generator=g)
+    texts = [E.join_segments(tok, [f"what colour {q}?", f"answer {k} red blue", "the circle looks good"], 32)
+             for q in range(n_q) for k in range(K)]
+    ids, att = tok.pad(texts)
+    return {"video": video, "audio": audio, "audio_attention": torch.ones(n_q, 3200, dtype=torch.bool),
+            "text": ids, "text_attention": att}
+
+
+def test_multiple_choice_softmax_is_per_question(tok):
+    """[B*K] candidate rows -> logits [B, K]; the softmax runs over the K candidates of one question: permuting
+    the questions in the batch permutes the rows of the probabilities and changes nothing else."""
+    K = 4
+    ft = E.FineTuner(tiny_icode(tok.vocab_size), "mc", 1, ("video", "text", "audio")).eval()
+    inp = _mc_inputs(tok, n_q=3, K=K)
+    with torch.no_grad():
+        logits = ft(inp, n_candidates=K)
+    assert logits.shape == (3, K)
+    probs = logits.softmax(1)
+    assert torch.allclose(probs.sum(1), torch.ones(3))
+    perm = torch.tensor([2, 0, 1])
+    rows = (perm[:, None] * K + torch.arange(K)).reshape(-1)          # the candidates travel with their question
+    inp_p = {"video": inp["video"][perm], "audio": inp["audio"][perm], "audio_attention": inp["audio_attention"][perm],
+             "text": inp["text"][rows], "text_attention": inp["text_attention"][rows]}
+    with torch.no_grad():
+        probs_p = ft(inp_p, n_candidates=K).softmax(1)
+    assert torch.allclose(probs_p, probs[perm], atol=1e-5)
+    # a question alone in its batch gets the same probabilities as inside the batch
+    one = {k: v[:1] if k in ("video", "audio", "audio_attention") else v[:K] for k, v in inp.items()}
+    with torch.no_grad():
+        assert torch.allclose(ft(one, n_candidates=K).softmax(1), probs[:1], atol=1e-5)
+    # the loss is the mean over questions of -log p(right candidate | that question's candidates)
+    target = torch.tensor([1, 3, 0])
+    hand = -sum(math.log(probs[i, target[i]].item()) for i in range(3)) / 3
+    assert E.loss_fn("mc", logits, target).item() == pytest.approx(hand, rel=1e-5)
+
+
+def test_join_segments_truncates_the_last_segment(tok):
+    ids = E.join_segments(tok, ["what colour is it?", "red", "the circle looks good"], 64)
+    assert ids[0] == tok.cls_id and ids[-1] == tok.sep_id
+    assert ids.count(tok.sep_id) == 3                                   # [CLS] q [SEP] a [SEP] subtitles [SEP]
+    short = E.join_segments(tok, ["what colour is it?", "red", "the circle looks good " * 20], 16)
+    assert len(short) == 16 and short[-1] == tok.sep_id and short.count(tok.sep_id) == 3
+    head = ids[:[i for i, x in enumerate(ids) if x == tok.sep_id][1] + 1]   # [CLS] question [SEP] answer [SEP]
+    assert short[:len(head)] == head                                     # question and answer kept whole
+
+
+def test_read_glue_tsv(tmp_path):
+    cola = tmp_path / "cola.tsv"
+    cola.write_text("gj04\t1\t\tThe book was read.\ngj04\t0\t*\tBook the read was.\nbroken row\n")
+    assert E.read_glue_tsv(str(cola), "CoLA") == [("The book was read.", None, 1), ("Book the read was.", None, 0)]
+    sts = tmp_path / "sts.tsv"
+    sts.write_text("index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore\n"
+                   "0\tx\tx\tx\tx\tx\tx\tA man plays.\tA man is playing.\t4.75\n")
+    assert E.read_glue_tsv(str(sts), "STS-B") == [("A man plays.", "A man is playing.", 4.75)]
+    rte = tmp_path / "rte.tsv"
+    rte.write_text("index\tsentence1\tsentence2\tlabel\n0\tA\tB\tnot_entailment\n1\tC\tD\tentailment\n2\tE\tF\tmaybe\n")
+    assert E.read_glue_tsv(str(rte), "RTE") == [("A", "B", 1), ("C", "D", 0)]   # unknown label skipped
+
+
+def _finite(d):
+    return all(math.isfinite(v) for v in d.values())
+
+
+def test_finetune_smoke_and_best_checkpoint(toy, tmp_path):
+    """One task on the toy world through eval.main; the saved best weights reproduce the test metrics."""
+    out = str(tmp_path / "out")
+    res = E.main(["--task", "sentiment", "--toy-dir", toy, "--ckpt", "none", "--epochs", "2", "--batch", "4",
+                  "--out", out, "--device", "cpu"])
+    test = {k: v[0] for k, v in res["test"].items()}
+    assert set(test) == {"mae", "corr", "acc2_nonneg", "f1_nonneg", "acc2_pos", "f1_pos", "acc7"}
+    assert _finite(test)
+    assert os.path.isfile(os.path.join(out, "sentiment_V+L+S", "results.json"))
+    weights = os.path.join(out, "sentiment_V+L+S", "seed0", "model.safetensors")
+    assert os.path.isfile(weights)
+    # reload the best weights into a fresh model: same test metrics as reported
+    from safetensors.torch import load_model
+    tok = D.load_tokenizer(os.path.join(toy, "tokenizer.json"))
+    ft = E.FineTuner(tiny_icode(tok.vocab_size), "sentiment", 1, ("video", "text", "audio"))
+    load_model(ft, weights, strict=False)
+    test_ex = E.load_split(os.path.join(toy, "downstream_test.jsonl"), D.TOY_DATA, tok)
+    again = E.evaluate(ft, test_ex, "sentiment", False, D.TOY_DATA, tok, "cpu")
+    assert again["mae"] == pytest.approx(test["mae"], abs=1e-4)
+
+
+@pytest.mark.parametrize("task,mods,extra", [
+    ("emotion", "V,S", []),
+    ("mc", "L,S", ["--fusion", "co"]),
+    ("binary", "L", ["--lr-encoders", "1e-4"]),       # encoders trained too: the uncached path
+])
+def test_finetune_tasks_and_modality_subsets(toy, tmp_path, task, mods, extra):
+    res = E.main(["--task", task, "--toy-dir", toy, "--ckpt", "none", "--epochs", "1", "--batch", "4",
+                  "--modalities", mods, "--out", str(tmp_path), "--device", "cpu", "--seeds", "2"] + extra)
+    test = {k: v for k, v in res["test"].items()}
+    assert _finite({k: m for k, (m, s) in test.items()}) and _finite({k: s for k, (m, s) in test.items()})
+    assert len(res["runs"]) == 2
+    keys = {"emotion": {"accuracy", "f1", "precision", "recall", "subset_acc"}}.get(task, {"acc"})
+    assert set(test) == keys
+
+
+def test_zero_shot_retrieval(toy, tok):
+    res = E.zero_shot_retrieval(tiny_icode(tok.vocab_size), os.path.join(toy, "video_test.jsonl"), D.TOY_DATA, tok)
+    dirs = {k for k in res if "->" in k}
+    assert dirs == {"video->text", "text->video", "video->audio", "audio->video", "text->audio", "audio->text"}
+    for k in dirs:
+        assert set(res[k]) == {"R@1", "R@5", "R@10"} and all(0 <= v <= 1 for v in res[k].values())
+        assert res[k]["R@10"] == 1.0                                    # 4 held-out clips: K >= N
+
+
+def test_glue_smoke(tmp_path, toy):
+    gd = tmp_path / "RTE"
+    gd.mkdir()
+    rows = "index\tsentence1\tsentence2\tlabel\n" + "".join(
+        f"{i}\tthe {c} circle looks good\tit is {c}\t{'entailment' if i % 2 else 'not_entailment'}\n"
+        for i, c in enumerate(["red", "blue", "green", "red", "blue", "green"]))
+    (gd / "train.tsv").write_text(rows)
+    (gd / "dev.tsv").write_text(rows)
+    res = E.main(["--task", "glue", "--glue-task", "RTE", "--glue-dir", str(gd), "--toy-dir", toy, "--ckpt", "none",
+                  "--epochs", "1", "--batch", "4", "--out", str(tmp_path / "out"), "--device", "cpu"])
+    assert set(res["test"]) == {"acc"} and 0 <= res["test"]["acc"][0] <= 1
+
+
+def test_report_on_the_tiny_toy_world(toy, tmp_path):
+    """`python eval.py` end to end on the smallest toy world: every table, the chart, no NaN."""
+    out = str(tmp_path / "report")
+    res = E.main(["--toy-dir", toy, "--ckpt", "none", "--epochs", "1", "--batch", "8", "--out", out, "--device", "cpu"])
+    md = open(os.path.join(out, "report.md")).read()
+    for title in ("Table 1", "Table 2", "Tables 3-6", "Table 8", "Zero-shot retrieval", "What the numbers say"):
+        assert title in md
+    assert os.path.getsize(os.path.join(out, "report.png")) > 0
+    assert len(res["subsets"]["emotion"]) == 7 and "nan" not in md.lower()
