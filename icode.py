@@ -47,6 +47,8 @@ class ICodeConfig:
     tie_mlm: bool = False          # tie the MLM decoder to the text encoder's word embeddings (needs C_l == D)
     tokenizer_seed: int = 0        # seed of the default random-projection (BEST-RQ) target tokenizers
     speech_tokenizer_features: str = "logmel"  # BEST-RQ speech input: "logmel" or "wave"
+    normalize_audio: bool = True   # zero mean, unit variance per utterance before the speech encoder, as the
+                                   # WavLM-large / HuBERT-large feature extractors do (do_normalize=True)
 
     @staticmethod
     def from_dict(d):
@@ -65,6 +67,17 @@ class ICodeConfig:
         if unknown:
             raise ValueError(f"unknown ICodeConfig keys {sorted(unknown)}")
         return ICodeConfig(**d)
+
+
+def normalize_waveform(wave, attention=None, eps=1e-7):
+    """Zero mean, unit variance over each row's valid samples; padding stays 0 (Hugging Face's
+    `Wav2Vec2FeatureExtractor.zero_mean_unit_var_norm`). wave: [B, N]; attention: [B, N] (1 = real) or None."""
+    valid = torch.ones_like(wave, dtype=torch.bool) if attention is None else attention.bool()
+    w = valid.to(wave.dtype)
+    n = w.sum(-1, keepdim=True).clamp_min(1)
+    mean = (wave * w).sum(-1, keepdim=True) / n
+    var = ((wave - mean) ** 2 * w).sum(-1, keepdim=True) / n
+    return (wave - mean) / torch.sqrt(var + eps) * w
 
 
 def preset(name, fusion_mode="merge", text_vocab=None):
@@ -164,6 +177,8 @@ class ICode(nn.Module):
         if text is not None:
             feats["text"], valids["text"] = self.text(text, text_attention)         # (B, T_l, C_l)
         if audio is not None:
+            if self.cfg.normalize_audio:
+                audio = normalize_waveform(audio, audio_attention)
             feats["audio"], valids["audio"] = self.speech(audio, audio_attention, frame_mask=audio_frame_mask)
         if not feats:
             raise ValueError("give at least one of video, text, audio")

@@ -99,3 +99,18 @@ def test_config_round_trip():
         assert ICodeConfig.from_dict(json.loads(json.dumps(asdict(cfg)))) == cfg
     with pytest.raises(ValueError, match="bogus"):
         ICodeConfig.from_dict({"bogus": 1})
+
+
+def test_normalize_waveform_closed_form():
+    from icode import normalize_waveform
+    torch.manual_seed(3)
+    wave = torch.randn(2, 1000) * 0.2 + 0.5
+    att = torch.ones(2, 1000, dtype=torch.bool)
+    att[1, 600:] = False
+    out = normalize_waveform(wave, att)
+    for i, n in ((0, 1000), (1, 600)):
+        x = out[i, :n].double()
+        assert abs(x.mean().item()) < 1e-6 and abs(x.var(unbiased=False).item() - 1) < 1e-4
+    assert (out[1, 600:] == 0).all()
+    ref = wave[1, :600]
+    assert torch.allclose(out[1, :600], (ref - ref.mean()) / torch.sqrt(ref.var(unbiased=False) + 1e-7), atol=1e-5)
