@@ -51,6 +51,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from model.fusion import MODALITIES, joint_representation
+
 # ----------------------------------------------------------------------------------------------------
 # Metrics (pure functions on numpy arrays; no NaN on degenerate inputs: every 0/0 is defined below)
 
@@ -247,7 +249,6 @@ def glue_metrics(task, pred, target):
 # Tasks, the multimodal representation and the heads (sections 5.1-5.4)
 
 MOD_LETTERS = {"V": "video", "L": "text", "S": "audio"}   # the paper's V, L, S -> the project's modality names
-MODALITIES = ("video", "text", "audio")
 TASKS = ("sentiment", "emotion", "binary", "mc", "glue")
 # metric used to pick the best epoch on the validation split, and whether lower is better
 SELECT = {"sentiment": ("mae", True), "emotion": ("f1", False), "binary": ("acc", False), "mc": ("acc", False)}
@@ -264,18 +265,6 @@ def parse_modalities(s):
 
 def modality_letters(mods):
     return "+".join(k for k, v in MOD_LETTERS.items() if v in mods)
-
-
-def joint_representation(tokens, valids):
-    """The multimodal representation of section 5.2 ("the average of the outputs from the fusion network").
-
-    tokens: {m: fused tokens [B, L_m, D]}; valids: {m: [B, L_m] bool or None}. Each modality's tokens are
-    first averaged over its *valid* positions (padding excluded; video over all T_v*H_v*W_v cells), then the
-    per-modality means are averaged with equal weight. So a modality counts the same whatever its length:
-    99 speech frames do not outvote 8 video cells or 20 text tokens. Same as `ICode.encode(...).joint`.
-    """
-    from model.fusion import masked_mean
-    return torch.stack([masked_mean(tokens[m], valids.get(m)) for m in MODALITIES if m in tokens]).mean(0)
 
 
 class TaskHead(nn.Module):

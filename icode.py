@@ -27,7 +27,7 @@ import torch.nn as nn
 from data import tube_to_patch_mask
 from losses import LogitScales
 from model.deberta import DEBERTA_V3_BASE, Deberta, DebertaConfig
-from model.fusion import MODALITIES, FusionConfig, FusionNetwork, masked_mean
+from model.fusion import MODALITIES, FusionConfig, FusionNetwork, joint_representation, masked_mean
 from model.heads import MLMHead, MSMHead, MVMHead
 from model.quantizers import build_default_quantizers
 from model.swin3d import SWIN_B_VIDEO, SwinConfig, VideoSwin
@@ -193,8 +193,7 @@ class ICode(nn.Module):
         feats, valids = self.encode_modalities(video, text, audio, text_attention, audio_attention)
         tokens = self.fusion(feats, valids)
         pooled = {m: masked_mean(x, valids[m]) for m, x in tokens.items()}
-        joint = torch.stack([pooled[m] for m in MODALITIES if m in pooled]).mean(0)
-        return EncodeOutput(tokens, {m: valids[m] for m in tokens}, pooled, joint)
+        return EncodeOutput(tokens, {m: valids[m] for m in tokens}, pooled, joint_representation(tokens, valids))
 
     def contrastive_representations(self, feats, valids):
         """Section 4.2.2: each modality through the fusion network *alone*, then mean-pooled (vision over

@@ -143,6 +143,17 @@ def masked_mean(x, valid):
     return (x * w).sum(1) / w.sum(1).clamp_min(1.0)
 
 
+def joint_representation(tokens, valids):
+    """The multimodal representation of section 5.2 ("the average of the outputs from the fusion network").
+
+    tokens: {m: fused tokens [B, L_m, D]}; valids: {m: [B, L_m] bool or None} -> [B, D]. Each modality's tokens
+    are first averaged over its valid positions (video over all T_v*H_v*W_v cells), then the per-modality means
+    are averaged with equal weight: a modality counts the same whatever its length (99 speech frames do not
+    outvote 8 video cells or 20 text tokens).
+    """
+    return torch.stack([masked_mean(tokens[m], valids.get(m)) for m in MODALITIES if m in tokens]).mean(0)
+
+
 class FusionNetwork(nn.Module):
     """Projections + merge- or co-attention fusion over any non-empty subset of the modalities.
 
