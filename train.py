@@ -414,7 +414,7 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=16, help="micro-batch per device")
     p.add_argument("--accum", type=int, default=1, help="micro-batches per step (gradient cache when > 1)")
     p.add_argument("--global-batch", type=int, default=None, help="check: must equal batch x accum x world")
-    p.add_argument("--steps", type=int, default=None, help="optimiser steps (default: tiny 600, paper 100000)")
+    p.add_argument("--steps", type=int, default=None, help="optimiser steps (default: tiny 500, paper 100000)")
     p.add_argument("--lr-fusion", type=float, default=None, help="fusion + heads LR (paper 2e-5; tiny 3e-4)")
     p.add_argument("--lr-encoders", type=float, default=None, help="encoders LR (paper 1e-5; tiny 3e-4)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up steps (paper 20000; tiny 50)")
@@ -425,8 +425,10 @@ def parse_args(argv=None):
     p.add_argument("--beta", type=float, default=0.6, help="eq. (3) weight of L_MVM")
     p.add_argument("--gamma", type=float, default=1.0, help="eq. (3) weight of L_MSM")
     p.add_argument("--lam", type=float, default=1.0, help="eq. (3) weight of the contrastive terms")
-    p.add_argument("--unmasked-contrastive", action="store_true",
-                   help="a separate unmasked encoder pass for the contrastive branch (default: reuse masked, as FLIP)")
+    p.add_argument("--contrastive-inputs", default=None, choices=["masked", "unmasked"],
+                   help="contrastive branch on the masked encoder outputs (reused, as FLIP; paper default) or on a "
+                        "separate unmasked encoder pass (tiny default: from-scratch encoders learn the speech "
+                        "pairs only then, README Results)")
     p.add_argument("--bf16", default="auto", choices=["auto", "on", "off"], help="bf16 autocast (auto: on GPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile the objective")
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing of every Transformer block")
@@ -446,12 +448,14 @@ def parse_args(argv=None):
     p.add_argument("--bench-steps", type=int, default=10, help="timed steps in --benchmark")
     a = p.parse_args(argv)
     tiny = a.preset == "tiny"
-    a.steps = a.steps if a.steps is not None else (600 if tiny else 100000)
+    a.steps = a.steps if a.steps is not None else (500 if tiny else 100000)
     # tiny: from-scratch encoders; 1e-3 and above collapse the contrastive terms to log(B) (README, Results)
     a.lr_fusion = a.lr_fusion if a.lr_fusion is not None else (3e-4 if tiny else 2e-5)
     a.lr_encoders = a.lr_encoders if a.lr_encoders is not None else (3e-4 if tiny else 1e-5)
     a.warmup = a.warmup if a.warmup is not None else (50 if tiny else 20000)
     a.out = a.out or (TOY_OUT if a.data is None else os.path.join("runs", "pretrain"))
+    a.contrastive_inputs = a.contrastive_inputs or ("unmasked" if tiny else "masked")
+    a.unmasked_contrastive = a.contrastive_inputs == "unmasked"
     return a
 
 

@@ -42,11 +42,12 @@ def assert_close(g1, g2, tol=1e-5):
     assert worst < tol, worst
 
 
-@pytest.mark.parametrize("mode", ["merge", "co"])
-def test_gradient_cache_equals_one_pass(mode):
-    """No dropout: 2 micro-batches with gradient cache == the global batch in one pass (float32)."""
+@pytest.mark.parametrize("mode,unmasked", [("merge", False), ("co", False), ("merge", True)])
+def test_gradient_cache_equals_one_pass(mode, unmasked):
+    """No dropout: 2 micro-batches with gradient cache == the global batch in one pass (float32), with the
+    contrastive branch on the masked encoder outputs or on a separate unmasked pass."""
     model = make_model(mode)
-    obj = PretrainObjective(model, WEIGHTS)
+    obj = PretrainObjective(model, WEIGHTS, unmasked_contrastive=unmasked)
     batch = make_batch(model)
     t_one = train_step(obj, obj, [batch], Dist(), NOCAST, WEIGHTS)
     g_one = grads(model)
