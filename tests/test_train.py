@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.utils.checkpoint
 from safetensors.torch import load_file, save_file
 
 import train
@@ -180,3 +181,18 @@ def test_end_to_end_losses_fall(toy_small, tmp_path):
         assert last < first, (term, first, last)
     assert os.path.isfile(tmp_path / "e2e" / "loss.png")
     assert os.path.isfile(tmp_path / "e2e" / "metrics.jsonl")
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    model = make_model()
+    obj = PretrainObjective(model, WEIGHTS)
+    batch = make_batch(model)
+    train_step(obj, obj, [batch], Dist(), NOCAST, WEIGHTS)
+    g_plain = grads(model)
+    model.zero_grad(set_to_none=True)
+    train.enable_checkpointing(model)
+    blocks = train.transformer_blocks(model)
+    assert blocks and all(getattr(b.forward, "func", None) is torch.utils.checkpoint.checkpoint for b in blocks)
+    train_step(obj, obj, [batch], Dist(), NOCAST, WEIGHTS)
+    assert_close(grads(model), g_plain, tol=1e-6)
+    assert set(model.state_dict()) == set(make_model().state_dict())     # parameter names unchanged
