@@ -196,3 +196,17 @@ def test_activation_checkpointing_gives_the_same_gradients():
     train_step(obj, obj, [batch], Dist(), NOCAST, WEIGHTS)
     assert_close(grads(model), g_plain, tol=1e-6)
     assert set(model.state_dict()) == set(make_model().state_dict())     # parameter names unchanged
+
+
+def test_non_finite_steps_are_skipped_then_stop_with_the_last_good_checkpoint(toy_small, tmp_path):
+    out = tmp_path / "nan"
+    good = _run(toy_small, out, "--steps", "2", "--save-every", "2")
+    assert good["step"] == 2
+    before = load_file(os.path.join(train.checkpoints(str(out))[-1], "model.safetensors"))
+    # alpha = nan makes every step's total non-finite: skipped (weights untouched), then a clear stop
+    with pytest.raises(RuntimeError, match="non-finite steps in a row"):
+        _run(toy_small, out, "--steps", "10", "--resume", "--alpha", "nan", "--max-bad-steps", "3")
+    ckpts = train.checkpoints(str(out))
+    assert [os.path.basename(c) for c in ckpts] == ["ckpt_0000002"]
+    after = load_file(os.path.join(ckpts[-1], "model.safetensors"))
+    assert all(torch.equal(before[k], after[k]) for k in before)
