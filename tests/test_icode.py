@@ -114,3 +114,21 @@ def test_normalize_waveform_closed_form():
     assert (out[1, 600:] == 0).all()
     ref = wave[1, :600]
     assert torch.allclose(out[1, :600], (ref - ref.mean()) / torch.sqrt(ref.var(unbiased=False) + 1e-7), atol=1e-5)
+
+
+def test_convert_legacy_bin_to_safetensors(tmp_path):
+    """`python icode.py convert IN.bin OUT_DIR`: the one pickle read (weights_only=True), tensors preserved."""
+    import icode
+    from safetensors.torch import load_file
+    sd = {"a.weight": torch.randn(3, 4), "b.bias": torch.arange(5.0)}
+    src = tmp_path / "legacy"
+    src.mkdir()
+    torch.save(sd, src / "pytorch_model.bin")
+    (src / "config.json").write_text('{"model_type": "deberta-v2"}')
+    icode.main(["convert", str(src / "pytorch_model.bin"), str(tmp_path / "out")])
+    out = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert out.keys() == sd.keys() and all(torch.equal(out[k], sd[k]) for k in sd)
+    assert (tmp_path / "out" / "config.json").read_text() == '{"model_type": "deberta-v2"}'
+    torch.save({"not": "tensors"}, src / "bad.bin")
+    with pytest.raises(ValueError, match="bad.bin"):
+        icode.main(["convert", str(src / "bad.bin"), str(tmp_path / "out2")])
