@@ -34,6 +34,11 @@ import soundfile
 import tokenizers
 import torch
 
+from losses import IGNORE_INDEX as PAD_LABEL  # ignore index of the masked-unit losses
+from model.fusion import MODALITIES
+from model.quantizers import IMAGENET_MEAN, IMAGENET_STD
+from model.wavlm import SPEECH_KERNELS, SPEECH_STRIDES, conv_output_length
+
 
 # ----------------------------------------------------------------------------------------------------
 # Masked language modelling (section 4.2.1, footnote 2)
@@ -169,17 +174,10 @@ def span_mask_batch(lengths, max_length=None, p=0.08, span=10, generator=None):
 #   score, emotions, label, question, answers, answer   downstream labels, passed through
 # The first valid row decides the manifest's modalities; every row must provide them.
 
-PAD_LABEL = -100                     # ignore index of the masked-unit losses
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 MEDIA_FIELDS = ("video", "image", "audio", "text", "caption", "start", "end", "mute", "id")
 LABEL_FIELDS = ("score", "emotions", "label", "question", "answers", "answer")
 KNOWN_FIELDS = frozenset(MEDIA_FIELDS + LABEL_FIELDS)
-MODALITIES = ("video", "text", "audio")
 SOUNDFILE_EXTS = (".wav", ".flac")
-# WavLM's conv feature encoder (20 ms frames, 320-sample stride, 400-sample receptive field)
-SPEECH_KERNELS = (10, 3, 3, 3, 3, 2, 2)
-SPEECH_STRIDES = (5, 2, 2, 2, 2, 2, 2)
 DECODE_THREADS = 1                   # codec threads per worker: scale with DataLoader workers instead
 
 
@@ -207,7 +205,6 @@ TOY_DATA = DataConfig(frames=4, image_size=64, max_audio_s=2.0, max_text_len=32)
 
 def speech_frames(n):
     """T_s for a waveform of n samples (int or LongTensor): the conv feature encoder's output length."""
-    from model.wavlm import conv_output_length
     return conv_output_length(n, SPEECH_KERNELS, SPEECH_STRIDES)
 
 

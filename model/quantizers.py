@@ -39,11 +39,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model.wavlm import ConvFeatureEncoder, conv_output_length
+from model.wavlm import SPEECH_KERNELS, SPEECH_STRIDES, ConvFeatureEncoder, conv_output_length
 from model.weights import load_state_strict, read_hf_folder
 
-SPEECH_KERNELS = (10, 3, 3, 3, 3, 2, 2)   # the wav2vec 2.0 / WavLM conv feature encoder: receptive field 400
-SPEECH_STRIDES = (5, 2, 2, 2, 2, 2, 2)    # samples, stride 320 samples = 20 ms at 16 kHz
 IMAGENET_MEAN = (0.485, 0.456, 0.406)     # the normalisation Video Swin's input uses (pixels in [0, 1])
 IMAGENET_STD = (0.229, 0.224, 0.225)
 

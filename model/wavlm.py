@@ -26,6 +26,12 @@ import torch.nn.functional as F
 from model.weights import load_state_strict, read_hf_folder
 
 
+# The 7-layer convolutional feature encoder of wav2vec 2.0, HuBERT and WavLM: one frame per 320 samples (20 ms
+# at 16 kHz). The speech targets (model/quantizers.py) and the data pipeline's frame counts use the same numbers.
+SPEECH_KERNELS = (10, 3, 3, 3, 3, 2, 2)
+SPEECH_STRIDES = (5, 2, 2, 2, 2, 2, 2)
+
+
 @dataclass
 class SpeechConfig:
     hidden_size: int = 768                    # C, Transformer width (1024 in the large models)
@@ -33,8 +39,8 @@ class SpeechConfig:
     num_attention_heads: int = 12             # attention heads (head_dim 64 in all presets)
     intermediate_size: int = 3072             # feed-forward inner width (4 * hidden_size)
     conv_dim: tuple = (512,) * 7              # channels of the 7 feature-encoder convolutions
-    conv_kernel: tuple = (10, 3, 3, 3, 3, 2, 2)  # their kernel sizes (receptive field 400 samples = 25 ms)
-    conv_stride: tuple = (5, 2, 2, 2, 2, 2, 2)   # their strides (product 320 samples = 20 ms)
+    conv_kernel: tuple = SPEECH_KERNELS       # their kernel sizes (receptive field 400 samples = 25 ms)
+    conv_stride: tuple = SPEECH_STRIDES       # their strides (product 320 samples = 20 ms)
     conv_bias: bool = False                   # bias in the feature-encoder convolutions (True in large models)
     feat_extract_norm: str = "group"          # "group": GroupNorm in conv 0 only (base); "layer": LayerNorm after every conv (large)
     feat_proj_layer_norm: bool = True         # LayerNorm before the feature projection (always in WavLM; a HuBERT option)
