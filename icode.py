@@ -257,7 +257,7 @@ class ICode(nn.Module):
         return out
 
 
-    def unused_parameters(self, present, contrastive=True):
+    def unused_parameters(self, present):
         """The trainable parameters a pretraining step on a batch holding only `present` modalities
         does not touch: the absent encoders, their projections and heads, co-attention's modules of
         absent modalities (and every cross-attention when one modality is alone), the logit scales of
@@ -280,8 +280,7 @@ class ICode(nn.Module):
                 mods += [layer.cross_attn[m] for m in present] + [layer.cross_norm[m] for m in present]
         pairs = {"vl": ("video", "text"), "vs": ("video", "audio"), "ls": ("text", "audio")}
         params = [p for mod in mods for p in mod.parameters()]
-        params += [p for name, p in self.logit_scales.scale.items()
-                   if not contrastive or not set(pairs[name]) <= present]
+        params += [p for name, p in self.logit_scales.scale.items() if not set(pairs[name]) <= present]
         seen, out = set(), []
         for p in params:  # de-duplicated: a shared co-attention FFN or a tied decoder appears once
             if p.requires_grad and id(p) not in seen:
