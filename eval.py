@@ -51,7 +51,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import train as T
 from model.fusion import MODALITIES, joint_representation
+from train import to_device
 
 # ----------------------------------------------------------------------------------------------------
 # Metrics (pure functions on numpy arrays; no NaN on degenerate inputs: every 0/0 is defined below)
@@ -435,10 +437,6 @@ def make_inputs(examples, task, modalities, dcfg, tokenizer):
     return inputs, target_of(examples, task), K
 
 
-def _to(inputs, device):
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
-
-
 def _rows(x, valid):
     """[B, L, C] (+ [B, L] valid) -> list of B tensors [L_i, C] without padding (video grids kept whole)."""
     if valid is None:
@@ -468,7 +466,7 @@ def encode_examples(icode, examples, task, modalities, dcfg, tokenizer, device, 
     for i in range(0, len(examples), batch_size):
         chunk = examples[i:i + batch_size]
         inputs, _, K = make_inputs(chunk, task, modalities, dcfg, tokenizer)
-        feats, valids = enc.encode(_to(inputs, device))
+        feats, valids = enc.encode(to_device(inputs, device))
         per = {m: [r.cpu() for r in _rows(feats[m], valids[m])] for m in feats}
         for j in range(len(chunk)):
             f = {m: per[m][j] for m in per if m != "text"}
@@ -520,9 +518,9 @@ def _forward(ft, items, task, cached, dcfg, tokenizer, device):
     mods = getattr(ft, "module", ft).modalities
     if cached:
         feats, valids, target, K = collate_features(items, task, mods)
-        return ft(feats=_to(feats, device), valids=_to(valids, device), n_candidates=K), target.to(device)
+        return ft(feats=to_device(feats, device), valids=to_device(valids, device), n_candidates=K), target.to(device)
     inputs, target, K = make_inputs(items, task, mods, dcfg, tokenizer)
-    return ft(_to(inputs, device), n_candidates=K), target.to(device)
+    return ft(to_device(inputs, device), n_candidates=K), target.to(device)
 
 
 @torch.no_grad()
@@ -570,7 +568,6 @@ def finetune(task, splits, *, ckpt, fusion, modalities, seed, dcfg, tokenizer, d
     training stops after `patience` epochs without improvement. With out_dir, rank 0 writes the best
     weights there (`train.save_weights`, safetensors).
     """
-    import train as T
     t0 = time.time()
     device = d.device
     if task == "mc" and "text" not in modalities:
@@ -593,7 +590,7 @@ def finetune(task, splits, *, ckpt, fusion, modalities, seed, dcfg, tokenizer, d
     opt = T.build_optimizer(ft.icode, lr, lr_encoders, weight_decay)
     opt.add_param_group({"params": list(ft.head.parameters()), "lr": lr, "base_lr": lr,
                          "weight_decay": weight_decay, "name": "head"})
-    ddp = T.wrap_ddp(ft, d) if d.world > 1 else ft
+    ddp = T.wrap_ddp(ft, d)
     select, lower = SELECT.get(task, (GLUE_METRICS.get(glue_task, ("acc",))[0], False))
     best, best_state, best_epoch, stale, epoch = None, None, -1, 0, 0
     g = torch.Generator().manual_seed(seed)
@@ -663,14 +660,8 @@ def contrastive_space(model, examples, dcfg, tokenizer, device, batch_size=16):
     model.eval()
     out = {}
     for b in _batches(examples, batch_size):
-        batch = D.collate(b, dcfg, tokenizer)
-        mods = batch["modalities"]
-        feats, valids = model.encode_modalities(
-            video=batch["video"].to(device) if "video" in mods else None,
-            text=batch["text_ids_clean"].to(device) if "text" in mods else None,
-            audio=batch["audio"].to(device) if "audio" in mods else None,
-            text_attention=batch["text_attention"].to(device) if "text" in mods else None,
-            audio_attention=batch["audio_attention"].to(device) if "audio" in mods else None)
+        batch = to_device(D.collate(b, dcfg, tokenizer), device)
+        feats, valids = model.pretrain_features(batch, masked=False)           # the unmasked inputs
         for m, r in model.contrastive_representations(feats, valids).items():
             out.setdefault(m, []).append(F.normalize(r.float(), dim=-1).cpu())
     return {m: torch.cat(v) for m, v in out.items()}
@@ -785,7 +776,6 @@ def metric_cells(task, summary):
 
 def resolve_ckpt(path):
     """A checkpoint folder (has state.json), or a run folder -> its latest ckpt_*; 'none' -> None."""
-    import train as T
     if path is None or str(path).lower() == "none":
         return None
     if os.path.isfile(os.path.join(path, "state.json")):
@@ -872,7 +862,6 @@ def run_seeds(task, splits, args, d, ckpt, fusion, modalities, dcfg, tokenizer, 
 
 def main(argv=None):
     import data as D
-    import train as T
     args = parse_args(argv)
     d = T.setup_distributed(args.device)
     dcfg = D.TOY_DATA if args.preset == "tiny" else D.PAPER_DATA
@@ -925,7 +914,6 @@ def report(args, d, dcfg):
     """Fine-tune and test every configuration on the toy world's downstream splits; write
     <out>/report.md, report.png and results.json. Returns the results dict."""
     import data as D
-    import train as T
     t0 = time.time()
     paths = _toy(args)
     tokenizer = D.load_tokenizer(args.tokenizer or os.path.join(args.toy_dir, "tokenizer.json"))

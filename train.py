@@ -89,6 +89,17 @@ def wrap_ddp(module, d):
         broadcast_buffers=False)   # no batch norm: nothing to broadcast
 
 
+def precision(bf16, device):
+    """bf16 autocast ("auto": on GPUs) and TF32 matrix products on GPUs; float32 on CPUs.
+    Returns a factory of the autocast context (a no-op context when off)."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if bf16 == "on" or (bf16 == "auto" and device.type == "cuda"):
+        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
 def load_model(ckpt=None, preset_name="tiny", fusion="merge", text_vocab=None):
     """An ICode from a checkpoint folder (model.safetensors + state.json, architecture from its config)
     or, with ckpt=None, freshly initialised from a preset."""
@@ -484,11 +495,7 @@ def main(argv=None):
     torch.manual_seed(seed)
     np.random.seed(seed)
     random.seed(seed)
-    autocast_on = args.bf16 == "on" or (args.bf16 == "auto" and d.device.type == "cuda")
-    if d.device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    autocast = (lambda: torch.autocast(d.device.type, dtype=torch.bfloat16)) if autocast_on else contextlib.nullcontext
+    autocast = precision(args.bf16, d.device)
 
     # data: the toy world when none is given
     manifests, tok_path = args.data, args.tokenizer
@@ -739,14 +746,10 @@ def benchmark(args, d):
     shapes = dict(text_len=128, seconds=7.8, frames=8, res=224) if paper else dict(text_len=32, seconds=2.0, frames=4, res=64)
     torch.manual_seed(0)
     cuda = d.device.type == "cuda"
-    if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
     model = load_model(None, args.preset, args.fusion).to(d.device)
     if args.checkpointing:
         enable_checkpointing(model)
-    autocast_on = args.bf16 == "on" or (args.bf16 == "auto" and cuda)
-    autocast = (lambda: torch.autocast(d.device.type, dtype=torch.bfloat16)) if autocast_on else contextlib.nullcontext
+    autocast = precision(args.bf16, d.device)
     weights = dict(alpha=args.alpha, beta=args.beta, gamma=args.gamma, lam=args.lam)
     objective = PretrainObjective(model, weights)
     runner = torch.compile(objective) if args.compile else objective
