@@ -95,6 +95,10 @@ def precision(bf16, device):
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+        # Time cuDNN's algorithms once per input shape and keep the fastest (the speech feature encoder,
+        # WavLM's grouped positional convolution, the patch embedding, MVM's deconvolution). Frames and the
+        # 8 s audio cut keep the shapes few (data.py pads to the batch maximum).
+        torch.backends.cudnn.benchmark = True
     if bf16 == "on" or (bf16 == "auto" and device.type == "cuda"):
         return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext
@@ -457,6 +461,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
     p.add_argument("--benchmark", action="store_true", help="time the step on synthetic tensors, print JSON")
     p.add_argument("--bench-steps", type=int, default=10, help="timed steps in --benchmark")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="--benchmark: then profile N more steps, print where the device time goes (JSON)")
     a = p.parse_args(argv)
     tiny = a.preset == "tiny"
     a.steps = a.steps if a.steps is not None else (500 if tiny else 100000)
@@ -796,7 +802,64 @@ def benchmark(args, d):
            "peak_mem_GiB": round(peak_mem, 1) if peak_mem is not None else None,
            "loss": round(total.item(), 3), "encoder_fwd_bwd_s": parts}
     print(json.dumps(out), flush=True)
+    if args.profile:
+        print(json.dumps({"profile": profile_steps(step, args.profile, cuda, sync)}), flush=True)
     return out
+
+
+# Kinds of kernels (or CPU ops), by name; the first pattern that matches wins. Inductor names its Triton
+# kernels after the ops they fuse (triton_tem_*: matmul templates), cuDNN convolution kernels have "gemm"
+# in their names and attention kernels "fmha" or "attention", hence the order.
+KERNEL_KINDS = (
+    ("matmul", r"^triton_tem"),
+    ("fused (inductor)", r"^triton_"),
+    ("attention", r"fmha|flash|attention|attn"),
+    ("convolution", r"conv|fprop|dgrad|wgrad|cudnn"),
+    ("matmul", r"gemm|nvjet|cublas|cutlass|aten::(mm|addmm|bmm|matmul|linear)$"),
+    ("optimizer", r"adam|multi_tensor|foreach"),
+    ("copy / layout", r"copy|transpose|permute|contiguous|cat|pad|roll|index|gather|scatter|memcpy|memset|clone"),
+    ("normalisation", r"norm"),
+)
+
+
+def kernel_kind(name):
+    import re
+    return next((kind for kind, pat in KERNEL_KINDS if re.search(pat, name, re.IGNORECASE)), "element-wise / other")
+
+
+def profile_steps(step, n, cuda, sync, top=25):
+    """Run `step` n times under torch.profiler. Returns per step: wall time, device-busy time (the sum of
+    kernel times; on a CPU the ops' self times), that time by kernel kind and the `top` kernels."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        sync()
+        t = time.perf_counter()
+        for _ in range(n):
+            step()
+        sync()
+        wall = (time.perf_counter() - t) / n
+    totals = {}                                         # name -> [microseconds, calls]
+    if cuda:   # kernels do not nest: their durations add up to the busy time of the device
+        for e in prof.events():
+            if e.device_type == DeviceType.CUDA:
+                acc = totals.setdefault(e.name, [0.0, 0])
+                acc[0] += e.time_range.elapsed_us()
+                acc[1] += 1
+    else:      # CPU ops nest: use self times
+        for e in prof.key_averages():
+            if e.self_cpu_time_total > 0:
+                totals[e.key] = [e.self_cpu_time_total, e.count]
+    busy = sum(us for us, _ in totals.values())
+    kinds = {}
+    for name, (us, _) in totals.items():
+        kinds[kernel_kind(name)] = kinds.get(kernel_kind(name), 0.0) + us
+    ms = lambda us: round(us / n / 1e3, 2)
+    ranked = sorted(totals.items(), key=lambda kv: -kv[1][0])[:top]
+    return {"steps": n, "wall_ms": round(wall * 1e3, 1), "busy_ms": ms(busy),
+            "busy_share": round(busy / 1e6 / n / wall, 3),
+            "by_kind_ms": {k: ms(v) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
+            "top": [[name[:120], ms(us), calls // n] for name, (us, calls) in ranked]}
 
 
 def encoder_breakdown(model, batch, autocast, sync):

@@ -124,15 +124,19 @@ class WindowAttention3D(nn.Module):
         BW, N, C = x.shape
         index = (self.relative_position_index if tuple(window) == self.window_size
                  else relative_position_index(window, self.window_size).to(x.device))
-        bias = self.relative_position_bias_table[index].permute(2, 0, 1)  # [heads, N, N]
-        q, k, v = self.qkv(x).view(BW, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)  # [BW, h, N, d]
-        if mask is not None:  # split B * nW so that the per-window mask broadcasts over the batch
+        h = self.num_heads
+        bias = self.relative_position_bias_table[index].permute(2, 0, 1)  # [h, N, N], broadcast over windows
+        q, k, v = self.qkv(x).view(BW, N, 3, h, C // h).permute(2, 0, 3, 1, 4)  # [BW, h, N, d]
+        if mask is not None:
+            # The shift mask differs per window. SDPA's fused kernels take 4-D inputs only (a 5-D [B, nW, h, N, d]
+            # falls back to the unfused math kernel), so fold the windows into the head axis: q [B, nW*h, N, d]
+            # against one [nW*h, N, N] bias that broadcasts over the batch (a copy of q, k, v, not of the bias).
             nW = mask.shape[0]
-            q, k, v = (t.reshape(BW // nW, nW, self.num_heads, N, -1) for t in (q, k, v))
-            bias = bias + mask[:, None]  # [nW, heads, N, N]
+            q, k, v = (t.reshape(BW // nW, nW * h, N, -1) for t in (q, k, v))
+            bias = (bias + mask[:, None]).reshape(nW * h, N, N)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype),
                                              dropout_p=self.dropout if self.training else 0.0)
-        out = out.reshape(BW, self.num_heads, N, -1).transpose(1, 2).reshape(BW, N, C)
+        out = out.reshape(BW, h, N, -1).transpose(1, 2).reshape(BW, N, C)
         return self.proj_drop(self.proj(out))
 
 

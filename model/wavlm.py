@@ -99,21 +99,30 @@ class ConvFeatureEncoder(nn.Module):
             self.conv_layers.append(block)
 
     def forward(self, wave):
+        if self.norm == "layer":
+            return self.forward_channels_last(wave)
         x = wave[:, None]                                     # [B, 1, N]
         for block in self.conv_layers:
             x = block.conv(x)                                 # [B, C, T]
-            if self.norm == "layer":
-                # LayerNorm wants channels last. Normalise the time-major view and apply GELU there too (on
-                # contiguous memory), then hand back a [B, C, T] view: no copy back, and after the last block
-                # the caller's transpose to [B, T, C] is free.
-                ln = block.layer_norm
-                x = F.gelu(F.layer_norm(x.transpose(1, 2), ln.normalized_shape, ln.weight, ln.bias, ln.eps))
-                x = x.transpose(1, 2)
-            else:
-                if hasattr(block, "layer_norm"):
-                    x = block.layer_norm(x)
-                x = F.gelu(x)
+            if hasattr(block, "layer_norm"):
+                x = block.layer_norm(x)
+            x = F.gelu(x)
         return x                                              # [B, C, T_s]
+
+    def forward_channels_last(self, wave):
+        """norm="layer": activations stay time-major, [B, T, C] in memory, from the first convolution on.
+        LayerNorm over channels then reads contiguous rows, and each convolution runs as a 2-D one on the
+        channels-last view [B, C, 1, T] of that memory (cuDNN's native layout for bf16): no transposes."""
+        # [B, 1, 1, N] with the strides of a channels-last tensor (N, 1, N, 1): one channel is both layouts,
+        # but these strides are what makes the first convolution's output channels-last as well.
+        x = wave[:, :, None].transpose(1, 2)[:, :, None, :]
+        for block in self.conv_layers:
+            conv, ln = block.conv, block.layer_norm
+            w = conv.weight[:, :, None, :].contiguous(memory_format=torch.channels_last)  # [C_out, C_in, 1, k]
+            x = F.conv2d(x, w, conv.bias, stride=(1, conv.stride[0]))  # [B, C, 1, T], channels-last
+            x = F.gelu(F.layer_norm(x.squeeze(2).transpose(1, 2), ln.normalized_shape, ln.weight, ln.bias, ln.eps))
+            x = x.transpose(1, 2)[:, :, None, :]              # [B, T, C] memory viewed as [B, C, 1, T]
+        return x.squeeze(2)                                   # [B, C, T_s] (a view of [B, T_s, C] memory)
 
 
 class PositionalConvEmbedding(nn.Module):
@@ -186,7 +195,10 @@ class Attention(nn.Module):
             proj = self.gru_rel_pos_linear(x.view(b, t, self.h, -1).transpose(1, 2))  # [B, H, T, 8]
             gate_a, gate_b = torch.sigmoid(proj.view(b, self.h, t, 2, 4).sum(-1)).chunk(2, dim=-1)
             gate = gate_a * (gate_b * self.gru_rel_pos_const - 1.0) + 2.0           # [B, H, T, 1]
-            attn_mask = gate * position_bias if pad_mask is None else gate * position_bias + pad_mask
+            # In the compute dtype: the [B, H, T, T] bias is the largest tensor of the layer, and SDPA would
+            # cast a float32 one anyway (one pass over it saved, half the bytes written).
+            attn_mask = gate.to(q.dtype) * position_bias.to(q.dtype)
+            attn_mask = attn_mask if pad_mask is None else attn_mask + pad_mask
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
                                            dropout_p=self.dropout if self.training else 0.0)
         return self.out_proj(y.transpose(1, 2).reshape(b, t, c)), position_bias

@@ -132,3 +132,32 @@ def test_convert_legacy_bin_to_safetensors(tmp_path):
     torch.save({"not": "tensors"}, src / "bad.bin")
     with pytest.raises(ValueError, match="bad.bin"):
         icode.main(["convert", str(src / "bad.bin"), str(tmp_path / "out2")])
+
+
+@pytest.mark.parametrize("mode", ["merge", "co"])
+def test_every_attention_call_can_use_a_fused_kernel(mode, monkeypatch):
+    """SDPA's fused kernels (flash / memory-efficient) accept 4-D q, k, v only; anything else silently runs
+    the unfused math kernel, materialising every attention matrix (docs/speed.md). Check every call of a
+    pretraining forward, including Swin's shifted windows (a per-window mask) and WavLM's gated bias."""
+    import dataclasses
+    import torch.nn.functional as F
+    cfg = preset("tiny", mode)
+    cfg.vision = dataclasses.replace(cfg.vision, depths=(2, 2, 1, 1))  # blocks 2 of stages 1, 2 are shifted
+    torch.manual_seed(0)
+    model = ICode(cfg).eval()
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, **kw):
+        calls.append((q.dim(), k.dim(), v.dim(), None if attn_mask is None else attn_mask.dim()))
+        return sdpa(q, k, v, attn_mask=attn_mask, **kw)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    b = subset_batch(model, MODALITIES)
+    feats, valids = model.pretrain_features(b, masked=True)
+    model.masked_unit_logits(feats, valids, model.targets(b))
+    n_fusion = cfg.fusion.layers * (1 if cfg.fusion.mode == "merge" else 6)  # co: 3 self + 3 cross per layer
+    expected = cfg.text.num_hidden_layers + cfg.speech.num_hidden_layers + sum(cfg.vision.depths) + n_fusion
+    assert len(calls) == expected
+    bad = [c for c in calls if c[:3] != (4, 4, 4) or (c[3] is not None and c[3] > 4)]
+    assert not bad, f"{len(bad)} of {len(calls)} attention calls are not 4-D: {bad[:3]}"

@@ -210,3 +210,37 @@ def test_non_finite_steps_are_skipped_then_stop_with_the_last_good_checkpoint(to
     assert [os.path.basename(c) for c in ckpts] == ["ckpt_0000002"]
     after = load_file(os.path.join(ckpts[-1], "model.safetensors"))
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_benchmark_json_and_profile_add_up(capsys):
+    """--benchmark --profile on the tiny preset (CPU): the reference's fields, samples/s = batch / median step,
+    and the profile's kinds add up to its busy time."""
+    import json
+    out = train.main(["--benchmark", "--preset", "tiny", "--batch", "2", "--bench-steps", "3", "--profile", "1",
+                      "--device", "cpu"])
+    lines = [json.loads(l) for l in capsys.readouterr().out.splitlines() if l.startswith("{")]
+    assert lines[0] == out
+    for k in ("samples_per_s", "step_s_median", "tflop_per_step", "peak_mem_GiB", "encoder_fwd_bwd_s"):
+        assert k in out
+    assert out["samples_per_s"] == pytest.approx(2 / out["step_s_median"], rel=1e-2)
+    assert out["tflop_per_step"] > 0 and set(out["encoder_fwd_bwd_s"]) == {"text", "speech", "vision"}
+    prof = lines[1]["profile"]
+    assert sum(prof["by_kind_ms"].values()) == pytest.approx(prof["busy_ms"], abs=0.05 * len(prof["by_kind_ms"]))
+    assert 0 < prof["busy_ms"] and prof["top"][0][1] <= prof["busy_ms"]
+
+
+@pytest.mark.parametrize("name, kind", [
+    ("fmha_cutlassB_bf16_aligned_64x64_k64_sm80", "attention"),
+    ("pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128, 128, 4>>", "attention"),
+    ("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc", "convolution"),
+    ("nvjet_tst_128x256_64x4_1x2_h_bz_coopB_NNT", "matmul"),
+    ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64", "matmul"),
+    ("triton_tem_fused_mm_0", "matmul"),
+    ("triton_per_fused__scaled_dot_product_efficient_attention_native_layer_norm_3", "fused (inductor)"),
+    ("void at::native::elementwise_kernel<128, 4, direct_copy_kernel_cuda>", "copy / layout"),
+    ("void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<float, float>", "normalisation"),
+    ("void at::native::multi_tensor_apply_kernel<FusedAdamMathFunctor<float, 4>>", "optimizer"),
+    ("void at::native::vectorized_elementwise_kernel<4, GeluCUDAKernelImpl>", "element-wise / other"),
+])
+def test_kernel_kinds(name, kind):
+    assert train.kernel_kind(name) == kind

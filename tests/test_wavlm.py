@@ -216,3 +216,22 @@ def test_config_from_hf_and_presets():
     with pytest.raises(ValueError, match="conv_pos_batch_norm"):
         config_from_hf(dict(hub, conv_pos_batch_norm=True))
     json.dumps(hub)  # plain dicts, as read from config.json
+
+
+def test_layer_norm_feature_encoder_stays_channels_last(monkeypatch):
+    """norm="layer" (the large models): every LayerNorm of the feature encoder reads contiguous [B, T, C]
+    rows (no transpose copies, docs/speed.md), and the result equals the plain Conv1d -> LayerNorm -> GELU."""
+    import torch.nn.functional as F
+    from model.wavlm import SPEECH_KERNELS, SPEECH_STRIDES
+    torch.manual_seed(0)
+    enc = ConvFeatureEncoder((16,) * 7, SPEECH_KERNELS, SPEECH_STRIDES, True, "layer")
+    wave = torch.randn(2, 4000)
+    layouts, layer_norm = [], F.layer_norm
+    monkeypatch.setattr(F, "layer_norm", lambda x, *a, **k: layouts.append(x.is_contiguous()) or layer_norm(x, *a, **k))
+    y = enc(wave)
+    monkeypatch.undo()
+    assert layouts == [True] * 7
+    x = wave[:, None]
+    for block in enc.conv_layers:
+        x = F.gelu(block.layer_norm(block.conv(x).transpose(1, 2))).transpose(1, 2)
+    torch.testing.assert_close(y, x, atol=1e-5, rtol=1e-5)

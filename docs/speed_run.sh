@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The measurement of docs/speed.md in one job on one GPU, back to back on the same card:
+#   1. the off-the-shelf reference step (transformers + torchvision), one JSON line;
+#   2. this project's paper-preset step with torch.compile, one JSON line, then its profile (JSON);
+#   3. with EAGER=1, this project's eager step too;
+#   4. the data loader's decode rate for the paper-preset clip shape.
+# Usage, from the repository root:  bash docs/speed_run.sh OUT_DIR [path/to/reference_step.py]
+# SMOKE=1 runs the same parts at toy size (batch 2, tiny preset, no nvidia-smi): a check on a CPU.
+# About 8 minutes on an H200 (compilation takes most of it); each part has its own time limit, so one
+# that fails or hangs still leaves the others' lines in OUT_DIR.
+set -u
+out=${1:?usage: bash docs/speed_run.sh OUT_DIR [reference_step.py]}
+ref=${2:-../shared/bench/reference_step.py}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+if [ "${SMOKE:-0}" = 1 ]; then
+    size="--size tiny --batch 2 --steps 2"; preset="--preset tiny --batch 2 --bench-steps 2"
+else
+    size="--size full --batch 24"; preset="--preset paper --batch 24"
+    nvidia-smi -L
+    python -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
+fi
+
+part() {  # part NAME SECONDS COMMAND...: run with a limit, keep stderr, print and keep the JSON lines
+    local name=$1 limit=$2; shift 2
+    echo "== $name"
+    local t0=$SECONDS
+    timeout "$limit" "$@" 2>"$out/$name.log" | grep '^{' | tee "$out/$name.jsonl"
+    echo "   ($name: $((SECONDS - t0)) s, exit ${PIPESTATUS[0]}; stderr tail:)"
+    tail -n 3 "$out/$name.log" | cut -c1-300
+}
+
+part reference 180 python "$ref" $size --breakdown
+part icode_compile 480 python train.py --benchmark $preset --compile --profile 2
+if [ "${EAGER:-0}" = 1 ]; then
+    part icode_eager 180 python train.py --benchmark $preset
+fi
+echo "== decode"
+timeout 120 python data.py bench --clip360p -n 32 2>&1 | tail -n 4 | tee "$out/decode.txt"
