@@ -863,10 +863,12 @@ def profile_steps(step, n, cuda, sync, top=25):
 
 
 def encoder_breakdown(model, batch, autocast, sync):
-    """Forward + backward time of each encoder alone (median of 4 after one warm-up), as the reference."""
+    """Forward + backward time of each encoder alone (median of 4 after one warm-up), as the reference,
+    and of the speech encoder's convolutional feature encoder alone (part of "speech")."""
     runs = {"text": lambda: model.text(batch["text_ids"], batch["text_attention"])[0],
             "speech": lambda: model.speech(batch["audio"], batch["audio_attention"])[0],
-            "vision": lambda: model.vision(batch["video"])[0]}
+            "vision": lambda: model.vision(batch["video"])[0],
+            "speech_conv_features": lambda: model.speech.feature_extractor(batch["audio"])}
     out = {}
     for name, fn in runs.items():
         ts = []

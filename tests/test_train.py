@@ -223,7 +223,7 @@ def test_benchmark_json_and_profile_add_up(capsys):
     for k in ("samples_per_s", "step_s_median", "tflop_per_step", "peak_mem_GiB", "encoder_fwd_bwd_s"):
         assert k in out
     assert out["samples_per_s"] == pytest.approx(2 / out["step_s_median"], rel=1e-2)
-    assert out["tflop_per_step"] > 0 and set(out["encoder_fwd_bwd_s"]) == {"text", "speech", "vision"}
+    assert out["tflop_per_step"] > 0 and {"text", "speech", "vision"} <= set(out["encoder_fwd_bwd_s"])
     prof = lines[1]["profile"]
     assert sum(prof["by_kind_ms"].values()) == pytest.approx(prof["busy_ms"], abs=0.05 * len(prof["by_kind_ms"]))
     assert 0 < prof["busy_ms"] and prof["top"][0][1] <= prof["busy_ms"]
