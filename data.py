@@ -848,7 +848,8 @@ class _BatchMaker:
         timing["collate"] = time.perf_counter() - t
         if batch is not None:
             batch["step"] = step
-        return {"batch": batch, "source": s, "skipped": skipped, "tried": tried, "state": state, "timing": dict(timing)}
+        return {"batch": batch, "step": step, "source": s, "skipped": skipped, "tried": tried, "state": state,
+                "timing": dict(timing)}
 
 
 def _identity(x):
@@ -897,8 +898,11 @@ class MixedLoader:
         for out in it:
             self._account(out)
             self._state = out["state"]
-            if out["batch"] is not None:
-                yield out["batch"]
+            # Every plan yields, an all-bad one an empty batch, so that all ranks stay on the same step
+            # (train.common_batch then skips that step on every rank).
+            ds = self.datasets[out["source"]]
+            yield out["batch"] if out["batch"] is not None else {
+                "empty": True, "index": [], "source": ds.name, "modalities": ds.modalities, "step": out["step"]}
 
     def _account(self, out):
         ds = self.datasets[out["source"]]

@@ -214,24 +214,36 @@ def batch_size(batch):
     return next(batch[k].shape[0] for k in ("video", "text_ids", "audio") if k in batch)
 
 
+def batch_rows(batch, a, b):
+    """Examples a:b of a collated batch (tensors and lists with one entry per example; the rest kept)."""
+    B = batch_size(batch)
+    return {k: (v[a:b] if (torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == B)
+                or (isinstance(v, list) and len(v) == B) else v) for k, v in batch.items()}
+
+
 def split_batch(batch, n):
     """Split a collated batch into n micro-batches along the batch dimension."""
     B = batch_size(batch)
     if B % n:
         raise ValueError(f"batch of {B} does not split into {n} micro-batches")
     b = B // n
-    out = []
-    for i in range(n):
-        mb = {}
-        for k, v in batch.items():
-            if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == B:
-                mb[k] = v[i * b:(i + 1) * b]
-            elif isinstance(v, list) and len(v) == B:
-                mb[k] = v[i * b:(i + 1) * b]
-            else:
-                mb[k] = v
-        out.append(mb)
-    return out
+    return [batch_rows(batch, i * b, (i + 1) * b) for i in range(n)]
+
+
+def common_batch(batch, accum, d):
+    """The part of this rank's batch that every rank can train on together, or None: skip the step.
+
+    A rank's batch falls short of --batch x --accum when more of its rows are bad than it has spares, and
+    is empty ({"empty": True}) when all are (data.py). DDP and the gathered contrastive loss need the same
+    batch on every rank, so every rank keeps its first n examples, n = the smallest batch over the ranks
+    rounded down to a multiple of accum; with n = 0 every rank skips the step (not one alone, which would
+    leave the others waiting in DDP's all-reduce)."""
+    n = 0 if batch.get("empty") else batch_size(batch)
+    n_all = int(all_reduce_(torch.tensor([n], device=d.device), dist.ReduceOp.MIN).item())
+    n_all -= n_all % accum
+    if n_all == 0:
+        return None
+    return batch if n_all == n else batch_rows(batch, 0, n_all)
 
 
 def to_device(batch, device):
@@ -563,7 +575,11 @@ def main(argv=None):
         while step < args.steps:
             t0 = time.perf_counter()
             batch = first_batch if (args.overfit_batch and first_batch is not None) else next(it)
-            first_batch = first_batch or (batch if args.overfit_batch else None)
+            first_batch = first_batch or (batch if args.overfit_batch and not batch.get("empty") else None)
+            batch = common_batch(batch, args.accum, d)
+            if batch is None:
+                print0(f"step {step}: no rank-wide batch (bad rows beyond the spares), skipped on every rank")
+                continue
             batch = to_device(batch, d.device)
             t_data = time.perf_counter() - t0
             for g in opt.param_groups:

@@ -379,3 +379,14 @@ def test_cli_bench_and_make_toy(toy, capsys):
     assert data.main(["bench", os.path.join(toy, "video.jsonl"), "-n", "4"]) == 0
     out = capsys.readouterr()
     assert "examples/s per worker" in out.out + out.err and "workers" in out.out
+
+
+def test_all_bad_plan_yields_an_empty_batch(tmp_path, tok):
+    """A plan whose rows and spares are all bad still yields (an empty batch with its step), so every rank
+    stays on the same step; train.common_batch then skips it everywhere."""
+    path = _write_manifest(tmp_path / "allbad.jsonl", [{"video": "nothere.mp4", "text": "x"}] * 8)
+    cfg = data.dataclasses.replace(CFG, max_bad_share=1.0)
+    loader = data.make_loader([path], [1.0], cfg, tok, batch_size=4, seed=0, spares=1, log=lambda m: None)
+    out = list(itertools.islice(loader, 3))
+    assert [(b.get("empty"), b["step"], b["index"], b["source"]) for b in out] == [(True, k, [], "allbad") for k in range(3)]
+    assert loader.tried_counts["allbad"] == loader.bad_counts["allbad"] == 3 * 5

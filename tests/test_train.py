@@ -244,3 +244,29 @@ def test_benchmark_json_and_profile_add_up(capsys):
 ])
 def test_kernel_kinds(name, kind):
     assert train.kernel_kind(name) == kind
+
+
+def _common_batch_worker(rank, world, init_file, sizes, accum, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    n = sizes[rank]
+    batch = {"empty": True} if n == 0 else {"text_ids": torch.arange(n)[:, None], "index": list(range(n)), "source": "s"}
+    out = train.common_batch(batch, accum, Dist(rank, rank, world))
+    kept = torch.tensor([-1]) if out is None else out["text_ids"][:, 0]
+    assert out is None or out["index"] == kept.tolist()
+    save_file({"kept": kept}, os.path.join(out_dir, f"rank{rank}.safetensors"))
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("sizes, accum, kept", [((4, 4), 1, 4), ((4, 3), 1, 3), ((4, 3), 2, 2), ((4, 0), 1, 0),
+                                                ((1, 3), 2, 0)])
+def test_common_batch_is_the_smallest_over_ranks(sizes, accum, kept):
+    """A rank whose batch fell short (bad rows beyond its spares) or is empty: every rank keeps the same
+    first n examples (n a multiple of accum), or every rank skips the step (kept 0)."""
+    with tempfile.TemporaryDirectory() as d:
+        mp.spawn(_common_batch_worker, args=(2, os.path.join(d, "init"), sizes, accum, d), nprocs=2, join=True)
+        res = [load_file(os.path.join(d, f"rank{r}.safetensors"))["kept"] for r in range(2)]
+    expected = torch.tensor([-1]) if kept == 0 else torch.arange(kept)
+    assert all(torch.equal(r, expected) for r in res), res
+    # one process: its own batch, rounded down to a multiple of accum
+    assert train.common_batch({"empty": True}, 1, Dist()) is None
+    assert len(train.common_batch({"audio": torch.zeros(5, 3)}, 2, Dist())["audio"]) == 4
