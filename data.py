@@ -1173,21 +1173,18 @@ def make_toy(out_dir, seed=0, size="default", workers=None):
 # ----------------------------------------------------------------------------------------------------
 # Offline VQ targets (`python data.py tokenize`): <manifest>.targets/{line:08d}.safetensors + meta.json
 
-def default_quantize(cfg, seed=0):
-    """The project's default tokenizers (model.quantizers.build_default_quantizers: frozen random
-    projections) as a callable batch -> {"video_targets": [B, T, H/16, W/16] long, "audio_targets":
-    [B, T_s, G] long}. Any callable of that form can be passed to `tokenize_manifest` instead."""
-    from model.quantizers import build_default_quantizers
-    video_tok, speech_tok = build_default_quantizers(seed)
+def default_quantize(model_cfg, name="custom"):
+    """The default target tokenizers of a model config (icode.default_tokenizers: frozen random
+    projections, the ones ICode itself uses) as a callable batch -> {"video_targets": [B, T, H/16, W/16]
+    long, "audio_targets": [B, T_s, G] long}. Any callable of that form can go to `tokenize_manifest`."""
+    from icode import default_tokenizers, tokenize_targets
+    video_tok, speech_tok = default_tokenizers(model_cfg)
 
     def quantize(batch):
-        out = {}
-        if "video" in batch:
-            out["video_targets"] = video_tok(batch["video"])
-        if "audio" in batch:
-            out["audio_targets"] = speech_tok(batch["audio"])
-        return out
-    quantize.__name__ = f"build_default_quantizers(seed={seed})"
+        return tokenize_targets(batch, model_cfg, video_tok, speech_tok)
+    quantize.__name__ = (f"default tokenizers of the {name} model (seed {model_cfg.tokenizer_seed}, "
+                         f"{model_cfg.video_codebook} video codes, {model_cfg.speech_groups} x "
+                         f"{model_cfg.speech_vars} speech codes)")
     return quantize
 
 
@@ -1349,7 +1346,8 @@ def main(argv=None):
     p.add_argument("--step-batch", type=int, default=24, help="per-GPU batch of a training step (paper preset: 24)")
     p = sub.add_parser("tokenize", help="write VQ target ids beside a manifest (<name>.targets/)")
     p.add_argument("manifests", nargs="+", help="JSON Lines manifests")
-    p.add_argument("--preset", default="toy", choices=["toy", "paper"], help="the DataConfig the targets are for")
+    p.add_argument("--preset", default="toy", choices=["toy", "paper"],
+                   help="the data and model presets the targets are for (toy: train.py's tiny model)")
     p.add_argument("--batch-size", type=int, default=16, help="examples per quantizer call")
     args = ap.parse_args(argv)
 
@@ -1386,8 +1384,10 @@ def main(argv=None):
                   f"{math.ceil(need / rate)} workers (cores) at this rate")
         return 0
     if args.cmd == "tokenize":
+        from icode import preset
         cfg = _preset(args.preset)
-        q = default_quantize(cfg)
+        model = {"toy": "tiny", "paper": "paper"}[args.preset]     # the model preset trained on that data
+        q = default_quantize(preset(model), model)
         for m in args.manifests:
             written, bad = tokenize_manifest(m, cfg, q, args.batch_size, name=q.__name__)
             print(f"{m}: wrote {written} target files to {targets_dir(m)} ({bad} bad rows skipped)")

@@ -69,6 +69,30 @@ class ICodeConfig:
         return ICodeConfig(**d)
 
 
+def default_tokenizers(cfg: ICodeConfig):
+    """The frozen random-projection (BEST-RQ) target tokenizers a config implies: (video, speech). ICode's
+    own, and those `data.py tokenize` writes offline caches with, so the two always agree."""
+    return build_default_quantizers(cfg.tokenizer_seed, cfg.video_codebook, cfg.speech_vars, cfg.speech_groups,
+                                    speech_features=cfg.speech_tokenizer_features)
+
+
+def tokenize_targets(batch, cfg: ICodeConfig, video_tokenizer, speech_tokenizer):
+    """Target ids of the unmasked inputs of a collated batch (section 4.2.1), for its video and audio:
+    {"video_targets": [B, T, H/16, W/16], "audio_targets": [B, T_s, G]} (long). The speech tokenizer sees the
+    waveform the speech encoder sees (normalised per utterance when cfg.normalize_audio; a wav2vec 2.0
+    quantizer's own feature extractor normalises too)."""
+    out = {}
+    with torch.no_grad():
+        if "video" in batch["modalities"]:
+            out["video_targets"] = video_tokenizer(batch["video"])
+        if "audio" in batch["modalities"]:
+            audio = batch["audio"]
+            if cfg.normalize_audio:
+                audio = normalize_waveform(audio, batch.get("audio_attention"))
+            out["audio_targets"] = speech_tokenizer(audio)
+    return out
+
+
 def normalize_waveform(wave, attention=None, eps=1e-7):
     """Zero mean, unit variance over each row's valid samples; padding stays 0 (Hugging Face's
     `Wav2Vec2FeatureExtractor.zero_mean_unit_var_norm`). wave: [B, N]; attention: [B, N] (1 = real) or None."""
@@ -138,9 +162,7 @@ class ICode(nn.Module):
         self.logit_scales = LogitScales()
         # Frozen target tokenizers (section 4.2.1). Default: BEST-RQ random projections (README,
         # "Differences from the paper"); `set_tokenizers` swaps in PeCo-style VQGAN / wav2vec 2.0 ones.
-        self.video_tokenizer, self.speech_tokenizer = build_default_quantizers(
-            cfg.tokenizer_seed, cfg.video_codebook, cfg.speech_vars, cfg.speech_groups,
-            speech_features=cfg.speech_tokenizer_features)
+        self.video_tokenizer, self.speech_tokenizer = default_tokenizers(cfg)
 
     @classmethod
     def from_encoders(cls, text, vision, speech, fusion=None, **kw):
@@ -211,16 +233,19 @@ class ICode(nn.Module):
         span-masked frames), for the modalities in the batch. Ids come from the batch's offline cache
         ("video_targets", "audio_targets") when present, else from the frozen tokenizers on the unmasked input.
         """
+        m = batch["modalities"]
+        cached = {k: batch[f"{k}_targets"] for k in ("video", "audio") if batch.get(f"{k}_targets") is not None}
+        missing = [k for k in ("video", "audio") if k in m and k not in cached]
+        made = tokenize_targets(dict(batch, modalities=missing), self.cfg, self.video_tokenizer,
+                                self.speech_tokenizer) if missing else {}
         out = {}
-        if "text" in batch["modalities"]:
+        if "text" in m:
             out["text"] = batch["text_labels"]
-        if "video" in batch["modalities"]:
-            ids = batch.get("video_targets")
-            ids = self.video_tokenizer(batch["video"]) if ids is None else ids
+        if "video" in m:
+            ids = cached.get("video", made.get("video_targets"))
             out["video"] = torch.where(batch["video_mask"], ids, torch.full_like(ids, -100))
-        if "audio" in batch["modalities"]:
-            ids = batch.get("audio_targets")
-            ids = self.speech_tokenizer(batch["audio"]) if ids is None else ids
+        if "audio" in m:
+            ids = cached.get("audio", made.get("audio_targets"))
             mask = batch["audio_mask"][..., :ids.shape[1]]
             if mask.shape != ids.shape[:2]:
                 raise ValueError(f"audio mask {tuple(batch['audio_mask'].shape)} does not cover the "

@@ -246,6 +246,18 @@ def common_batch(batch, accum, d):
     return batch if n_all == n else batch_rows(batch, 0, n_all)
 
 
+def check_cached_targets(batch, cfg):
+    """Target ids from an offline cache (`data.py tokenize`) must fit the heads: a cache written for another
+    model config (the paper's 8192 video codes for the tiny model's 256, say) is an error naming the source."""
+    for key, n, field in (("video_targets", cfg.video_codebook, "video_codebook"),
+                          ("audio_targets", cfg.speech_vars, "speech_vars")):
+        ids = batch.get(key)
+        if ids is not None and ids.numel() and int(ids.max()) >= n:
+            raise ValueError(f"{batch.get('source')}: cached {key} go up to {int(ids.max())} but the model has "
+                             f"{field}={n}: the cache beside the manifest was written for another model; rerun "
+                             f"`python data.py tokenize` with the matching --preset, or delete the cache")
+
+
 def to_device(batch, device):
     return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
@@ -580,6 +592,7 @@ def main(argv=None):
             if batch is None:
                 print0(f"step {step}: no rank-wide batch (bad rows beyond the spares), skipped on every rank")
                 continue
+            check_cached_targets(batch, cfg)
             batch = to_device(batch, d.device)
             t_data = time.perf_counter() - t0
             for g in opt.param_groups:

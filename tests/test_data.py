@@ -390,3 +390,26 @@ def test_all_bad_plan_yields_an_empty_batch(tmp_path, tok):
     out = list(itertools.islice(loader, 3))
     assert [(b.get("empty"), b["step"], b["index"], b["source"]) for b in out] == [(True, k, [], "allbad") for k in range(3)]
     assert loader.tried_counts["allbad"] == loader.bad_counts["allbad"] == 3 * 5
+
+
+def test_offline_targets_are_the_models_own(toy, tok, tmp_path):
+    """`data.py tokenize --preset toy` writes exactly the ids the tiny model computes on the device
+    (same tokenizers, same normalised waveform), and train.py refuses a cache made for another model."""
+    import train
+    from icode import ICode, preset
+    shutil.copytree(os.path.join(toy, "video"), tmp_path / "video")
+    path = shutil.copy(os.path.join(toy, "video.jsonl"), tmp_path / "v.jsonl")
+    assert data.main(["tokenize", str(path), "--preset", "toy"]) == 0
+    cached_ds = data.ManifestDataset(str(path), CFG, tok)
+    fresh_ds = data.ManifestDataset(str(path), CFG, tok, use_targets=False)
+    assert cached_ds.targets is not None and fresh_ds.targets is None
+    cached = data.collate([cached_ds[i] for i in (0, 2, 3)], CFG, tok, torch.Generator().manual_seed(1))
+    fresh = data.collate([fresh_ds[i] for i in (0, 2, 3)], CFG, tok, torch.Generator().manual_seed(1))
+    assert "audio_targets" in cached and "audio_targets" not in fresh
+    model = ICode(preset("tiny"))
+    t_cached, t_fresh = model.targets(cached), model.targets(fresh)
+    for k in ("video", "audio"):
+        assert (t_fresh[k] != -100).any() and torch.equal(t_cached[k], t_fresh[k]), k
+    train.check_cached_targets(cached, model.cfg)
+    with pytest.raises(ValueError, match="v: cached video_targets go up to .* video_codebook=16"):
+        train.check_cached_targets(cached, data.dataclasses.replace(model.cfg, video_codebook=16))
