@@ -856,6 +856,21 @@ def kernel_kind(name):
     return next((kind for kind, pat in KERNEL_KINDS if re.search(pat, name, re.IGNORECASE)), "element-wise / other")
 
 
+def device_time_by_kernel(events, device_type):
+    """{kernel name: [microseconds, calls]} over the profiler's device-side events. Those are kernels, copies
+    and memsets, and also the device spans of record_function ranges (Optimizer.step, Inductor's
+    "## Call CompiledFxGraph ..."), which cover other kernels and would count them twice: left out."""
+    device = [e for e in events if e.device_type == device_type
+              and not getattr(e, "is_user_annotation", False) and not e.name.startswith("## ")]
+    work = [e for e in device if getattr(e, "activity_type", None) in ("kernel", "gpu_memcpy", "gpu_memset")]
+    totals = {}
+    for e in work or device:   # torch versions without activity_type: the annotation filter alone
+        acc = totals.setdefault(e.name, [0.0, 0])
+        acc[0] += e.time_range.elapsed_us()
+        acc[1] += 1
+    return totals
+
+
 def profile_steps(step, n, cuda, sync, top=25):
     """Run `step` n times under torch.profiler. Returns per step: wall time, device-busy time (the sum of
     kernel times; on a CPU the ops' self times), that time by kernel kind and the `top` kernels."""
@@ -868,17 +883,10 @@ def profile_steps(step, n, cuda, sync, top=25):
             step()
         sync()
         wall = (time.perf_counter() - t) / n
-    totals = {}                                         # name -> [microseconds, calls]
     if cuda:   # kernels do not nest: their durations add up to the busy time of the device
-        for e in prof.events():
-            if e.device_type == DeviceType.CUDA:
-                acc = totals.setdefault(e.name, [0.0, 0])
-                acc[0] += e.time_range.elapsed_us()
-                acc[1] += 1
+        totals = device_time_by_kernel(prof.events(), DeviceType.CUDA)
     else:      # CPU ops nest: use self times
-        for e in prof.key_averages():
-            if e.self_cpu_time_total > 0:
-                totals[e.key] = [e.self_cpu_time_total, e.count]
+        totals = {e.key: [e.self_cpu_time_total, e.count] for e in prof.key_averages() if e.self_cpu_time_total > 0}
     busy = sum(us for us, _ in totals.values())
     kinds = {}
     for name, (us, _) in totals.items():

@@ -270,3 +270,25 @@ def test_common_batch_is_the_smallest_over_ranks(sizes, accum, kept):
     # one process: its own batch, rounded down to a multiple of accum
     assert train.common_batch({"empty": True}, 1, Dist()) is None
     assert len(train.common_batch({"audio": torch.zeros(5, 3)}, 2, Dist())["audio"]) == 4
+
+
+def test_device_time_counts_kernels_once():
+    """Annotation spans on the device timeline (Optimizer.step, Inductor's graph calls) cover kernels and
+    must not be added to them; the CUDA branch of --profile, on events built by hand."""
+    from types import SimpleNamespace as E
+    from torch.autograd import DeviceType
+    from torch.autograd.profiler_util import Interval
+
+    def ev(name, t0, t1, dev=DeviceType.CUDA, **kw):
+        return E(name=name, device_type=dev, time_range=Interval(t0, t1), **kw)
+
+    kernels = [ev("nvjet_gemm", 0, 30, activity_type="kernel"), ev("triton_poi_fused_0", 30, 35, activity_type="kernel"),
+               ev("nvjet_gemm", 40, 70, activity_type="kernel"), ev("Memcpy DtoD", 70, 72, activity_type="gpu_memcpy")]
+    spans = [ev("## Call CompiledFxGraph abc ##", 0, 40, activity_type="gpu_user_annotation", is_user_annotation=True),
+             ev("Optimizer.step#AdamW.step", 40, 72, activity_type="gpu_user_annotation", is_user_annotation=True),
+             ev("aten::mm", 0, 70, dev=DeviceType.CPU, activity_type="cpu_op")]
+    expected = {"nvjet_gemm": [60.0, 2], "triton_poi_fused_0": [5.0, 1], "Memcpy DtoD": [2.0, 1]}
+    assert train.device_time_by_kernel(kernels + spans, DeviceType.CUDA) == expected
+    # older torch: no activity_type on events; the annotation flag and the "## " prefix still filter
+    old = [E(**{k: v for k, v in vars(e).items() if k != "activity_type"}) for e in kernels + spans]
+    assert train.device_time_by_kernel(old, DeviceType.CUDA) == expected
