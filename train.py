@@ -689,18 +689,29 @@ def enable_checkpointing(model):
         blk.forward = partial(checkpoint, type(blk).forward.__get__(blk), use_reentrant=False)
 
 
-def count_flops(objective, mb, autocast):
-    """FLOPs of one micro-batch forward + backward, counted once with torch.utils.flop_counter."""
+FLOP_PARTS = {"text": ("text",), "speech": ("speech",), "vision": ("vision",), "fusion": ("fusion",),
+              "heads": ("mlm_head", "mvm_head", "msm_head")}
+
+
+def count_flops(objective, mb, autocast, by_part=False):
+    """FLOPs of one micro-batch forward + backward, counted once with torch.utils.flop_counter. With
+    by_part, also {part: forward FLOPs} for the encoders, the fusion network and the heads (the forward
+    only: the counter's attribution of backward operations to modules is not reliable)."""
     from torch.utils.flop_counter import FlopCounterMode
     model = objective.model
     targets = model.targets(mb)
     norms = count_targets(targets, model.cfg.msm_combined)
-    with FlopCounterMode(display=False) as fc:
+    with FlopCounterMode(display=False, depth=2) as fc:
         with autocast():
             loss, _ = objective(mb, targets, norms, 1)
+        fwd = {name: sum(c.values()) for name, c in fc.get_flop_counts().items()}
         loss.backward()
     model.zero_grad(set_to_none=True)
-    return fc.get_total_flops()
+    if not by_part:
+        return fc.get_total_flops()
+    root = type(objective).__name__
+    parts = {part: sum(fwd.get(f"{root}.model.{m}", 0) for m in mods) for part, mods in FLOP_PARTS.items()}
+    return fc.get_total_flops(), parts
 
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}  # dense bf16
@@ -801,7 +812,7 @@ def benchmark(args, d):
         return terms
 
     step()                                          # warm-up (and compilation)
-    flops = count_flops(objective, batch, autocast)
+    flops, flops_fwd = count_flops(objective, batch, autocast, by_part=True)
     for _ in range(2):
         step()
     if cuda:
@@ -825,6 +836,7 @@ def benchmark(args, d):
            "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
            "step_s_median": round(med, 4), "step_s_min": round(times[0], 4),
            "samples_per_s": round(args.batch / med, 2), "tflop_per_step": round(flops / 1e12, 3),
+           "tflop_fwd_by_part": {k: round(v / 1e12, 3) for k, v in flops_fwd.items()},
            "achieved_tflops": round(flops / med / 1e12, 1),
            "matmul_peak_tflops": round(peak / 1e12, 1) if peak else None,
            "mfu_vs_matmul_peak": round(flops / med / peak, 3) if peak else None,

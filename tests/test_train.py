@@ -292,3 +292,19 @@ def test_device_time_counts_kernels_once():
     # older torch: no activity_type on events; the annotation flag and the "## " prefix still filter
     old = [E(**{k: v for k, v in vars(e).items() if k != "activity_type"}) for e in kernels + spans]
     assert train.device_time_by_kernel(old, DeviceType.CUDA) == expected
+
+
+def test_forward_flops_by_part_add_up():
+    """count_flops(by_part=True): the parts' forward FLOPs are positive and, with the losses' few, make up
+    the whole forward (one forward = total minus backward; here checked against a forward-only count)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    model = make_model()
+    obj = PretrainObjective(model, WEIGHTS)
+    b = make_batch(model)
+    total, parts = train.count_flops(obj, b, NOCAST, by_part=True)
+    targets = model.targets(b)
+    with FlopCounterMode(display=False) as fc:
+        obj(b, targets, count_targets(targets, False), 1)
+    fwd = fc.get_total_flops()
+    assert all(v > 0 for v in parts.values()), parts
+    assert 0.97 * fwd <= sum(parts.values()) <= fwd < total
