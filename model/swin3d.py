@@ -101,7 +101,12 @@ def drop_path(x, p, training):
     if p == 0.0 or not training:
         return x
     keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1 - p)
-    return x * keep / (1 - p)
+    return x * keep.div_(1 - p)  # one pass over x: the [B, 1, 1, 1, 1] factor is scaled first
+
+
+def pad_end(x, pad):
+    """F.pad (zeros at the end of axes, F.pad's order), but without a copy when there is nothing to pad."""
+    return F.pad(x, pad) if any(pad) else x
 
 
 class WindowAttention3D(nn.Module):
@@ -167,7 +172,7 @@ class SwinBlock3D(nn.Module):
         window, shift = get_window_size((T, H, W), self.window_size, self.shift_size)
         y = self.norm1(x)
         pad = [(w - s % w) % w for s, w in zip((T, H, W), window)]  # zero-pad (after the norm) to whole windows
-        y = F.pad(y, (0, 0, 0, pad[2], 0, pad[1], 0, pad[0]))
+        y = pad_end(y, (0, 0, 0, pad[2], 0, pad[1], 0, pad[0]))
         grid = y.shape[1:4]
         mask = None
         if any(shift):
@@ -195,7 +200,7 @@ class PatchMerging(nn.Module):
 
     def forward(self, x):
         H, W = x.shape[2:4]
-        x = F.pad(x, (0, 0, 0, W % 2, 0, H % 2))
+        x = pad_end(x, (0, 0, 0, W % 2, 0, H % 2))
         x = torch.cat([x[:, :, 0::2, 0::2], x[:, :, 1::2, 0::2], x[:, :, 0::2, 1::2], x[:, :, 1::2, 1::2]], dim=-1)
         return self.reduction(self.norm(x))
 
@@ -211,7 +216,7 @@ class PatchEmbed3D(nn.Module):
 
     def forward(self, video):
         pad = [(p - s % p) % p for s, p in zip(video.shape[2:], self.patch_size)]  # right-pad to whole patches
-        video = F.pad(video, (0, pad[2], 0, pad[1], 0, pad[0]))
+        video = pad_end(video, (0, pad[2], 0, pad[1], 0, pad[0]))
         return self.norm(self.proj(video).permute(0, 2, 3, 4, 1))
 
 

@@ -197,8 +197,9 @@ class Attention(nn.Module):
             gate = gate_a * (gate_b * self.gru_rel_pos_const - 1.0) + 2.0           # [B, H, T, 1]
             # In the compute dtype: the [B, H, T, T] bias is the largest tensor of the layer, and SDPA would
             # cast a float32 one anyway (one pass over it saved, half the bytes written).
-            attn_mask = gate.to(q.dtype) * position_bias.to(q.dtype)
-            attn_mask = attn_mask if pad_mask is None else attn_mask + pad_mask
+            gate, position_bias = gate.to(q.dtype), position_bias.to(q.dtype)
+            attn_mask = (gate * position_bias if pad_mask is None                    # [B, H, T, T]
+                         else torch.addcmul(pad_mask.to(q.dtype), gate, position_bias))  # one pass, not two
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
                                            dropout_p=self.dropout if self.training else 0.0)
         return self.out_proj(y.transpose(1, 2).reshape(b, t, c)), position_bias
