@@ -470,6 +470,9 @@ def parse_args(argv=None):
                         "pairs only then, README Results)")
     p.add_argument("--bf16", default="auto", choices=["auto", "on", "off"], help="bf16 autocast (auto: on GPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile the objective")
+    p.add_argument("--compile-mode", default="default",
+                   choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+                   help="torch.compile mode (reduce-overhead: CUDA graphs, for a step that waits on the CPU)")
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing of every Transformer block")
     p.add_argument("--seed", type=int, default=0, help="seed (offset by rank)")
     p.add_argument("--workers", type=int, default=None, help="data loader workers per process")
@@ -559,7 +562,7 @@ def main(argv=None):
     opt = build_optimizer(model, args.lr_fusion, args.lr_encoders, args.weight_decay)
     ddp = wrap_ddp(objective, d)
     if args.compile:
-        ddp = torch.compile(ddp)
+        ddp = torch.compile(ddp, mode=args.compile_mode)
     step, history = 0, []
     if args.resume and checkpoints(args.out):
         ckpt = checkpoints(args.out)[-1]
@@ -798,7 +801,7 @@ def benchmark(args, d):
     autocast = precision(args.bf16, d.device)
     weights = dict(alpha=args.alpha, beta=args.beta, gamma=args.gamma, lam=args.lam)
     objective = PretrainObjective(model, weights)
-    runner = torch.compile(objective) if args.compile else objective
+    runner = torch.compile(objective, mode=args.compile_mode) if args.compile else objective
     opt = build_optimizer(model, 2e-5, 1e-5, 0.01)
     batch = synthetic_batch(model.cfg, args.batch, device=d.device, **shapes)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -831,7 +834,8 @@ def benchmark(args, d):
     total, _ = pretraining_loss(**terms, **weights)
     parts = encoder_breakdown(model, batch, autocast, sync)
     out = {"impl": "icode-from-scratch", "size": "full" if paper else "tiny", "batch": args.batch,
-           "compile": args.compile, "checkpointing": args.checkpointing,
+           "compile": args.compile, "compile_mode": args.compile_mode if args.compile else None,
+           "checkpointing": args.checkpointing,
            "device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
            "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
            "step_s_median": round(med, 4), "step_s_min": round(times[0], 4),
