@@ -27,7 +27,7 @@ def _select(x, labels):
     """x [..., D], labels [...] -> (x at labels != -100 [M, D], those labels [M]); row-major order."""
     if x.shape[:-1] != labels.shape:
         raise ValueError(f"features {tuple(x.shape[:-1])} and labels {tuple(labels.shape)} differ in shape")
-    keep = labels != -100
+    keep = (labels != -100).nonzero(as_tuple=True)  # one data-dependent step (a device sync), not two
     return x[keep], labels[keep]
 
 
@@ -138,7 +138,7 @@ class MSMHead(nn.Module):
             return self.classifier(h), targets                    # [M, vars**G]
         if x.shape[:2] != labels.shape[:2]:
             raise ValueError(f"features {tuple(x.shape[:2])} and labels {tuple(labels.shape[:2])} differ in [B, T_s]")
-        frame = (labels != -100).any(-1)                          # [B, T_s] masked frames
+        frame = (labels != -100).any(-1).nonzero(as_tuple=True)   # masked frames (b, t) indices
         h, targets = x[frame], labels[frame]                      # [M, D], [M, G]
         logits = self.classifier(h).view(-1, self.groups, self.vars)  # [M, G, vars]
         return logits.reshape(-1, self.vars), targets.reshape(-1)  # [M*G, vars], [M*G]
