@@ -597,6 +597,7 @@ def main(argv=None):
                 continue
             check_cached_targets(batch, cfg)
             batch = to_device(batch, d.device)
+            n_step = batch_size(batch) * d.world          # global_batch, unless common_batch shortened it
             t_data = time.perf_counter() - t0
             for g in opt.param_groups:
                 g["lr"] = g["base_lr"] * lr_factor(step, args.warmup, args.steps, args.decay)
@@ -630,13 +631,13 @@ def main(argv=None):
                    "grad_norm": round(float(gnorm), 4),
                    **{f"logit_scale_{k}": round(p.exp().item(), 3) for k, p in model.logit_scales.scale.items()},
                    **{f"lr_{g['name']}": g["lr"] for g in opt.param_groups},
-                   "samples_per_s": round(global_batch / dt, 2), "samples_per_s_per_device": round(global_batch / dt / d.world, 2),
+                   "samples_per_s": round(n_step / dt, 2), "samples_per_s_per_device": round(n_step / dt / d.world, 2),
                    "data_s": round(t_data, 4), "compute_s": round(dt - t_data, 4), "source": batch.get("source")}
             if d.device.type == "cuda":
                 rec["peak_mem_GiB"] = round(torch.cuda.max_memory_allocated(d.device) / 2 ** 30, 2)
                 peak = peak_flops(d.device)
                 if flops_per_sample and peak:
-                    rec["mfu"] = round(flops_per_sample * global_batch / dt / d.world / peak, 4)
+                    rec["mfu"] = round(flops_per_sample * n_step / dt / d.world / peak, 4)
             history.append({k: rec[k] for k in ("step", "loss", *terms.keys())})
             if bar is not None:
                 bar.update(1)
