@@ -898,11 +898,11 @@ class MixedLoader:
         for out in it:
             self._account(out)
             self._state = out["state"]
-            # Every plan yields, an all-bad one an empty batch, so that all ranks stay on the same step
-            # (train.common_batch then skips that step on every rank).
-            ds = self.datasets[out["source"]]
-            yield out["batch"] if out["batch"] is not None else {
-                "empty": True, "index": [], "source": ds.name, "modalities": ds.modalities, "step": out["step"]}
+            if out["batch"] is not None:
+                yield out["batch"]
+            else:  # every plan yields, an all-bad one an empty batch, so that all ranks stay on the same
+                ds = self.datasets[out["source"]]  # step (train.common_batch then skips it on every rank)
+                yield {"empty": True, "index": [], "source": ds.name, "modalities": ds.modalities, "step": out["step"]}
 
     def _account(self, out):
         ds = self.datasets[out["source"]]

@@ -15,11 +15,13 @@ micro-batch through gradient cache (Gao et al. 2021):
      unit losses plus <representations, cached gradient>; DDP syncs only on the last micro-batch.
 """
 import argparse
+import collections
 import contextlib
 import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import sys
@@ -869,7 +871,6 @@ KERNEL_KINDS = (
 
 
 def kernel_kind(name):
-    import re
     return next((kind for kind, pat in KERNEL_KINDS if re.search(pat, name, re.IGNORECASE)), "element-wise / other")
 
 
@@ -905,14 +906,14 @@ def profile_steps(step, n, cuda, sync, top=25):
     else:      # CPU ops nest: use self times
         totals = {e.key: [e.self_cpu_time_total, e.count] for e in prof.key_averages() if e.self_cpu_time_total > 0}
     busy = sum(us for us, _ in totals.values())
-    kinds = {}
+    kinds = collections.Counter()
     for name, (us, _) in totals.items():
-        kinds[kernel_kind(name)] = kinds.get(kernel_kind(name), 0.0) + us
+        kinds[kernel_kind(name)] += us
     ms = lambda us: round(us / n / 1e3, 2)
     ranked = sorted(totals.items(), key=lambda kv: -kv[1][0])[:top]
     return {"steps": n, "wall_ms": round(wall * 1e3, 1), "busy_ms": ms(busy),
             "busy_share": round(busy / 1e6 / n / wall, 3),
-            "by_kind_ms": {k: ms(v) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
+            "by_kind_ms": {k: ms(v) for k, v in kinds.most_common()},
             "top": [[name[:120], ms(us), calls // n] for name, (us, calls) in ranked]}
 
 
