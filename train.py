@@ -889,12 +889,48 @@ def device_time_by_kernel(events, device_type):
     return totals
 
 
+# Where the two matrices of an aten matrix product sit among its recorded input shapes (addmm / baddbmm:
+# after the added term).
+_MATMUL_ARGS = {"aten::mm": 0, "aten::bmm": 0, "aten::addmm": 1, "aten::baddbmm": 1}
+
+
+def matmul_flop(name, shapes):
+    """FLOPs of one call of an aten matrix product ([..., M, K] @ [..., K, N]: 2 * batch * M * K * N) from the
+    input shapes the profiler records for it; None for any other op."""
+    i = _MATMUL_ARGS.get(name)
+    if i is None or len(shapes) < i + 2:
+        return None
+    a, b = shapes[i], shapes[i + 1]
+    if len(a) < 2 or len(b) < 2 or a[-1] != b[-2]:
+        return None
+    return 2 * math.prod(a[:-2]) * a[-2] * a[-1] * b[-1]
+
+
+def op_table(prof, n, cuda, top):
+    """The `top` aten ops by (name, input shapes) that ran work themselves (device time on a GPU, CPU self
+    time on a CPU), per step: [name, shapes, ms, calls, TFLOP/s for matrix products]. The shapes say which
+    encoder an op belongs to (width 1024: speech; 128-1024 in windows of 196: vision; ...). Under
+    torch.compile only what Inductor hands to extern kernels (matrix products, convolutions, attention)
+    is an aten op; its own Triton kernels are in the kernel list."""
+    rows = []
+    for e in prof.key_averages(group_by_input_shape=True):
+        us = e.self_device_time_total if cuda else e.self_cpu_time_total
+        if us > 0 and e.key.startswith("aten::"):   # not the record_function spans around them
+            flop = matmul_flop(e.key, e.input_shapes)
+            rows.append([e.key, str(e.input_shapes)[:160], round(us / n / 1e3, 2), e.count // n,
+                         round(flop * e.count / (us * 1e6), 2) if flop else None])
+    return sorted(rows, key=lambda r: -r[2])[:top]
+
+
 def profile_steps(step, n, cuda, sync, top=25):
     """Run `step` n times under torch.profiler. Returns per step: wall time, device-busy time (the sum of
-    kernel times; on a CPU the ops' self times), that time by kernel kind and the `top` kernels."""
+    kernel times; on a CPU the ops' self times), that time by kernel kind, the `top` kernels and the `top`
+    aten ops by input shapes (`op_table`). Recording shapes slows the CPU side: read wall_ms and
+    busy_share as an upper and a lower bound."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []),
+                 record_shapes=True) as prof:
         sync()
         t = time.perf_counter()
         for _ in range(n):
@@ -914,7 +950,8 @@ def profile_steps(step, n, cuda, sync, top=25):
     return {"steps": n, "wall_ms": round(wall * 1e3, 1), "busy_ms": ms(busy),
             "busy_share": round(busy / 1e6 / n / wall, 3),
             "by_kind_ms": {k: ms(v) for k, v in kinds.most_common()},
-            "top": [[name[:120], ms(us), calls // n] for name, (us, calls) in ranked]}
+            "top": [[name[:120], ms(us), calls // n] for name, (us, calls) in ranked],
+            "top_ops": op_table(prof, n, cuda, top)}
 
 
 def encoder_breakdown(model, batch, autocast, sync):

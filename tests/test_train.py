@@ -227,6 +227,25 @@ def test_benchmark_json_and_profile_add_up(capsys):
     prof = lines[1]["profile"]
     assert sum(prof["by_kind_ms"].values()) == pytest.approx(prof["busy_ms"], abs=0.05 * len(prof["by_kind_ms"]))
     assert 0 < prof["busy_ms"] and prof["top"][0][1] <= prof["busy_ms"]
+    ops = prof["top_ops"]
+    assert ops and all(r[2] <= prof["busy_ms"] for r in ops) and [r[2] for r in ops] == sorted((r[2] for r in ops), reverse=True)
+    assert any(r[0] == "aten::addmm" and r[4] is not None for r in ops)   # the linear layers, with their rate
+
+
+def test_matmul_flop_from_recorded_shapes():
+    """matmul_flop on the shapes torch.profiler records (linear -> addmm with the bias first, bmm, mm with out=):
+    2 * batch * M * K * N; None for other ops."""
+    from torch.profiler import ProfilerActivity, profile
+    x, w, b = torch.randn(64, 32), torch.randn(16, 32), torch.randn(16)
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        torch.nn.functional.linear(x, w, b)
+        torch.bmm(torch.randn(3, 5, 7), torch.randn(3, 7, 2))
+        torch.mm(x, w.t(), out=torch.empty(64, 16))
+    flops = {e.key: train.matmul_flop(e.key, e.input_shapes) for e in prof.key_averages(group_by_input_shape=True)}
+    assert flops["aten::addmm"] == 2 * 64 * 32 * 16
+    assert flops["aten::bmm"] == 2 * 3 * 5 * 7 * 2
+    assert flops["aten::mm"] == 2 * 64 * 32 * 16
+    assert flops["aten::linear"] is None and train.matmul_flop("aten::mm", [[4, 3], [5, 2]]) is None
 
 
 @pytest.mark.parametrize("name, kind", [
