@@ -197,6 +197,8 @@ class DataConfig:
     std: tuple = IMAGENET_STD
     max_bad_share: float = 0.1       # stop training when more than this share of a source's tried rows is bad
     min_audio_samples: int = 400     # one speech frame (the conv encoder's receptive field); shorter audio is bad
+    pad_to_max: bool = False         # pad text to max_text_len and audio to max_audio_s instead of to the batch's
+                                     # longest: fixed shapes, so torch.compile builds one graph per modality set
 
 
 PAPER_DATA = DataConfig()            # section 3: 8 frames at 224 px, ~7.8 s clips at 16 kHz
@@ -483,9 +485,13 @@ class TextTokenizer:
             ids = ids[:max_len - 1] + [ids[-1]] if ids[-1] == self.sep_id else ids[:max_len]
         return ids
 
-    def pad(self, seqs):
-        """lists of ids -> (ids [B, L] long padded with pad_id, attention [B, L] bool, True = real token)."""
-        L = max(1, max(len(s) for s in seqs))
+    def pad(self, seqs, length=None):
+        """lists of ids -> (ids [B, L] long padded with pad_id, attention [B, L] bool, True = real token).
+        L is the longest sequence's length, or `length` when given (no sequence may be longer)."""
+        longest = max(len(s) for s in seqs)
+        if length is not None and longest > length:
+            raise ValueError(f"a sequence of {longest} ids does not fit the padded length {length}")
+        L = max(1, longest) if length is None else length
         ids = torch.full((len(seqs), L), self.pad_id, dtype=torch.long)
         att = torch.zeros(len(seqs), L, dtype=torch.bool)
         for i, s in enumerate(seqs):
@@ -709,13 +715,19 @@ def collate(examples, cfg, tokenizer, generator=None):
     if "text" in mods and tokenizer is not None:
         seqs = [e["text_ids"] if "text_ids" in e else tokenizer.encode_one(e["text"], max_len=cfg.max_text_len)
                 for e in examples]
-        ids, att = tokenizer.pad(seqs)
+        ids, att = tokenizer.pad(seqs, cfg.max_text_len if cfg.pad_to_max else None)
         special = ~att | torch.isin(ids, torch.tensor(tokenizer.special_ids))
         inputs, labels = mask_tokens(ids, special, tokenizer.mask_id, tokenizer.vocab_size, cfg.text_mask_ratio, g)
         batch.update(text_ids=inputs, text_ids_clean=ids, text_attention=att, text_labels=labels)
     if "audio" in mods:
         lengths = [len(e["audio"]) for e in examples]
         N = max(lengths)
+        if cfg.pad_to_max:
+            cap = int(round(cfg.max_audio_s * cfg.sample_rate))   # read_audio's cut
+            if N > cap:
+                raise ValueError(f"{batch['index'][lengths.index(N)]}: {N} audio samples, more than max_audio_s="
+                                 f"{cfg.max_audio_s} at {cfg.sample_rate} Hz ({cap}) that pad_to_max pads to")
+            N = cap
         audio = torch.zeros(B, N)
         att = torch.zeros(B, N, dtype=torch.bool)
         for i, e in enumerate(examples):

@@ -26,7 +26,7 @@ import shutil
 import signal
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import numpy as np
 import torch
@@ -471,7 +471,8 @@ def parse_args(argv=None):
                         "separate unmasked encoder pass (tiny default: from-scratch encoders learn the speech "
                         "pairs only then, README Results)")
     p.add_argument("--bf16", default="auto", choices=["auto", "on", "off"], help="bf16 autocast (auto: on GPU)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the objective")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the objective (and pad text and audio to their maxima: fixed shapes)")
     p.add_argument("--compile-mode", default="default",
                    choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
                    help="torch.compile mode (reduce-overhead: CUDA graphs, for a step that waits on the CPU)")
@@ -535,6 +536,8 @@ def main(argv=None):
     # data: the toy world when none is given
     manifests, tok_path = args.data, args.tokenizer
     dcfg = D.TOY_DATA if args.preset == "tiny" else D.PAPER_DATA
+    if args.compile:  # fixed text and audio lengths: one compiled graph per modality set, not one per length
+        dcfg = replace(dcfg, pad_to_max=True)
     if not manifests:
         if d.is_main and not os.path.isfile(os.path.join(args.toy_dir, "tokenizer.json")):
             print0(f"making the toy world in {args.toy_dir}/ ...")
@@ -564,6 +567,10 @@ def main(argv=None):
     opt = build_optimizer(model, args.lr_fusion, args.lr_encoders, args.weight_decay)
     ddp = wrap_ddp(objective, d)
     if args.compile:
+        # Each modality set a source brings (7 at most) is its own graph, and a batch shortened by bad rows
+        # (common_batch) makes the batch size dynamic once more: room for both beyond the default of 8
+        # (past the limit a frame runs eagerly). cache_size_limit: recompile_limit's name before torch 2.7.
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)
         ddp = torch.compile(ddp, mode=args.compile_mode)
     step, history = 0, []
     if args.resume and checkpoints(args.out):

@@ -199,6 +199,34 @@ def test_collate_masks_respect_padding_and_specials(toy, tok):
     assert torch.equal(ids[lab == -100], clean[lab == -100])
 
 
+def test_pad_to_max_fixes_the_shapes_and_keeps_the_content(toy, tok):
+    """DataConfig.pad_to_max (train.py --compile): text padded to max_text_len and audio to max_audio_s whatever
+    the batch holds, so every batch of a source has the same shapes; the real tokens and samples are those of
+    the batch-maximum padding, and the padding is masked out and never selected for a loss."""
+    import dataclasses
+    fixed = dataclasses.replace(CFG, pad_to_max=True)
+    ds = data.ManifestDataset(os.path.join(toy, "speech_text.jsonl"), CFG, tok)
+    exs = [dict(ds[i], audio=ds[i]["audio"][:n]) for i, n in enumerate((5000, 12000, 20000))]
+    short = dict(exs[1], text_ids=tok.encode_one("red", max_len=CFG.max_text_len))
+    for batch in (exs, [exs[0], short]):
+        a = data.collate(batch, CFG, tok, torch.Generator().manual_seed(0))
+        b = data.collate(batch, fixed, tok, torch.Generator().manual_seed(0))
+        N, L = int(round(CFG.max_audio_s * CFG.sample_rate)), CFG.max_text_len
+        assert a["audio"].shape[1] < N and a["text_ids"].shape[1] < L        # the batch-maximum shapes are smaller
+        assert b["audio"].shape == (len(batch), N) and b["audio_mask"].shape == (len(batch), int(data.speech_frames(N)))
+        assert b["text_ids"].shape == b["text_attention"].shape == b["text_labels"].shape == (len(batch), L)
+        n, l = a["audio"].shape[1], a["text_ids"].shape[1]
+        assert torch.equal(b["audio"][:, :n], a["audio"]) and not b["audio"][:, n:].any()
+        assert torch.equal(b["audio_attention"][:, :n], a["audio_attention"]) and not b["audio_attention"][:, n:].any()
+        assert torch.equal(b["text_ids_clean"][:, :l], a["text_ids_clean"]) and not b["text_attention"][:, l:].any()
+        assert (b["text_labels"][:, l:] == -100).all() and not b["audio_mask"][:, int(data.speech_frames(n)):].any()
+    with pytest.raises(ValueError, match="does not fit the padded length 4"):
+        tok.pad([[1, 2, 3, 4, 5]], length=4)
+    too_long = dict(exs[0], audio=np.zeros(N + 1, dtype=np.float32))
+    with pytest.raises(ValueError, match="more than max_audio_s"):
+        data.collate([too_long], fixed, tok)
+
+
 def test_downstream_labels_pass_through(toy, tok):
     ds = data.ManifestDataset(os.path.join(toy, "downstream_train.jsonl"), CFG, tok)
     b = data.collate([ds[0], ds[1], ds[2]], CFG, tok)
