@@ -27,17 +27,17 @@ def masked_unit_loss(logits, labels, normalizer=None):
     normalizer: divide the summed cross-entropy by this count instead of the local one (train.py passes
     the number of masked positions of the whole global batch, so that micro-batches and ranks add up to
     exactly the single-batch mean).
-    With nothing masked returns `logits.sum() * 0`: an exact zero that keeps every parameter in the
-    graph (so DDP sees the same graph on every rank), never NaN (TorchMultimodal's MaskedPredictionLoss).
+    With nothing masked (no rows, as the heads select masked positions only, or only ignored labels) it
+    returns an exact zero that keeps every parameter in the graph (so DDP sees the same graph on every
+    rank), never NaN (TorchMultimodal's MaskedPredictionLoss).
     """
     logits = logits.reshape(-1, logits.shape[-1])
     labels = labels.reshape(-1)
     if logits.shape[0] != labels.shape[0]:
         raise ValueError(f"logits have {logits.shape[0]} positions but labels {labels.shape[0]}")
-    if logits.shape[0] == 0:                               # heads select masked positions: none here
-        return logits.sum() * 0
-    # reduction="sum" over only-ignored labels is an exact, graph-connected 0; the clamp avoids 0/0.
-    # (No .item(): this stays free of host-device synchronisation.)
+    # reduction="sum" over no rows or only-ignored labels is an exact, graph-connected 0; the clamp avoids
+    # 0/0. No branch on the number of rows (a data-dependent count under torch.compile) and no .item():
+    # this stays free of host-device synchronisation and of graph breaks.
     total = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
     n = (labels != IGNORE_INDEX).sum() if normalizer is None else torch.as_tensor(normalizer, device=total.device)
     return total / n.clamp_min(1)

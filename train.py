@@ -106,6 +106,23 @@ def precision(bf16, device):
     return contextlib.nullcontext
 
 
+def compile_step(module, mode="default", backend="inductor"):
+    """torch.compile of the pretraining objective as one graph per modality set.
+
+    The heads select the masked positions (model/heads.py), a count that depends on the data: by default
+    Dynamo breaks the graph there, 12 breaks in all. Capturing such output shapes keeps the selection in
+    the graph, with the count as a symbol: one graph, no recompilation when the count changes
+    (tests/test_train.py checks both). The step still waits for the count once per head (the sync of
+    `nonzero`). Each modality set a source brings (7 at most) is its own graph, and a batch shortened by
+    bad rows (`common_batch`) makes the batch size dynamic once more: room for both beyond Dynamo's default
+    of 8 compilations per function (past it a function runs eagerly). cache_size_limit is
+    recompile_limit's name before torch 2.7 (both work in later versions). `backend`: tests trace with
+    Dynamo alone."""
+    torch._dynamo.config.capture_dynamic_output_shape_ops = True
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)
+    return torch.compile(module, backend=backend, **({"mode": mode} if backend == "inductor" else {}))
+
+
 def load_model(ckpt=None, preset_name="tiny", fusion="merge", text_vocab=None):
     """An ICode from a checkpoint folder (model.safetensors + state.json, architecture from its config)
     or, with ckpt=None, freshly initialised from a preset."""
@@ -567,11 +584,7 @@ def main(argv=None):
     opt = build_optimizer(model, args.lr_fusion, args.lr_encoders, args.weight_decay)
     ddp = wrap_ddp(objective, d)
     if args.compile:
-        # Each modality set a source brings (7 at most) is its own graph, and a batch shortened by bad rows
-        # (common_batch) makes the batch size dynamic once more: room for both beyond the default of 8
-        # (past the limit a frame runs eagerly). cache_size_limit: recompile_limit's name before torch 2.7.
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)
-        ddp = torch.compile(ddp, mode=args.compile_mode)
+        ddp = compile_step(ddp, args.compile_mode)
     step, history = 0, []
     if args.resume and checkpoints(args.out):
         ckpt = checkpoints(args.out)[-1]
@@ -811,7 +824,7 @@ def benchmark(args, d):
     autocast = precision(args.bf16, d.device)
     weights = dict(alpha=args.alpha, beta=args.beta, gamma=args.gamma, lam=args.lam)
     objective = PretrainObjective(model, weights)
-    runner = torch.compile(objective, mode=args.compile_mode) if args.compile else objective
+    runner = compile_step(objective, args.compile_mode) if args.compile else objective
     opt = build_optimizer(model, 2e-5, 1e-5, 0.01)
     batch = synthetic_batch(model.cfg, args.batch, device=d.device, **shapes)
     sync = torch.cuda.synchronize if cuda else (lambda: None)

@@ -2,7 +2,7 @@
 # The measurement of docs/speed.md in one job on one GPU, back to back on the same card:
 #   1. the off-the-shelf reference step (transformers + torchvision), one JSON line;
 #   2. this project's paper-preset step with torch.compile, one JSON line, then its profile (JSON);
-#   3. with EAGER=1, this project's eager step too;
+#   3. with EAGER=1 (or when step 2 failed early), this project's eager step and its profile;
 #   4. the data loader's decode rate for the paper-preset clip shape.
 # Usage, from the repository root:  bash docs/speed_run.sh OUT_DIR [path/to/reference_step.py]
 # SMOKE=1 runs the same parts at toy size (batch 2, tiny preset, no nvidia-smi): a check on a CPU.
@@ -35,8 +35,10 @@ part() {  # part NAME SECONDS COMMAND...: run with a limit, keep stderr, print a
 
 part reference 180 python "$ref" $size --breakdown
 part icode_compile 480 python train.py --benchmark $preset --compile --profile 2
-if [ "${EAGER:-0}" = 1 ]; then
-    part icode_eager 180 python train.py --benchmark $preset
+# The eager step on request, or when the compiled one printed nothing (a compiler failure) early enough for
+# the eager step (~2 minutes) to fit in a 10-minute job.
+if [ "${EAGER:-0}" = 1 ] || { [ ! -s "$out/icode_compile.jsonl" ] && [ "$SECONDS" -lt 400 ]; }; then
+    part icode_eager 180 python train.py --benchmark $preset --profile 2
 fi
 echo "== decode"
 timeout 120 python data.py bench --clip360p -n 32 2>&1 | tail -n 4 | tee "$out/decode.txt"

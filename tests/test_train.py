@@ -212,6 +212,45 @@ def test_non_finite_steps_are_skipped_then_stop_with_the_last_good_checkpoint(to
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_compiled_objective_is_one_graph_whatever_is_masked():
+    """compile_step: the pretraining objective is one graph without breaks, the heads' selection of masked
+    positions included, and batches with other numbers of masked positions (here 0 to 5 text tokens, other
+    tube and span masks) run that same graph, with the eager loss and gradients. Dynamo alone: a backend
+    that keeps each graph as traced."""
+    model = make_model()
+    objective = PretrainObjective(model, WEIGHTS)
+    graphs = []
+
+    def keep(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def loss_and_grads(fn, batch):
+        model.zero_grad(set_to_none=True)
+        targets = model.targets(batch)
+        loss, _ = fn(batch, targets, count_targets(targets, False), 1)
+        loss.backward()
+        return loss.detach(), grads(model)
+
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=False):   # compile_step sets it
+        run = train.compile_step(objective, backend=keep)
+        counts = []
+        for seed, n_text in ((1, 5), (2, 3), (3, 0)):
+            batch = synthetic_batch(model.cfg, 2, 12, 0.5, 4, 64, "cpu", seed=seed)
+            lab = batch["text_labels"]
+            keep_pos = (lab != -100).nonzero()[:n_text]                 # exactly n_text masked tokens
+            batch["text_labels"] = torch.full_like(lab, -100).index_put_(tuple(keep_pos.t()), lab[tuple(keep_pos.t())])
+            counts.append([int((t != -100).sum()) for t in model.targets(batch).values()])
+            loss_c, g_c = loss_and_grads(run, batch)
+            loss_e, g_e = loss_and_grads(objective, batch)
+            assert torch.equal(loss_c, loss_e)
+            assert_close(g_c, g_e, tol=1e-6)
+    torch._dynamo.reset()
+    assert len({tuple(c) for c in counts}) == 3 and [c[0] for c in counts] == [5, 3, 0], counts
+    assert len(graphs) == 1, f"{len(graphs)} graphs: the objective breaks or recompiles"
+
+
 def test_benchmark_json_and_profile_add_up(capsys):
     """--benchmark --profile on the tiny preset (CPU): the reference's fields, samples/s = batch / median step,
     and the profile's kinds add up to its busy time."""
