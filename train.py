@@ -17,6 +17,7 @@ micro-batch through gradient cache (Gao et al. 2021):
 import argparse
 import collections
 import contextlib
+import inspect
 import json
 import math
 import os
@@ -86,9 +87,13 @@ def wrap_ddp(module, d):
     """DDP over `module` when there are several processes; the module itself otherwise."""
     if d.world == 1:
         return module
+    # The buffers (Swin's position indices, the target tokenizers' projections) are constants: no broadcast
+    # before every forward. torch 2.13 renamed the option (the new one still syncs once at start: harmless).
+    ddp_params = inspect.signature(nn.parallel.DistributedDataParallel).parameters
+    no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in ddp_params
+                      else {"broadcast_buffers": False})
     return nn.parallel.DistributedDataParallel(
-        module, device_ids=[d.local_rank] if d.device.type == "cuda" else None,
-        broadcast_buffers=False)   # no batch norm: nothing to broadcast
+        module, device_ids=[d.local_rank] if d.device.type == "cuda" else None, **no_buffer_sync)
 
 
 def precision(bf16, device):

@@ -99,10 +99,11 @@ def _ddp_worker(rank, world, init_file, accum, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     model = make_model()
     obj = PretrainObjective(model, WEIGHTS)
-    ddp = torch.nn.parallel.DistributedDataParallel(obj, broadcast_buffers=False)
+    d = Dist(rank, rank, world)
+    ddp = train.wrap_ddp(obj, d)
     batch = make_batch(model)
     local = split_batch(batch, world)[rank]
-    terms = train_step(obj, ddp, split_batch(local, accum), Dist(rank, rank, world), NOCAST, WEIGHTS)
+    terms = train_step(obj, ddp, split_batch(local, accum), d, NOCAST, WEIGHTS)
     out = {f"grad.{k}": v for k, v in grads(model).items()}
     out.update({f"term.{k}": v.reshape(1) for k, v in terms.items()})
     save_file({k: v.contiguous() for k, v in out.items()}, os.path.join(out_dir, f"rank{rank}.safetensors"))
