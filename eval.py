@@ -51,6 +51,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import data as D
 import train as T
 from model.fusion import MODALITIES, joint_representation
 from train import to_device
@@ -374,7 +375,6 @@ def task_metrics(task, pred, target, glue_task=None):
 def load_split(path, dcfg, tokenizer):
     """Every decodable example of a manifest, in memory (downstream splits are small; decoding once saves
     every later epoch). Bad rows are skipped with a count, as the pretraining loader does."""
-    import data as D
     ds = D.ManifestDataset(path, dcfg, tokenizer, use_targets=False)
     out, bad = [], []
     for i in range(len(ds)):
@@ -421,7 +421,6 @@ def target_of(examples, task):
 
 def make_inputs(examples, task, modalities, dcfg, tokenizer):
     """Raw examples (ManifestDataset items, or GLUE's {"text_ids", "label"}) -> (inputs, target, K)."""
-    import data as D
     inputs = {}
     if "video" in modalities or "audio" in modalities:
         b = D.collate([{k: v for k, v in e.items() if k != "text_ids"} for e in examples], dcfg, None)
@@ -656,7 +655,6 @@ def mean_std(runs):
 def contrastive_space(model, examples, dcfg, tokenizer, device, batch_size=16):
     """Unit-norm contrastive vectors {m: [N, D]}: each modality through the fusion network alone, mean-pooled
     (`ICode.contrastive_representations`), on the unmasked inputs (text: [CLS] caption [SEP] transcript [SEP])."""
-    import data as D
     model.eval()
     out = {}
     for b in _batches(examples, batch_size):
@@ -835,7 +833,6 @@ def parse_args(argv=None):
 
 
 def _toy(args):
-    import data as D
     if not os.path.isfile(os.path.join(args.toy_dir, "toy_world.json")):
         print(f"making the toy world in {args.toy_dir}/ (size {args.toy_size}) ...", flush=True)
         D.make_toy(args.toy_dir, size=args.toy_size)
@@ -861,7 +858,6 @@ def run_seeds(task, splits, args, d, ckpt, fusion, modalities, dcfg, tokenizer, 
 
 
 def main(argv=None):
-    import data as D
     args = parse_args(argv)
     d = T.setup_distributed(args.device)
     dcfg = D.TOY_DATA if args.preset == "tiny" else D.PAPER_DATA
@@ -913,7 +909,6 @@ HEADLINE = {"sentiment": ("corr", "Corr"), "emotion": ("f1", "micro-F1"), "binar
 def report(args, d, dcfg):
     """Fine-tune and test every configuration on the toy world's downstream splits; write
     <out>/report.md, report.png and results.json. Returns the results dict."""
-    import data as D
     t0 = time.time()
     paths = _toy(args)
     tokenizer = D.load_tokenizer(args.tokenizer or os.path.join(args.toy_dir, "tokenizer.json"))
@@ -946,7 +941,7 @@ def report(args, d, dcfg):
             else:
                 r = run_seeds(task, splits, args, d, best_ckpt, best_fusion, mods, dcfg, tokenizer, cache)
             results["subsets"].setdefault(task, {})[modality_letters(mods)] = r
-    held = os.path.join(args.toy_dir, getattr(D, "TOY_HELDOUT_MANIFEST", "video_test.jsonl"))
+    held = os.path.join(args.toy_dir, T.TOY_HELDOUT)
     held_ex = load_split(held, dcfg, tokenizer)
     for name, c, fusion in rows:
         if name.endswith("M") or c is not None:

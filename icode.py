@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 
 from data import tube_to_patch_mask
-from losses import LogitScales
+from losses import PAIR_NAMES, LogitScales
 from model.deberta import DEBERTA_V3_BASE, Deberta, DebertaConfig
 from model.fusion import MODALITIES, FusionConfig, FusionNetwork, joint_representation, masked_mean
 from model.heads import MLMHead, MSMHead, MVMHead
@@ -281,7 +281,6 @@ class ICode(nn.Module):
             out["msm"] = self.msm_head(fused["audio"], targets["audio"])
         return out
 
-
     def unused_parameters(self, present):
         """The trainable parameters a pretraining step on a batch holding only `present` modalities
         does not touch: the absent encoders, their projections and heads, co-attention's modules of
@@ -303,9 +302,8 @@ class ICode(nn.Module):
         if self.cfg.fusion.mode == "co" and len(present) == 1:
             for layer in self.fusion.layers:
                 mods += [layer.cross_attn[m] for m in present] + [layer.cross_norm[m] for m in present]
-        pairs = {"vl": ("video", "text"), "vs": ("video", "audio"), "ls": ("text", "audio")}
         params = [p for mod in mods for p in mod.parameters()]
-        params += [p for name, p in self.logit_scales.scale.items() if not set(pairs[name]) <= present]
+        params += [self.logit_scales.scale[name] for pair, name in PAIR_NAMES.items() if not set(pair) <= present]
         seen, out = set(), []
         for p in params:  # de-duplicated: a shared co-attention FFN or a tied decoder appears once
             if p.requires_grad and id(p) not in seen:

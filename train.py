@@ -36,6 +36,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file, save_model
 from safetensors.torch import load_model as load_safetensors_into
 
+import data as D
 from icode import ICode, ICodeConfig, preset
 from losses import PAIR_NAMES, masked_unit_loss, pretraining_loss
 
@@ -104,7 +105,7 @@ def precision(bf16, device):
         torch.backends.cudnn.allow_tf32 = True
         # Time cuDNN's algorithms once per input shape and keep the fastest (the speech feature encoder,
         # WavLM's grouped positional convolution, the patch embedding, MVM's deconvolution). Frames and the
-        # 8 s audio cut keep the shapes few (data.py pads to the batch maximum).
+        # 8 s audio cut keep the shapes few (data.py pads to the batch maximum; with --compile, to the maxima).
         torch.backends.cudnn.benchmark = True
     if bf16 == "on" or (bf16 == "auto" and device.type == "cuda"):
         return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
@@ -548,7 +549,6 @@ def main(argv=None):
     d = setup_distributed(args.device)
     if args.benchmark:
         return benchmark(args, d)
-    import data as D
     seed = args.seed + d.rank
     torch.manual_seed(seed)
     np.random.seed(seed)
@@ -781,7 +781,6 @@ def plot_history(history, path):
 def synthetic_batch(cfg, B, text_len, seconds, frames, res, device, seed=0):
     """A collated batch of the given shapes with the real masks (30% MLM, tube, span) and offline-cache
     style targets, as the off-the-shelf reference step uses (../shared/bench/reference_step.py)."""
-    import data as D
     g = torch.Generator().manual_seed(seed)
     V = cfg.text.vocab_size
     ids = torch.randint(5, V, (B, text_len), generator=g)
