@@ -18,6 +18,7 @@ import collections
 import dataclasses
 import fractions
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -178,6 +179,36 @@ MEDIA_FIELDS = ("video", "image", "audio", "text", "caption", "start", "end", "m
 LABEL_FIELDS = ("score", "emotions", "label", "question", "answers", "answer")
 KNOWN_FIELDS = frozenset(MEDIA_FIELDS + LABEL_FIELDS)
 SOUNDFILE_EXTS = (".wav", ".flac")
+
+
+def _is_number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def check_labels(row, emotions_len=None):
+    """Raise BadExample unless the row's downstream labels have the types the collator and eval.py need:
+    score a number, emotions a list of numbers (`emotions_len` long: the first row's), label a number,
+    question a string, answers a non-empty list of strings, answer an index into answers."""
+    if "score" in row and not _is_number(row["score"]):
+        raise BadExample(f"score must be a number, got {row['score']!r}")
+    if "label" in row and not _is_number(row["label"]):
+        raise BadExample(f"label must be a number, got {row['label']!r}")
+    if "emotions" in row:
+        e = row["emotions"]
+        if not isinstance(e, list) or not e or not all(_is_number(x) for x in e):
+            raise BadExample(f"emotions must be a non-empty list of numbers, got {e!r}")
+        if emotions_len is not None and len(e) != emotions_len:
+            raise BadExample(f"emotions has {len(e)} entries, the manifest's first row {emotions_len}")
+    if "question" in row and not isinstance(row["question"], str):
+        raise BadExample(f"question must be a string, got {row['question']!r}")
+    answers = row.get("answers")
+    if "answers" in row and (not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers)):
+        raise BadExample(f"answers must be a non-empty list of strings, got {answers!r}")
+    if "answer" in row:
+        a = row["answer"]
+        if not isinstance(a, int) or isinstance(a, bool) or a < 0 or (isinstance(answers, list) and a >= len(answers)):
+            raise BadExample(f"answer must be an index into answers ({len(answers) if isinstance(answers, list) else 'none'}"
+                             f" given), got {a!r}")
 DECODE_THREADS = 1                   # codec threads per worker: scale with DataLoader workers instead
 
 
@@ -267,6 +298,26 @@ def _frame_time(frame, tb):
     return float(frame.pts * tb) if frame.pts is not None else float(frame.time or 0.0)
 
 
+def _decode_from(container, stream, t):
+    """Frames of `stream` from the keyframe at or before time t (seconds, stream clock).
+
+    MP4, MKV and WebM seek exactly; MPEG-TS and FLV may land after t (their seek goes by byte position), and
+    the frame on display at t would be lost. So when the first frame decoded is later than t, seek again 1,
+    2, 4, ... s earlier, down to the start of the stream.
+    """
+    tb, back = stream.time_base, 0.0
+    while True:
+        container.seek(max(0, int((t - back) / tb)), stream=stream, backward=True, any_frame=False)
+        gen = container.decode(stream)
+        first = next(gen, None)
+        if first is None:
+            if t - back <= 0:
+                return iter(())
+        elif _frame_time(first, tb) <= t + 1e-6 or t - back <= 0:
+            return itertools.chain([first], gen)
+        back = max(1.0, 2 * back)
+
+
 def frames_at(container, stream, targets, seek=True):
     """The frame on display at each target time (seconds, stream clock): the last one with pts <= t.
 
@@ -286,9 +337,8 @@ def frames_at(container, stream, targets, seek=True):
         last = _frame_time(ref, tb) if ref is not None else -math.inf
         jump = any(last < k <= t for k in keyframes) if keyframes else t - last > 2.0
         if gen is None or (seek and jump):
-            if seek:
-                container.seek(max(0, int(t / tb)), stream=stream, backward=True, any_frame=False)
-            gen, prev, nxt, done = container.decode(stream), None, None, False
+            gen = _decode_from(container, stream, t) if seek else container.decode(stream)
+            prev, nxt, done = None, None, False
         if nxt is not None and _frame_time(nxt, tb) <= t:
             prev, nxt = nxt, None
         while nxt is None and not done:
@@ -353,6 +403,40 @@ def read_video(path, frames, size, start=None, end=None, seek=True):
         return np.stack(out)
 
 
+# EXIF Orientation -> the stored pixels turned for display (the tag says where the stored row 0 / column 0
+# belong: 2 mirrored, 3 upside down, 4 flipped vertically, 5 transposed, 6 turned left, 7 transversed, 8 turned right)
+EXIF_ORIENT = {1: lambda a: a, 2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1],
+               5: lambda a: a.transpose(1, 0, 2), 6: lambda a: np.rot90(a, -1),
+               7: lambda a: a[::-1, ::-1].transpose(1, 0, 2), 8: lambda a: np.rot90(a, 1)}
+
+
+def jpeg_orientation(path):
+    """The EXIF Orientation tag (1-8) of a JPEG file; None without one (or for another format).
+
+    FFmpeg hands the tag on as the frame's display matrix, but PyAV gives only its angle, which for the
+    mirrored orientations (2, 4, 5, 7) is not the right transform; so images read the tag themselves."""
+    with open(path, "rb") as f:
+        if f.read(2) != b"\xff\xd8":
+            return None
+        while True:  # marker segments up to the image data
+            head = f.read(4)
+            if len(head) < 4 or head[0] != 0xFF or head[1] in (0xD9, 0xDA):
+                return None
+            seg = f.read(int.from_bytes(head[2:], "big") - 2)
+            if head[1] == 0xE1 and seg[:6] == b"Exif\x00\x00":
+                t = seg[6:]  # a TIFF header: byte order, 42, offset of IFD0; IFD0: count, 12-byte entries
+                order = {b"II": "little", b"MM": "big"}.get(t[:2])
+                if order is None:
+                    return None
+                ifd = int.from_bytes(t[4:8], order)
+                for k in range(int.from_bytes(t[ifd:ifd + 2], order)):
+                    e = t[ifd + 2 + 12 * k: ifd + 14 + 12 * k]
+                    if int.from_bytes(e[:2], order) == 0x0112:
+                        v = int.from_bytes(e[8:10], order)
+                        return v if v in EXIF_ORIENT else None
+                return None
+
+
 def read_image(path, frames, size):
     """A still image -> uint8 [T, size, size, 3], the same frame T times.
 
@@ -369,7 +453,11 @@ def read_image(path, frames, size):
             raise BadExample(f"undecodable image {path}: {e}") from e
         if frame is None:
             raise BadExample(f"undecodable image {path}: no frame")
-        img = frame_to_rgb(frame, size, _rotation(frame, container.streams.video[0]))
+        orientation = jpeg_orientation(path)
+        if orientation is None:
+            img = frame_to_rgb(frame, size, _rotation(frame, container.streams.video[0]))
+        else:  # the square crop turns like the whole image (both sides scale by the same factor)
+            img = np.ascontiguousarray(EXIF_ORIENT[orientation](frame_to_rgb(frame, size)))
     return np.repeat(img[None], frames, axis=0)
 
 
@@ -388,7 +476,9 @@ def resample(x, from_sr, to_sr):
     return np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
 
 
-def _read_audio_av(path, sr, start, end):
+def _read_audio_av(path, sr, start, end, max_s=None):
+    """[start, end] of a file's first audio stream at `sr` mono (through PyAV); decoding stops once
+    `end` or start + max_s is reached (a clip out of a long file decodes only that far)."""
     container = _open(path, "audio")
     with container:
         if not container.streams.audio:
@@ -399,15 +489,17 @@ def _read_audio_av(path, sr, start, end):
         rs = av.AudioResampler(format="flt", layout="mono", rate=sr)
         if start > 0:
             container.seek(max(0, int((t0 + start) / tb)), stream=st, backward=True)
-        chunks, first = [], None
-        stop = t0 + end if end is not None else math.inf
+        chunks, first, n = [], None, 0
+        stop = t0 + min(end if end is not None else math.inf, start + (max_s if max_s is not None else math.inf))
         try:
             for frame in container.decode(st):
                 if first is None:
                     first = _frame_time(frame, tb)
                 frame.pts = None  # let the resampler count samples (robust to timestamp gaps)
-                chunks += [o.to_ndarray()[0] for o in rs.resample(frame)]
-                if first + sum(len(c) for c in chunks) / sr >= stop:
+                new = [o.to_ndarray()[0] for o in rs.resample(frame)]
+                chunks += new
+                n += sum(len(c) for c in new)
+                if first + n / sr >= stop:
                     break
             chunks += [o.to_ndarray()[0] for o in rs.resample(None)]
         except av.FFmpegError as e:
@@ -438,7 +530,7 @@ def read_audio(path, sr=16000, start=None, end=None, max_s=None, min_samples=1):
             raise BadExample(f"undecodable audio {path}: {e}") from e
         x = resample(x.mean(axis=1), info.samplerate, sr)
     else:
-        x = _read_audio_av(path, sr, a, end)
+        x = _read_audio_av(path, sr, a, end, max_s)
     limit = math.inf if end is None else float(end) - a
     if max_s is not None:
         limit = min(limit, max_s)
@@ -546,7 +638,7 @@ def row_modalities(row):
 def read_manifest(path):
     """-> list of (line number from 1, dict or an error string); blank lines are skipped."""
     rows = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark (some editors write one) is not row 1's
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -567,6 +659,14 @@ def targets_dir(manifest):
 def _cache_meta(cfg):
     return {"frames": cfg.frames, "image_size": cfg.image_size, "token_patch": cfg.token_patch,
             "sample_rate": cfg.sample_rate, "max_audio_s": cfg.max_audio_s}
+
+
+def _row_key(row):
+    """The key a target file carries of the manifest row it was made from: files are named by line number,
+    so after an edit of the manifest (a row inserted, removed or changed) a line's file may belong to another
+    clip; the loader uses a file only when the key matches its row (a changed media file at the same path
+    and with the same row is not detected)."""
+    return hashlib.sha256(json.dumps(row, sort_keys=True).encode()).hexdigest()[:16]
 
 
 class ManifestDataset(torch.utils.data.Dataset):
@@ -590,7 +690,9 @@ class ManifestDataset(torch.utils.data.Dataset):
         if first is None:
             raise ValueError(f"{self.path}: no valid row to decide the modalities from ({len(self.rows)} rows)")
         self.modalities = row_modalities(first)
-        self.targets = None
+        e = first.get("emotions")
+        self.emotions_len = len(e) if isinstance(e, list) else None
+        self.targets, self.stale_warned = None, False
         tdir = targets_dir(self.path)
         meta_path = os.path.join(tdir, "meta.json")
         if use_targets and os.path.exists(meta_path):
@@ -637,6 +739,7 @@ class ManifestDataset(torch.utils.data.Dataset):
                 raise BadExample(f"{k} must be a non-negative number of seconds, got {v!r}")
         if start is not None and end is not None and end <= start:
             raise BadExample(f"end ({end}) must be after start ({start})")
+        check_labels(row, self.emotions_len)
         ex = {"source": self.name, "line": line, "modalities": self.modalities}
         timing = {}
         if "text" in self.modalities:
@@ -672,8 +775,15 @@ class ManifestDataset(torch.utils.data.Dataset):
         if self.targets is not None:
             p = os.path.join(self.targets, f"{line:08d}.safetensors")
             if os.path.exists(p):
-                from safetensors.numpy import load_file
-                ex.update(load_file(p))
+                from safetensors import safe_open
+                with safe_open(p, framework="np") as f:
+                    if (f.metadata() or {}).get("row") == _row_key(row):
+                        ex.update({k: f.get_tensor(k) for k in f.keys()})
+                    elif not self.stale_warned:  # the row changed since `tokenize`: its ids are made on the device
+                        self.stale_warned = True
+                        print(f"data: {self.path}:{line}: the target cache {self.targets} was written for another "
+                              f"row on this line (manifest edited?); such rows get their targets on the device; "
+                              f"re-run `python data.py tokenize`", file=sys.stderr)
         ex["timing"] = timing
         return ex
 
@@ -767,7 +877,8 @@ class MixedBatchSampler:
     that permutation (n // W of them, so ranks never overlap and all have the same count) and walks its
     share `batch_size` rows per step; a batch never spans two epochs (the tail of an epoch that does not
     fill one is dropped, like drop_last). Every rank advances the same per-source counter, so epochs turn
-    over together. Spares are drawn from the rank's own share of the current epoch (seeded by seed, k, rank).
+    over together. Spares are distinct rows of the rank's own share of the current epoch outside the batch
+    (so a replaced bad row never duplicates an example of the batch), drawn with a generator seeded by (seed, k, rank).
     The state is {"step": k, "consumed": {source name: rows consumed per rank}}: JSON-able and exact.
     """
 
@@ -811,8 +922,10 @@ class MixedBatchSampler:
             pos = (pos // per_rank + 1) * per_rank
         rows = [self._row(s, j) for j in range(pos, pos + self.batch_size)]
         rng = np.random.default_rng([self.seed, step, self.rank, 1])
-        epoch_start = pos // per_rank * per_rank
-        spares = [self._row(s, epoch_start + int(k)) for k in rng.integers(0, per_rank, self.spares)]
+        epoch_start, k0 = pos // per_rank * per_rank, pos % per_rank
+        others = [k for k in range(per_rank) if not k0 <= k < k0 + self.batch_size]  # never a row of this batch
+        picks = rng.choice(len(others), min(self.spares, len(others)), replace=False) if others else []
+        spares = [self._row(s, epoch_start + others[int(k)]) for k in picks]
         self.consumed[self.names[s]] = pos + self.batch_size
         self.step += 1
         return step, s, rows, spares
@@ -1038,10 +1151,11 @@ def _toy_frames(rng, colour, shape, motion, n_frames):
     return np.stack(out)
 
 
-def _write_mp4(path, frames, fps, audio=None, sr=16000, rotation=0, keyint=10, pix_fmt="yuv420p", preset="ultrafast"):
+def _write_mp4(path, frames, fps, audio=None, sr=16000, rotation=0, keyint=10, pix_fmt="yuv420p", preset="ultrafast",
+               fmt="mp4"):
     """H.264 MP4 (+ AAC audio [C, N] float32) written deterministically; rotation sets the display matrix.
-    frames: uint8 [T, H, W, 3]; odd H or W need pix_fmt="yuv444p"."""
-    with av.open(path, "w", format="mp4", options={"fflags": "+bitexact"}) as c:
+    frames: uint8 [T, H, W, 3]; odd H or W need pix_fmt="yuv444p". fmt: the container ("mpegts", "flv" in tests)."""
+    with av.open(path, "w", format=fmt, options={"fflags": "+bitexact"}) as c:
         vs = c.add_stream("libx264", rate=fps, options={"preset": preset, "g": str(keyint), "threads": "1"})
         vs.height, vs.width = frames.shape[1:3]
         vs.pix_fmt = pix_fmt
@@ -1202,11 +1316,17 @@ def default_quantize(model_cfg, name="custom"):
 
 def tokenize_manifest(path, cfg, quantize, batch_size=16, name="custom", log=print):
     """Run `quantize(batch) -> {"video_targets", "audio_targets"}` over every good row of a manifest and
-    write one safetensors file per line (bad rows are skipped and counted). Returns (written, bad)."""
+    write one safetensors file per line, carrying its row's key (`_row_key`); bad rows are skipped and
+    counted. A re-run replaces the whole cache. Returns (written, bad)."""
     from safetensors.numpy import save_file
     ds = ManifestDataset(path, cfg, tokenizer=None, use_targets=False)
     out = targets_dir(ds.path)
     os.makedirs(out, exist_ok=True)
+    # A re-run starts from an empty cache: meta.json first (an interrupted re-run leaves no readable cache),
+    # then the old files (lines now bad or gone must not keep their old targets).
+    for f in sorted(os.listdir(out), key=lambda f: f != "meta.json"):
+        if f == "meta.json" or f.endswith(".safetensors"):
+            os.remove(os.path.join(out, f))
     written, bad, pending = 0, 0, []
 
     def flush():
@@ -1220,13 +1340,13 @@ def tokenize_manifest(path, cfg, quantize, batch_size=16, name="custom", log=pri
                 arrays["video_targets"] = tgt["video_targets"][i].cpu().long().numpy()
             if "audio_targets" in tgt:
                 arrays["audio_targets"] = tgt["audio_targets"][i, :int(speech_frames(len(e["audio"])))].cpu().long().numpy()
-            save_file(arrays, os.path.join(out, f"{e['line']:08d}.safetensors"))
+            save_file(arrays, os.path.join(out, f"{e['line']:08d}.safetensors"), metadata={"row": e["row_key"]})
             written += 1
         pending.clear()
 
     for i in range(len(ds)):
         try:
-            pending.append(ds[i])
+            pending.append(dict(ds[i], row_key=_row_key(ds.rows[i][1])))
         except BadExample as e:
             bad += 1
             log(f"{ds.path}:{ds.line(i)}: skipped: {e.reason}")
@@ -1302,7 +1422,12 @@ def bench(path, cfg, tokenizer, n=64, batch_size=8, log=print):
     ds = ManifestDataset(path, cfg, tokenizer, use_targets=False)
     timing, done, bad, buf = collections.Counter(), 0, 0, []
     g = torch.Generator().manual_seed(0)
-    ds[0 % len(ds)]  # warm-up: imports, codec tables
+    for i in range(len(ds)):  # warm-up on the first good row: imports, codec tables
+        try:
+            ds[i]
+            break
+        except BadExample:
+            continue
     t0 = time.perf_counter()
     for i in range(n):
         try:
@@ -1390,6 +1515,9 @@ def main(argv=None):
             tok = _find_tokenizer(args.tokenizer, args.manifest)
         cfg = _preset(args.preset or ("paper" if args.clip360p else "toy"))
         rate, _ = bench(args.manifest, cfg, tok, n=args.n)
+        if rate == 0:
+            print(f"{args.manifest}: no good row decoded (`python data.py check` says why)", file=sys.stderr)
+            return 1
         for step_s in (0.25, 0.5):
             need = args.step_batch / step_s
             print(f"a GPU step of batch {args.step_batch} every {step_s} s needs {need:.0f} examples/s: "

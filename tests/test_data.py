@@ -37,10 +37,10 @@ def _write_manifest(path, rows):
     return str(path)
 
 
-def _grey_clip(path, n=40, fps=10, keyint=5, audio=None, sr=16000, preset="ultrafast"):
+def _grey_clip(path, n=40, fps=10, keyint=5, audio=None, sr=16000, preset="ultrafast", fmt="mp4"):
     """Frame f is a uniform grey of level 5 * f + 20, so a decoded frame tells its index."""
     frames = np.stack([np.full((48, 64, 3), 5 * f + 20, np.uint8) for f in range(n)])
-    data._write_mp4(str(path), frames, fps, audio, sr, keyint=keyint, preset=preset)
+    data._write_mp4(str(path), frames, fps, audio, sr, keyint=keyint, preset=preset, fmt=fmt)
     return str(path)
 
 
@@ -51,10 +51,13 @@ def _frame_index(img):
 # ----------------------------------------------------------------------------------------------------
 # Video
 
-@pytest.mark.parametrize("preset", ["ultrafast", "veryfast"])  # veryfast has B-frames: decode order != display
-def test_seek_matches_decoding_everything(tmp_path, preset):
-    path = _grey_clip(tmp_path / "g.mp4", n=40, fps=10, keyint=5, preset=preset)  # 4 s, a keyframe every 0.5 s
-    for start, end in [(None, None), (1.3, 3.7), (2.95, 3.05), (0.0, 0.4)]:
+# veryfast has B-frames (decode order != display order); MPEG-TS and FLV seek by byte position and may land
+# after the target (frames_at then seeks further back)
+@pytest.mark.parametrize("preset, fmt", [("ultrafast", "mp4"), ("veryfast", "mp4"), ("veryfast", "mpegts"),
+                                         ("ultrafast", "flv")])
+def test_seek_matches_decoding_everything(tmp_path, preset, fmt):
+    path = _grey_clip(tmp_path / "g.vid", n=40, fps=10, keyint=5, preset=preset, fmt=fmt)  # 4 s, keyframe every 0.5 s
+    for start, end in [(None, None), (1.3, 3.7), (2.95, 3.05), (0.0, 0.4), (3.0, 4.0)]:
         a = data.read_video(path, 4, 32, start, end, seek=True)
         b = data.read_video(path, 4, 32, start, end, seek=False)
         assert np.array_equal(a, b), (start, end)
@@ -85,6 +88,32 @@ def test_rotated_video_is_upright(tmp_path):
     rot = data.read_video(str(tmp_path / "rot.mp4"), 2, 64).astype(float)
     assert np.abs(up - rot).mean() < 6
     assert rot[0, 40, 10, 0] > 150 and rot[0, 40, 60, 2] > 150 and rot[0, 2, 32, 1] > 150
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_jpeg_exif_orientation_is_applied(tmp_path, orientation):
+    """A phone photo stores the sensor's pixels and an EXIF Orientation tag saying how to show them;
+    read_image shows every one of the eight upright (the mirrored ones too)."""
+    img = np.zeros((64, 80, 3), np.uint8)
+    img[:, :40] = (220, 30, 30)   # left half red
+    img[:, 40:] = (30, 30, 220)   # right half blue
+    img[:12] = (30, 200, 30)      # top strip green
+    inverse = {6: 8, 8: 6}.get(orientation, orientation)  # the others undo themselves
+    stored = np.ascontiguousarray(data.EXIF_ORIENT[inverse](img))
+    data._write_jpeg(str(tmp_path / "up.jpg"), img)
+    data._write_jpeg(str(tmp_path / "sensor.jpg"), stored)
+    raw = open(tmp_path / "sensor.jpg", "rb").read()
+    tiff = b"II*\x00" + (8).to_bytes(4, "little") + (1).to_bytes(2, "little")  # IFD0 with one entry:
+    tiff += bytes.fromhex("1201 0300 01000000") + orientation.to_bytes(2, "little") + bytes(6)  # 0x0112 SHORT
+    app1 = b"Exif\x00\x00" + tiff
+    (tmp_path / "exif.jpg").write_bytes(raw[:2] + b"\xff\xe1" + (len(app1) + 2).to_bytes(2, "big") + app1 + raw[2:])
+    assert data.jpeg_orientation(str(tmp_path / "exif.jpg")) == orientation
+    assert data.jpeg_orientation(str(tmp_path / "up.jpg")) is None
+    up = data.read_image(str(tmp_path / "up.jpg"), 1, 64).astype(float)
+    exif = data.read_image(str(tmp_path / "exif.jpg"), 1, 64).astype(float)
+    plain = data.read_image(str(tmp_path / "sensor.jpg"), 1, 64).astype(float)
+    assert np.abs(up - exif).mean() < 6
+    assert (np.abs(up - plain).mean() > 40) == (orientation != 1)
 
 
 def test_odd_resolution_and_image(tmp_path):
@@ -133,6 +162,10 @@ def test_audio_from_video_container(tmp_path):
     cut = data.read_audio(path, 16000, start=0.5, end=1.5)
     assert abs(len(cut) - 16000) <= 2
     assert len(data.read_audio(path, 16000, max_s=1.2)) == 19200
+    # decoding stops at max_s (a row without `end` in a long file), with the samples a full decode gives
+    head = data._read_audio_av(path, 16000, 0.5, None, max_s=0.5)
+    assert 8000 <= len(head) < 8000 + 1600                      # 0.5 s, and at most ~2 AAC frames more
+    assert np.array_equal(head[:8000], data.read_audio(path, 16000, start=0.5)[:8000])
     with pytest.raises(data.BadExample, match="no audio stream"):
         data.read_audio(_grey_clip(tmp_path / "mute.mp4", n=5), 16000)
 
@@ -236,6 +269,36 @@ def test_downstream_labels_pass_through(toy, tok):
     assert ((lab["score"] > 0).long() == lab["label"]).all() and lab["score"].abs().max() <= 3
 
 
+def test_manifest_with_byte_order_mark(tmp_path):
+    p = tmp_path / "bom.jsonl"
+    p.write_bytes(b"\xef\xbb\xbf" + json.dumps({"text": "first", "label": 1}).encode() + b"\n")
+    assert data.read_manifest(str(p)) == [(1, {"text": "first", "label": 1})]
+
+
+def test_malformed_labels_are_bad_rows(toy, tok, tmp_path):
+    """A label the collator or eval.py cannot use is a bad row (reported by check, skipped in training),
+    not a crash inside a DataLoader worker."""
+    src = os.path.join(toy, "downstream_train.jsonl")
+    lines = open(src).read().splitlines()
+    rows = [json.loads(lines[i % len(lines)]) for i in range(8)]
+    for r in rows:
+        r["video"] = os.path.join(toy, r["video"])
+    rows[1]["score"] = None
+    rows[2]["emotions"] = rows[2]["emotions"][:3]
+    rows[3]["label"] = "yes"
+    rows[4]["answer"] = len(rows[4]["answers"])
+    rows[5]["answers"] = "a b c"
+    path = _write_manifest(tmp_path / "labels.jsonl", rows)
+    lines = []  # check's messages
+    assert data.check_manifest(path, CFG, tok, log=lines.append) == (8, 5)
+    for line, reason in {2: "score must be a number", 3: "emotions has 3 entries", 4: "label must be a number",
+                         5: "answer must be an index", 6: "answers must be"}.items():
+        assert any(m.startswith(f"{path}:{line}: {reason}") for m in lines), (line, reason, lines)
+    ds = data.ManifestDataset(path, CFG, tok)
+    b = data.collate([ds[0], ds[6], ds[7]], CFG, tok)
+    assert b["labels"]["emotions"].shape == (3, 6)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Bad rows: check reports them, the loader skips and counts them, too many stop training
 
@@ -299,7 +362,7 @@ def test_loader_skips_and_counts_bad_rows(bad_manifest, tok):
 
 def test_sampler_same_source_disjoint_and_resumes():
     sizes, weights, W, bs = [10, 7, 23], [1, 2, 1], 3, 2
-    samplers = [data.MixedBatchSampler(sizes, weights, bs, r, W, seed=5, spares=1, names="abc") for r in range(W)]
+    samplers = [data.MixedBatchSampler(sizes, weights, bs, r, W, seed=5, spares=2, names="abc") for r in range(W)]
     plans = [[s.next_plan() for _ in range(60)] for s in samplers]
     per_source = {k: [[] for _ in range(W)] for k in range(3)}
     for step in range(60):
@@ -309,19 +372,20 @@ def test_sampler_same_source_disjoint_and_resumes():
         assert not (rows[0] & rows[1] or rows[0] & rows[2] or rows[1] & rows[2])
         for r in range(W):
             per_source[plans[r][step][1]][r] += plans[r][step][2]
-            spare = plans[r][step][3][0]
-            assert all(spare not in plans[q][step][2] for q in range(W) if q != r)
+            spares = plans[r][step][3]  # distinct rows of rank r's own share, none of them in the batch
+            assert len(set(spares)) == len(spares) == min(2, sizes[plans[r][step][1]] // W - bs)
+            assert all(sp not in plans[q][step][2] for q in range(W) for sp in spares)
     assert {p[1] for p in plans[0]} == {0, 1, 2}
     for k, n in enumerate(sizes):  # within an epoch, all rows of all ranks are distinct
         m = n // W // bs * bs  # rows per rank per epoch (an incomplete last batch is dropped)
         first = [row for r in range(W) for row in per_source[k][r][:m]]
         assert len(set(first)) == len(first) == m * W
     # resume: a fresh sampler loaded from a JSON round trip of step 25's state continues identically
-    s = data.MixedBatchSampler(sizes, weights, bs, 1, W, seed=5, spares=1, names="abc")
+    s = data.MixedBatchSampler(sizes, weights, bs, 1, W, seed=5, spares=2, names="abc")
     for _ in range(25):
         s.next_plan()
     state = json.loads(json.dumps(s.state_dict()))
-    s2 = data.MixedBatchSampler(sizes, weights, bs, 1, W, seed=5, spares=1, names="abc")
+    s2 = data.MixedBatchSampler(sizes, weights, bs, 1, W, seed=5, spares=2, names="abc")
     s2.load_state_dict(state)
     assert [s2.next_plan() for _ in range(35)] == plans[1][25:]
 
@@ -369,6 +433,24 @@ def test_target_cache_round_trip(toy, tok, tmp_path):
     assert torch.equal(b["audio_targets"], ref["audio_targets"])
     stale = data.ManifestDataset(str(path), data.dataclasses.replace(CFG, frames=2), tok)
     assert stale.targets is None
+    # the manifest edited after `tokenize`: lines 1 and 2 swapped hold other clips than their files were made
+    # from, so they get no cached ids (the device makes them); line 3 keeps its own
+    lines = open(path).read().splitlines()
+    _write_manifest(path, [lines[1], lines[0]] + lines[2:])
+    ds = data.ManifestDataset(str(path), CFG, tok)
+    assert ["video_targets" in ds[i] for i in range(3)] == [False, False, True]
+    # an interrupted re-run leaves no cache the loader would read (not half old, half new)
+    def fail_second(batch, calls=[]):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("pre-empted")
+        return quantize(batch)
+    with pytest.raises(RuntimeError, match="pre-empted"):
+        data.tokenize_manifest(str(path), CFG, fail_second, batch_size=2, name="test")
+    assert data.ManifestDataset(str(path), CFG, tok).targets is None
+    assert sorted(os.listdir(tmp_path / "v.targets")) == ["00000001.safetensors", "00000002.safetensors"]
+    assert data.tokenize_manifest(str(path), CFG, quantize, batch_size=4, name="test") == (6, 0)
+    assert all("video_targets" in e for e in data.ManifestDataset(str(path), CFG, tok))
 
 
 def _tree_hash(root):
@@ -407,6 +489,15 @@ def test_cli_bench_and_make_toy(toy, capsys):
     assert data.main(["bench", os.path.join(toy, "video.jsonl"), "-n", "4"]) == 0
     out = capsys.readouterr()
     assert "examples/s per worker" in out.out + out.err and "workers" in out.out
+    # a bad first row is skipped like the others; a manifest with no good row ends with 1 and a reason
+    good = json.loads(open(os.path.join(toy, "video.jsonl")).readline())
+    good["video"] = os.path.join(toy, good["video"])
+    bad = {"video": os.path.join(toy, "nothere.mp4"), "text": "x"}
+    tok_arg = ["--tokenizer", os.path.join(toy, "tokenizer.json")]
+    assert data.main(["bench", _write_manifest(os.path.join(toy, "bench1.jsonl"), [bad, good]), "-n", "4"] + tok_arg) == 0
+    assert "2 examples (2 bad)" in capsys.readouterr().out
+    assert data.main(["bench", _write_manifest(os.path.join(toy, "bench2.jsonl"), [bad, bad]), "-n", "2"] + tok_arg) == 1
+    assert "no good row" in capsys.readouterr().err
 
 
 def test_all_bad_plan_yields_an_empty_batch(tmp_path, tok):
