@@ -127,9 +127,9 @@ def span_mask(length, p=0.08, span=10, generator=None):
     indices, at least one, are drawn without replacement from [0, length); each masks `span`
     consecutive frames, clipped at the end. Spans may overlap, so the masked share is below p * span;
     for long sequences its expectation is close to 1 - (1 - p)^span (about 57% for the defaults).
-    fairseq's `compute_mask_indices` calls the same p "mask_prob" and draws starts only from
-    [0, length - span]; we draw from the whole sequence and clip, which keeps the coverage of the last
-    frames equal to the others'. Returns mask: [length] bool, True is masked.
+    fairseq's `compute_mask_indices` draws int(mask_prob * length / span + U[0, 1)) starts, so its
+    mask_prob is p * span (HuBERT's 0.8 is p = 8% with l = 10), and draws them only from [0, length - span];
+    we draw from the whole sequence and clip, which keeps the coverage of the last frames equal to the others'. Returns mask: [length] bool, True is masked.
     """
     if length < 1:
         raise ValueError(f"length must be positive, got {length}")

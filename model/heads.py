@@ -35,9 +35,10 @@ class MLMHead(nn.Module):
     """Masked language modelling head: dense(D, D) -> GELU -> LayerNorm -> decoder(D, V) (+ own bias).
 
     Tying: pass the language encoder's word-embedding weight [V, D] as `embedding_weight` and the decoder
-    shares it (BERT, DeBERTa and nanoGPT tie the output layer to the input embeddings). We recommend tying
-    in the paper preset (D = C = 768): an untied 128,100 x 768 decoder is 98M extra parameters, more than the
-    86M of DeBERTa-V3-base's Transformer layers, and the pretrained embedding gives the decoder a good start.
+    shares it (BERT, DeBERTa and nanoGPT tie the output layer to the input embeddings). Tying is optional
+    (`ICodeConfig.tie_mlm`, off by default: the paper's 154M fusion count includes an untied decoder); in the
+    paper preset (D = C = 768) it saves the untied 128,100 x 768 decoder's 98M parameters, more than the 86M of
+    DeBERTa-V3-base's Transformer layers, and the pretrained embedding gives the decoder a good start.
     It needs the fusion width D to equal the text width C; otherwise leave it None (an untied decoder).
     A tied weight appears in the full model's state_dict under both names (as in nanoGPT): save with
     `safetensors.torch.save_model`, which de-duplicates, or drop one name.
