@@ -391,13 +391,21 @@ def load_split(path, dcfg, tokenizer):
 
 def join_segments(tokenizer, segments, max_len):
     """[CLS] s_1 [SEP] s_2 [SEP] ... s_n [SEP] as ids (sections 5.2-5.3: hypothesis / question, candidate and
-    subtitles joined by [SEP]); past max_len the *last* segment (the subtitles) loses its tail."""
+    subtitles joined by [SEP]). Past max_len the *last* segment (the subtitles) gets only the room the others
+    leave; when the others alone do not fit, the longest of them loses tokens first (the "longest first" rule
+    of BERT's pair truncation), so a long question never removes the candidate answer."""
     pieces = [tokenizer.tokenizer.encode(s, add_special_tokens=False).ids for s in segments]
+    budget = max_len - 1 - len(pieces)                          # [CLS] and one [SEP] per segment
+    if budget < 0:
+        raise ValueError(f"max_len {max_len} cannot hold [CLS] and {len(pieces)} [SEP]")
+    keep = [len(p) for p in pieces[:-1]]
+    while sum(keep) > budget:
+        keep[keep.index(max(keep))] -= 1
+    keep.append(budget - sum(keep))
     ids = [tokenizer.cls_id]
-    for k, p in enumerate(pieces):
-        room = max_len - len(ids) - (len(pieces) - k)           # keep one [SEP] per remaining segment
-        ids += p[:max(0, room)] + [tokenizer.sep_id]
-    return ids[:max_len - 1] + [tokenizer.sep_id] if len(ids) > max_len else ids
+    for p, n in zip(pieces, keep):
+        ids += p[:n] + [tokenizer.sep_id]
+    return ids
 
 
 def text_sequences(ex, task, tokenizer, max_len):
@@ -414,8 +422,14 @@ def target_of(examples, task):
         return torch.tensor([float(e["score"]) for e in examples])
     if task == "emotion":
         return torch.tensor([[float(x) for x in e["emotions"]] for e in examples])
-    key = {"binary": "label", "mc": "answer", "glue": "label"}[task]
-    vals = [e[key] for e in examples]
+    if task == "binary":
+        vals = [e["label"] for e in examples]
+        if any(v not in (0, 1) for v in vals):  # 1.0 is a class (exported tables write floats); 0.5 is not
+            raise ValueError(f"binary labels must be 0 or 1, got {sorted(set(vals) - {0, 1})}")
+        return torch.tensor([int(v) for v in vals])
+    if task == "mc":
+        return torch.tensor([int(e["answer"]) for e in examples])
+    vals = [e["label"] for e in examples]  # GLUE: the reader gives ints, floats for STS-B's regression
     return torch.tensor(vals, dtype=torch.float if isinstance(vals[0], float) else torch.long)
 
 
@@ -502,7 +516,10 @@ def collate_features(items, task, modalities):
     for m in modalities:
         rows = [r for it in items for r in (it["feats"][m] if m == "text" else [it["feats"][m]])]
         feats[m], valids[m] = _pad_rows(rows)
-    return feats, valids, target_of([it["ex"] for it in items], task), items[0]["K"]
+    ks = sorted({it["K"] for it in items})
+    if len(ks) > 1:
+        raise ValueError(f"every question needs the same number of candidates, got {ks}")
+    return feats, valids, target_of([it["ex"] for it in items], task), ks[0]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -571,6 +588,11 @@ def finetune(task, splits, *, ckpt, fusion, modalities, seed, dcfg, tokenizer, d
     device = d.device
     if task == "mc" and "text" not in modalities:
         raise ValueError("multiple choice needs the language modality L (the candidates are text)")
+    for s, examples in splits.items():
+        lacking = [m for m in modalities if m not in modalities_of(examples, task)]
+        if lacking:
+            raise ValueError(f"the {s} split has no {lacking} (its manifest gives {list(modalities_of(examples, task))});"
+                             f" choose --modalities among those")
     torch.manual_seed(seed)                       # the same initial head on every rank (DDP also broadcasts)
     icode = T.load_model(ckpt, preset, fusion, tokenizer.vocab_size)
     ft = FineTuner(icode, task, head_outputs(task, glue_task), modalities).to(device)
@@ -585,6 +607,9 @@ def finetune(task, splits, *, ckpt, fusion, modalities, seed, dcfg, tokenizer, d
         data = cached_features(icode, splits, task, init_key, cache, dcfg, tokenizer, device, batch_size)
     else:
         data = splits
+    # Encoding draws random numbers (collate's masks) only when the features are not cached yet: restart the
+    # stream so that dropout and the rest are the same whether or not an earlier run filled the cache.
+    torch.manual_seed(seed)
     _freeze_unused(ft, data["train"], task, cached, dcfg, tokenizer, device)
     opt = T.build_optimizer(ft.icode, lr, lr_encoders, weight_decay)
     opt.add_param_group({"params": list(ft.head.parameters()), "lr": lr, "base_lr": lr,
@@ -825,6 +850,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
     a = p.parse_args(argv)
     a.epochs = a.epochs if a.epochs is not None else (6 if a.task == "report" else 10)
+    if a.epochs < 1:
+        p.error(f"--epochs must be at least 1, got {a.epochs}")
     a.lr = a.lr if a.lr is not None else (1e-3 if a.preset == "tiny" else 2e-5)
     a.lr_encoders = a.lr_encoders if a.lr_encoders is not None else (0.0 if a.preset == "tiny" else 1e-5)
     if a.task == "glue" and (a.glue_task is None or a.glue_dir is None):
@@ -925,15 +952,17 @@ def report(args, d, dcfg):
     cache, results = {}, {"tables": {}, "subsets": {}, "retrieval": {}}
     full = ("video", "text", "audio")
     rows = [("NP+M", None, "merge"), ("NP+C", None, "co")]
-    if ckpt:
-        rows.append((f"D+{ckpt_fusion(ckpt)[0].upper()}", ckpt, ckpt_fusion(ckpt)))
-    if ckpt_co:
-        rows.append((f"D+{ckpt_fusion(ckpt_co)[0].upper()}", ckpt_co, ckpt_fusion(ckpt_co)))
+    for c in dict.fromkeys(x for x in (ckpt, ckpt_co) if x):   # once each, --ckpt first
+        name = f"D+{ckpt_fusion(c)[0].upper()}"                 # D+M or D+C by the run's fusion mode
+        if any(r[0] == name for r in rows):                     # two runs of one mode: name them by folder
+            name += f" ({os.path.basename(os.path.dirname(os.path.abspath(c)))})"
+        rows.append((name, c, ckpt_fusion(c)))
     for task in ("sentiment", "emotion", "binary", "mc"):
         for name, c, fusion in rows:
             results["tables"].setdefault(task, {})[name] = run_seeds(task, splits, args, d, c, fusion, full, dcfg,
                                                                      tokenizer, cache)
     best_name, best_ckpt, best_fusion = rows[2] if ckpt else rows[0]
+    results["subsets_model"] = best_name
     for task in ("emotion", "sentiment"):
         for mods in SUBSETS:
             if mods == full:
@@ -994,7 +1023,7 @@ def report_markdown(res, args, splits, argv_line):
         L.append(f"| i-Code {name} | {metric_cells('binary', res['tables']['binary'][name]['test'])[0]} | "
                  f"{metric_cells('mc', res['tables']['mc'][name]['test'])[0]} |")
     L += ["", "## Table 8 in miniature: modality subsets at fine-tuning and test time "
-          f"(model {'D' if res['ckpt'] else 'NP'}+M)", "",
+          f"(model {res['subsets_model']})", "",
           "| V | L | S | emotion Acc | F1 | Precision | Recall | sentiment MAE | Corr |",
           "|---|---|---|---|---|---|---|---|---|"]
     for letters, r in res["subsets"]["emotion"].items():
@@ -1014,13 +1043,14 @@ def observations(res):
     out = []
     tabs = res["tables"]
     names = list(tabs["sentiment"])
-    pre = [n for n in names if n.startswith("D+M")]
+    pre = [n for n in names if n.startswith("D+")]
     if pre:
         wins = []
+        fresh = f"NP+{pre[0][2]}"  # no pretraining, the same fusion mode
         for task, (key, label) in HEADLINE.items():
-            a, b = tabs[task][pre[0]]["test"][key][0], tabs[task]["NP+M"]["test"][key][0]
+            a, b = tabs[task][pre[0]]["test"][key][0], tabs[task][fresh]["test"][key][0]
             wins.append(a > b)
-            out.append(f"- {task}: D+M {label} {fmt(key, (a, 0))} vs NP+M {fmt(key, (b, 0))} "
+            out.append(f"- {task}: {pre[0]} {label} {fmt(key, (a, 0))} vs {fresh} {fmt(key, (b, 0))} "
                        f"({'pretraining helps' if a > b else 'pretraining does NOT help here'}).")
         out.append(f"- Pretraining beats no pretraining on {sum(wins)} of {len(wins)} headline metrics.")
     else:

@@ -124,6 +124,41 @@ def test_join_segments_truncates_the_last_segment(tok):
     assert short[:len(head)] == head                                     # question and answer kept whole
 
 
+def test_join_segments_keeps_the_candidate_after_a_long_question(tok):
+    q, sub = "which feeling does the voice say " * 4, "the square looks bad"
+    rows = [E.join_segments(tok, [q, a, sub], 12) for a in ("sad", "angry")]
+    assert rows[0] != rows[1] and all(len(r) == 12 and r.count(tok.sep_id) == 3 for r in rows)
+    for r, a in zip(rows, ("sad", "angry")):  # the candidate whole, between the 1st and 2nd [SEP]
+        seps = [i for i, x in enumerate(r) if x == tok.sep_id]
+        assert r[seps[0] + 1:seps[1]] == tok.tokenizer.encode(a, add_special_tokens=False).ids
+
+
+def test_targets_and_candidate_counts_are_checked():
+    assert E.target_of([{"label": 1.0}, {"label": 0}], "binary").dtype == torch.long   # 1.0 is class 1
+    with pytest.raises(ValueError, match="0 or 1"):
+        E.target_of([{"label": 0.5}], "binary")
+    items = [{"feats": {"text": [torch.zeros(3, 4)] * k}, "ex": {"answer": 0}, "K": k} for k in (3, 2, 4)]
+    with pytest.raises(ValueError, match="same number of candidates"):   # 9 rows would also view as 3 x 3
+        E.collate_features(items, "mc", ("text",))
+
+
+def test_finetune_is_the_same_with_a_filled_feature_cache(toy, tok):
+    """The second run finds the encoder outputs cached (no encoding, no random draws for it) and must still
+    train exactly like the first; and modalities the manifests lack are an error, not a silent subset."""
+    splits = {s: E.load_split(os.path.join(toy, f"downstream_{s}.jsonl"), D.TOY_DATA, tok)
+              for s in ("train", "validation", "test")}
+    d = E.T.setup_distributed("cpu")
+    kw = dict(ckpt=None, fusion="merge", modalities=("video", "text", "audio"), seed=0, dcfg=D.TOY_DATA,
+              tokenizer=tok, d=d, epochs=2, batch_size=4, log=lambda m: None)
+    cache = {}
+    a = E.finetune("sentiment", splits, feature_cache=cache, **kw)
+    b = E.finetune("sentiment", splits, feature_cache=cache, **kw)
+    assert a["test"] == b["test"]
+    mute = {s: [dict(e, modalities=("video", "text")) for e in v] for s, v in splits.items()}
+    with pytest.raises(ValueError, match=r"no \['audio'\]"):
+        E.finetune("sentiment", mute, **kw)
+
+
 def test_read_glue_tsv(tmp_path):
     cola = tmp_path / "cola.tsv"
     cola.write_text("gj04\t1\t\tThe book was read.\ngj04\t0\t*\tBook the read was.\nbroken row\n")
