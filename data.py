@@ -17,13 +17,16 @@ import argparse
 import collections
 import dataclasses
 import fractions
+import functools
 import hashlib
 import itertools
 import json
 import math
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 
@@ -981,8 +984,23 @@ def _identity(x):
     return x
 
 
-def _worker_init(_):
+def _worker_init(_, trainer=None):
+    """DataLoader worker set-up: one torch thread, and the job's stop signals left to the trainer (pid
+    `trainer`), which finishes its step and saves a checkpoint while its workers still serve. torchrun,
+    `kill -- -PGID` and Ctrl-C signal the trainer's process group: the worker leaves it. Slurm sends SIGTERM
+    to every process: the worker ignores a SIGTERM from anyone but the trainer, whose SIGTERM (how it stops
+    its workers at exit) still ends the worker at once. Without sigwaitinfo (macOS) only the first part."""
     torch.set_num_threads(1)
+    if hasattr(os, "setpgid"):
+        os.setpgid(0, 0)
+    if trainer is not None and hasattr(signal, "sigwaitinfo"):
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # this thread and those it starts
+
+        def wait_for_the_trainer():  # in a thread with SIGTERM blocked: it receives the signal with its sender
+            while signal.sigwaitinfo({signal.SIGTERM}).si_pid != trainer:
+                pass
+            os._exit(0)
+        threading.Thread(target=wait_for_the_trainer, daemon=True).start()
 
 
 class MixedLoader:
@@ -1016,8 +1034,13 @@ class MixedLoader:
     def __iter__(self):
         if self.num_workers > 0:
             it = torch.utils.data.DataLoader(self.maker, batch_size=None, sampler=self._plans(), collate_fn=_identity,
-                                             num_workers=self.num_workers, worker_init_fn=_worker_init,
-                                             prefetch_factor=2, persistent_workers=False)
+                                             num_workers=self.num_workers,
+                                             worker_init_fn=functools.partial(_worker_init, trainer=os.getpid()),
+                                             prefetch_factor=2, persistent_workers=False,
+                                             # its own generator: drawing the workers' base seed from the
+                                             # global one would shift every later draw (dropout) of a
+                                             # resumed run against an uninterrupted one
+                                             generator=torch.Generator().manual_seed(self.sampler.seed))
         else:
             it = (self.maker[p] for p in self._plans())
         for out in it:

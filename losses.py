@@ -94,8 +94,9 @@ def info_nce_directions(r_a, r_b, logit_scale, gather=True):
         offset = dist.get_rank() * u_a.shape[0]
     scale = logit_scale.exp()
     labels = torch.arange(u_a.shape[0], device=u_a.device) + offset
-    loss_a2b = F.cross_entropy(scale * u_a @ all_b.t(), labels)   # rows: a_i, columns: every b_j
-    loss_b2a = F.cross_entropy(scale * u_b @ all_a.t(), labels)   # rows: b_i, columns: every a_j
+    with torch.autocast(u_a.device.type, enabled=False):  # the similarities in float32 under bf16 autocast too
+        loss_a2b = F.cross_entropy(scale.float() * u_a @ all_b.t(), labels)   # rows: a_i, columns: every b_j
+        loss_b2a = F.cross_entropy(scale.float() * u_b @ all_a.t(), labels)   # rows: b_i, columns: every a_j
     return loss_a2b, loss_b2a
 
 

@@ -147,9 +147,11 @@ def load_model(ckpt=None, preset_name="tiny", fusion="merge", text_vocab=None):
 
 
 def no_decay(name, p):
-    """No weight decay on norms, biases (1-D tensors) and embeddings (token, modality, mask, position tables,
-    logit scales), following BERT / CLIP practice."""
-    keys = ("embed", "mask_token", "relative_position_bias_table", "logit_scales", "rel_attn")
+    """No weight decay on norms, biases (1-D tensors) and embedding tables (token, relative-position,
+    modality, mask, position-bias tables, logit scales), following BERT / CLIP practice. Projections named
+    "embed" (Swin's patch embedding, a convolution) are weights like any other and decay."""
+    keys = ("word_embeddings", "position_embeddings", "rel_embeddings", "modality_embed", "mask_token",
+            "relative_position_bias_table", "logit_scales", "rel_attn_embed")
     return p.dim() < 2 or any(k in name for k in keys)
 
 
@@ -211,6 +213,8 @@ class PretrainObjective(nn.Module):
 
     def representations(self, batch):
         """Section 4.2.2 representations {m: [b, D]}; masked encoder outputs reused unless configured."""
+        if self.unmasked_contrastive and len(batch["modalities"]) < 2:
+            return {}, None  # no pair to contrast: no unmasked encoder pass
         feats, valids = self.model.pretrain_features(batch, masked=not self.unmasked_contrastive)
         reps = self.model.contrastive_representations(feats, valids) if len(feats) > 1 else {}
         return reps, (None if self.unmasked_contrastive else (feats, valids))
@@ -517,6 +521,8 @@ def parse_args(argv=None):
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="--benchmark: then profile N more steps, print where the device time goes (JSON)")
     a = p.parse_args(argv)
+    if a.keep < 1:
+        p.error(f"--keep must be at least 1 (the checkpoint --resume needs), got {a.keep}")
     tiny = a.preset == "tiny"
     a.steps = a.steps if a.steps is not None else (500 if tiny else 100000)
     # tiny: from-scratch encoders; 1e-3 and above collapse the contrastive terms to log(B) (README, Results)
@@ -629,7 +635,8 @@ def main(argv=None):
             for g in opt.param_groups:
                 g["lr"] = g["base_lr"] * lr_factor(step, args.warmup, args.steps, args.decay)
             mbs = split_batch(batch, args.accum)
-            if flops_per_sample is None and d.is_main and d.device.type == "cuda":  # once, for the MFU column
+            # once, for the MFU column; on every rank: the contrastive terms gather across ranks (collectives)
+            if flops_per_sample is None and d.device.type == "cuda":
                 state = rng_state(d.device)
                 flops_per_sample = count_flops(objective, mbs[0], autocast) / batch_size(mbs[0])
                 set_rng_state(state, d.device)

@@ -410,6 +410,47 @@ def test_loader_resumes_with_the_exact_next_batch(toy, tok, workers):
                 assert torch.equal(v, b[k]), k
 
 
+def test_worker_loader_leaves_the_global_generator_alone(toy, tok):
+    """Starting worker processes must not draw from torch's global generator: a resumed run restores it
+    from the checkpoint and then starts its loader, an uninterrupted one started it at step 0, and every
+    later draw (dropout, stochastic depth) would differ between the two."""
+    ms = [os.path.join(toy, "image_text.jsonl")]
+    torch.manual_seed(0)
+    want = torch.rand(3)
+    torch.manual_seed(0)
+    next(iter(data.make_loader(ms, [1], CFG, tok, batch_size=2, seed=7, num_workers=1)))
+    assert torch.equal(torch.rand(3), want)
+
+
+STOP_SCRIPT = """
+import os, signal, subprocess, sys
+sys.path.insert(0, {root!r})
+import data
+stop = []
+signal.signal(signal.SIGTERM, lambda s, f: stop.append(s))
+tok = data.load_tokenizer({tok!r})
+it = iter(data.make_loader([{manifest!r}], [1], data.TOY_DATA, tok, batch_size=2, seed=0, num_workers=1))
+next(it)
+os.killpg(os.getpgid(0), signal.SIGTERM)    # what torchrun and `kill -- -PGID` do
+subprocess.run(["pkill", "-TERM", "-P", str(os.getpid())], check=True)  # Slurm: every process (the worker)
+batches = [next(it) for _ in range(3)]       # the trainer finishes its step and saves: the worker still serves
+print("stopped by", stop, "then", len(batches), "batches")
+# and exits with the loader still open: its own SIGTERM to the worker (multiprocessing's exit) must end it
+"""
+
+
+def test_workers_survive_the_stop_signal_of_the_job(toy, tmp_path):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = tmp_path / "stop.py"
+    script.write_text(STOP_SCRIPT.format(root=root, tok=os.path.join(toy, "tokenizer.json"),
+                                         manifest=os.path.join(toy, "image_text.jsonl")))
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                       start_new_session=True)  # its own process group, which it signals whole
+    assert r.returncode == 0 and "stopped by [15] then 3 batches" in r.stdout, r.stderr[-2000:]
+
+
 # ----------------------------------------------------------------------------------------------------
 # Offline VQ targets, the toy world, the command line
 

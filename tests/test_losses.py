@@ -42,6 +42,17 @@ def test_info_nce_matches_brute_force_value_and_gradients():
         assert torch.allclose(a.double(), b, atol=1e-5)
 
 
+def test_info_nce_is_float32_under_bf16_autocast():
+    """The similarities stay float32 inside a bf16 autocast region: the gradient-cache path (which computes
+    the contrastive loss outside autocast) and the one-pass path then give the same loss."""
+    torch.manual_seed(0)
+    r_a, r_b, s = torch.randn(16, 32), torch.randn(16, 32), torch.tensor(math.log(100.0))
+    ref = info_nce(r_a, r_b, s)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cast = info_nce(r_a, r_b, s)
+    assert cast.dtype == torch.float32 and abs(cast.item() - ref.item()) < 1e-6
+
+
 def test_info_nce_symmetric_and_minimised_by_aligned_pairs():
     torch.manual_seed(1)
     r_a, r_b = torch.randn(8, 16), torch.randn(8, 16)

@@ -103,6 +103,9 @@ def _ddp_worker(rank, world, init_file, accum, out_dir):
     ddp = train.wrap_ddp(obj, d)
     batch = make_batch(model)
     local = split_batch(batch, world)[rank]
+    state = train.rng_state(torch.device("cpu"))  # train.main counts the step's FLOPs once, on every rank (its
+    train.count_flops(obj, local, NOCAST)         # contrastive terms gather across ranks), RNG state restored
+    train.set_rng_state(state, torch.device("cpu"))
     terms = train_step(obj, ddp, split_batch(local, accum), d, NOCAST, WEIGHTS)
     out = {f"grad.{k}": v for k, v in grads(model).items()}
     out.update({f"term.{k}": v.reshape(1) for k, v in terms.items()})
@@ -151,6 +154,31 @@ def test_checkpoint_killed_mid_write_keeps_last_good(tmp_path, monkeypatch):
     for s in (7, 8, 9):
         train.save_checkpoint(str(tmp_path), s, model, opt, None, model.cfg, args, Dist(), keep=2)
     assert [os.path.basename(c) for c in train.checkpoints(str(tmp_path))] == ["ckpt_0000008", "ckpt_0000009"]
+    with pytest.raises(SystemExit):  # keep=0 would have kept everything ([:-0] is empty)
+        train.parse_args(["--keep", "0"])
+
+
+def test_weight_decay_spares_exactly_norms_biases_and_tables():
+    model = make_model()
+    spared = {n for n, p in model.named_parameters() if p.dim() >= 2 and train.no_decay(n, p)}
+    tables = {"text.embeddings.word_embeddings.weight", "text.encoder.rel_embeddings.weight", "fusion.modality_embed"}
+    tables |= {f"vision.stages.{i}.blocks.{j}.attn.relative_position_bias_table" for i in range(4) for j in range(2)}
+    tables |= {f"speech.layers.0.attention.rel_attn_embed.weight"}
+    assert spared == {n for n in tables if n in dict(model.named_parameters())}
+    assert not train.no_decay("vision.patch_embed.proj.weight", model.vision.patch_embed.proj.weight)
+    assert all(train.no_decay(n, p) for n, p in model.named_parameters() if p.dim() < 2)
+
+
+def test_single_modality_batch_runs_no_unmasked_encoder_pass(monkeypatch):
+    model = make_model()
+    obj = PretrainObjective(model, WEIGHTS, unmasked_contrastive=True)
+    batch = dict(make_batch(model), modalities=("video",))
+    calls = []
+    real = model.pretrain_features
+    monkeypatch.setattr(model, "pretrain_features", lambda b, masked=True: calls.append(masked) or real(b, masked))
+    targets = model.targets(batch)
+    loss, terms = obj(batch, targets, count_targets(targets, model.cfg.msm_combined), 1)
+    assert calls == [True] and set(terms) == {"mvm"}   # the masked pass only: no pair to contrast
 
 
 def _run(toy, out, *extra):
