@@ -870,16 +870,17 @@ def _toy(args):
 def run_seeds(task, splits, args, d, ckpt, fusion, modalities, dcfg, tokenizer, cache, out_dir=None):
     """args.seeds fine-tuning runs -> {"test": {metric: (mean, std)}, "val": ..., "runs": [...]}."""
     runs = []
+    log = print if d.is_main else (lambda *a, **k: None)
     for k in range(args.seeds):
         seed = args.seed + k
-        print(f"{task} | {'pretrained ' + ckpt if ckpt else 'no pretraining'} | {fusion} | "
+        log(f"{task} | {'pretrained ' + ckpt if ckpt else 'no pretraining'} | {fusion} | "
               f"{modality_letters(modalities)} | seed {seed}", flush=True)
         r = finetune(task, splits, ckpt=ckpt, fusion=fusion, modalities=modalities, seed=seed, dcfg=dcfg,
                      tokenizer=tokenizer, d=d, preset=args.preset, lr=args.lr, lr_encoders=args.lr_encoders,
                      weight_decay=args.weight_decay, epochs=args.epochs, patience=args.patience,
                      batch_size=args.batch, clip=args.clip, glue_task=args.glue_task, feature_cache=cache,
                      out_dir=None if out_dir is None else os.path.join(out_dir, f"seed{seed}"),
-                     log=print if d.is_main else (lambda *a: None))
+                     log=log)
         runs.append(r)
     return {"test": mean_std([r["test"] for r in runs]), "val": mean_std([r["val"] for r in runs]), "runs": runs}
 
