@@ -14,7 +14,7 @@ Letters used in shape comments everywhere (docs/CONVENTIONS.md):
     D the fusion width; M masked positions selected for a loss.
 
     python icode.py info --preset paper        # parameter counts beside the paper's
-    python icode.py convert IN.bin OUT_DIR     # legacy pytorch_model.bin -> model.safetensors
+    python icode.py convert IN.bin OUT_DIR     # legacy pytorch_model.bin (or its .index.json) -> model.safetensors
 """
 import argparse
 import dataclasses
@@ -350,7 +350,7 @@ def main(argv=None):
     q = sub.add_parser("info", help="parameter counts per module beside the paper's")
     q.add_argument("--preset", default="paper", choices=["paper", "tiny"], help="model size")
     q = sub.add_parser("convert", help="turn a legacy pytorch_model.bin into model.safetensors (no pickle after)")
-    q.add_argument("bin", help="path of pytorch_model.bin")
+    q.add_argument("bin", help="path of pytorch_model.bin (or of pytorch_model.bin.index.json: all its shards)")
     q.add_argument("out_dir", help="folder to write model.safetensors (and config.json) into")
     a = p.parse_args(argv)
     if a.cmd == "info":

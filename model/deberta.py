@@ -88,6 +88,9 @@ class DisentangledSelfAttention(nn.Module):
         self.h, self.d = cfg.num_attention_heads, C // cfg.num_attention_heads
         self.query_proj, self.key_proj, self.value_proj = nn.Linear(C, C), nn.Linear(C, C), nn.Linear(C, C)
         self.pos_att_type = list(cfg.pos_att_type) if cfg.relative_attention else []
+        # Eq. 4 sums up to three terms, so scores are scaled by 1/sqrt(3d) rather than 1/sqrt(d) (section 3.1);
+        # like the released code, the factor counts c2p and p2c as configured, used or not.
+        self.scale_factor = 1 + ("c2p" in cfg.pos_att_type) + ("p2c" in cfg.pos_att_type)
         if cfg.relative_attention and not cfg.share_att_key:  # DeBERTa-V1 style separate W_{k,r}, W_{q,r}
             if "c2p" in self.pos_att_type:
                 self.pos_key_proj = nn.Linear(C, C)
@@ -104,8 +107,7 @@ class DisentangledSelfAttention(nn.Module):
         """x [B, T, C]; key_bias [B, 1, 1, T] (0 or a large negative on padded keys);
         rel_emb [2k, C] (normed relative embeddings), rel_idx [T, T] long (delta(i, j))."""
         q, k, v = self.heads(self.query_proj(x)), self.heads(self.key_proj(x)), self.heads(self.value_proj(x))
-        # Eq. 4 sums up to three terms, so scores are scaled by 1/sqrt(3d) rather than 1/sqrt(d) (section 3.1).
-        scale = (self.d * (1 + len(self.pos_att_type))) ** -0.5
+        scale = (self.d * self.scale_factor) ** -0.5
         bias = key_bias.to(q.dtype)
         if self.pos_att_type:
             r = self.pos_dropout(rel_emb).unsqueeze(0)  # [1, 2k, C]
@@ -149,11 +151,14 @@ class _Attention(nn.Module):
         self.output = _DenseNorm(cfg.hidden_size, cfg)
 
 
+ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "gelu_new": lambda t: F.gelu(t, approximate="tanh")}
+
+
 class _Intermediate(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.dense = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
-        self.act = {"gelu": F.gelu, "relu": F.relu, "gelu_new": lambda t: F.gelu(t, approximate="tanh")}[cfg.hidden_act]
+        self.act = ACTIVATIONS[cfg.hidden_act]
 
     def forward(self, x):
         return self.act(self.dense(x))
@@ -199,7 +204,7 @@ class _Encoder(nn.Module):
         self.layer = nn.ModuleList(DebertaLayer(cfg) for _ in range(cfg.num_hidden_layers))
         if cfg.relative_attention:
             self.rel_embeddings = nn.Embedding(2 * _spans(cfg)[0], cfg.hidden_size)  # P, rows 0..2k-1
-            if "layer_norm" in cfg.norm_rel_ebd.lower().split("|"):
+            if "layer_norm" in [s.strip() for s in cfg.norm_rel_ebd.lower().split("|")]:
                 self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
 
@@ -254,6 +259,8 @@ def config_from_hf(cfg):
     kw["pos_att_type"] = [p.strip() for p in (pat or []) if p.strip() and p.strip() != "none"]
     if kw["pad_token_id"] is None:
         kw["pad_token_id"] = 0
+    if kw["hidden_act"] not in ACTIVATIONS:
+        raise ValueError(f"hidden_act={kw['hidden_act']!r} is not supported (one of {sorted(ACTIVATIONS)})")
     return DebertaConfig(**kw)
 
 
@@ -264,7 +271,7 @@ def convert_hf_state_dict(sd):
 
 def load_deberta(path):
     """Build a Deberta from a Hugging Face folder (config.json + model.safetensors), strictly loaded, eval mode."""
-    hf_cfg, sd = read_hf_folder(path)
-    model = Deberta(config_from_hf(hf_cfg))
+    cfg, sd = read_hf_folder(path, config_from_hf)
+    model = Deberta(cfg)
     load_state_strict(model, convert_hf_state_dict(sd), source=path)
     return model.eval()

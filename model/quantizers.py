@@ -266,8 +266,8 @@ class VQGANTokenizer(_Frozen):
 
     @classmethod
     def from_pretrained(cls, path, **kw):
-        cfg, sd = read_hf_folder(path)
-        tok = cls(vqgan_config_from_dict(cfg), **kw)
+        cfg, sd = read_hf_folder(path, vqgan_config_from_dict)
+        tok = cls(cfg, **kw)
         load_state_strict(tok, sd, source=path, ignore_prefixes=cls.IGNORE)
         return tok._freeze()
 
@@ -348,8 +348,8 @@ class Wav2Vec2Quantizer(_Frozen):
 
     @classmethod
     def from_pretrained(cls, path):
-        cfg, sd = read_hf_folder(path)
-        q = cls(wav2vec2_config_from_hf(cfg))
+        cfg, sd = read_hf_folder(path, wav2vec2_config_from_hf)
+        q = cls(cfg)
         load_state_strict(q, cls.convert_hf_state_dict(sd, path), source=path)
         return q._freeze()
 

@@ -362,8 +362,7 @@ def inflate_image_swin(path, temporal_patch=2, temporal_window=8):
 
     The window is `temporal_window` x the image window; image checkpoints have no mask token, so it keeps its init.
     """
-    hf_cfg, sd = read_hf_folder(path)
-    cfg = config_from_hf(hf_cfg, temporal_patch, temporal_window)
+    cfg, sd = read_hf_folder(path, lambda c: config_from_hf(c, temporal_patch, temporal_window))
     model = VideoSwin(cfg)
     state = convert_hf_image_state_dict(sd, cfg)
     state.setdefault("mask_token", model.mask_token.detach().clone())

@@ -287,12 +287,16 @@ class SpeechEncoder(nn.Module):
 # Loading Hugging Face checkpoints (WavLMModel / HubertModel, or their *ForCTC etc. wrappers)
 
 def config_from_hf(cfg: dict) -> SpeechConfig:
-    """SpeechConfig from a WavLMConfig or HubertConfig `config.json` dict."""
-    hubert = cfg.get("model_type") == "hubert" or "num_buckets" not in cfg
+    """SpeechConfig from a WavLMConfig or HubertConfig `config.json` dict (`model_type` decides which; a
+    config without one is WavLM when it has WavLM's `num_buckets`)."""
+    kind = cfg.get("model_type")
+    if kind not in ("wavlm", "hubert", None):  # wav2vec 2.0, UniSpeech-SAT, ... share HuBERT's key names
+        raise ValueError(f"model_type {kind!r} is neither 'wavlm' nor 'hubert'")
+    hubert = kind == "hubert" or (kind is None and "num_buckets" not in cfg)
     for key, ok in (("feat_extract_activation", "gelu"), ("hidden_act", "gelu"), ("add_adapter", False),
                     ("conv_pos_batch_norm", False)):
         if cfg.get(key, ok) != ok:
-            raise ValueError(f"config.json: {key}={cfg[key]!r} is not supported (expected {ok!r})")
+            raise ValueError(f"{key}={cfg[key]!r} is not supported (expected {ok!r})")
     fields = {f.name for f in dataclasses.fields(SpeechConfig)}
     kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in cfg.items() if k in fields}
     kw["gated_relative_position_bias"] = not hubert
@@ -330,8 +334,8 @@ def convert_hf_state_dict(sd: dict) -> dict:
 
 def load_speech_encoder(path) -> SpeechEncoder:
     """A SpeechEncoder from a HF folder (config.json + model.safetensors), in eval mode."""
-    cfg, sd = read_hf_folder(path)
-    model = SpeechEncoder(config_from_hf(cfg))
+    cfg, sd = read_hf_folder(path, config_from_hf)
+    model = SpeechEncoder(cfg)
     sd = convert_hf_state_dict(sd)
     # HF creates masked_spec_embed only when mask_time_prob or mask_feature_prob > 0; keep our init otherwise.
     sd.setdefault("masked_spec_embed", model.masked_spec_embed.detach().clone())

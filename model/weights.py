@@ -17,25 +17,63 @@ import torch
 from safetensors.torch import load_file, save_file
 
 
-def read_hf_folder(path):
-    """Return (config dict, state dict) of a Hugging Face-style folder (`config.json` + `model.safetensors`)."""
+def _load_safetensors(path):
+    try:
+        return load_file(path)
+    except Exception as e:  # a truncated or foreign file: safetensors' message does not name it
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def _shards(index_path):
+    """The shard files of a Hugging Face index (`*.index.json`: {"weight_map": {tensor: file}}), and its keys."""
+    with open(index_path) as f:
+        try:
+            weight_map = json.load(f)["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{index_path}: not a shard index with a weight_map ({e!r})") from None
+    folder = os.path.dirname(os.path.abspath(index_path))
+    return [os.path.join(folder, s) for s in sorted(set(weight_map.values()))], set(weight_map)
+
+
+def read_hf_folder(path, parse_config=None):
+    """Return (config, state dict) of a Hugging Face-style folder: `config.json` and `model.safetensors`, or the
+    shards named by `model.safetensors.index.json` (how the Hub stores large models). With `parse_config`,
+    the config is `parse_config(config dict)` and its errors name the folder's config.json."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint folder {path!r} does not exist")
     cfg_path = os.path.join(path, "config.json")
     st_path = os.path.join(path, "model.safetensors")
+    index = st_path + ".index.json"
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"{path!r} has no config.json")
-    if not os.path.isfile(st_path):
-        bins = [f for f in os.listdir(path) if f.endswith(".bin")]
-        hint = (f" It has {bins}: convert with `python icode.py convert {os.path.join(path, bins[0])} {path}`."
+    if not os.path.isfile(st_path) and not os.path.isfile(index):
+        legacy = [f for f in ("pytorch_model.bin.index.json", "pytorch_model.bin") if os.path.isfile(os.path.join(path, f))]
+        bins = sorted(f for f in os.listdir(path) if f.endswith(".bin"))
+        hint = (f" Convert its {legacy[0]} with `python icode.py convert {os.path.join(path, legacy[0])} {path}`."
+                if legacy else f" It has {bins}: convert the weights file with `python icode.py convert FILE {path}`."
                 if bins else "")
-        raise FileNotFoundError(f"{path!r} has no model.safetensors.{hint}")
+        raise FileNotFoundError(f"{path!r} has no model.safetensors (nor model.safetensors.index.json).{hint}")
     with open(cfg_path) as f:
         try:
             cfg = json.load(f)
         except json.JSONDecodeError as e:
             raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
-    return cfg, load_file(st_path)
+    if parse_config is not None:
+        try:
+            cfg = parse_config(cfg)
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{cfg_path}: {e}") from None
+    if os.path.isfile(st_path):
+        return cfg, _load_safetensors(st_path)
+    files, keys = _shards(index)
+    sd = {}
+    for shard in files:
+        if not os.path.isfile(shard):
+            raise FileNotFoundError(f"{index} names the shard {shard}, which is missing")
+        sd.update(_load_safetensors(shard))
+    if keys - set(sd):
+        raise KeyError(f"{index}: tensors {sorted(keys - set(sd))[:5]} are in no shard")
+    return cfg, sd
 
 
 def load_state_strict(module, state_dict, source="checkpoint", ignore_prefixes=()):
@@ -62,11 +100,29 @@ def load_state_strict(module, state_dict, source="checkpoint", ignore_prefixes=(
     return unused
 
 
-def convert_bin_to_safetensors(bin_path, out_dir):
-    """Turn a legacy `pytorch_model.bin` into `out_dir/model.safetensors` (copying config.json if beside it)."""
-    sd = torch.load(bin_path, map_location="cpu", weights_only=True)  # the project's only torch.load
+def _torch_load(bin_path):
+    try:
+        sd = torch.load(bin_path, map_location="cpu", weights_only=True)  # the project's only torch.load
+    except Exception as e:
+        raise ValueError(f"{bin_path}: not loadable as tensors with weights_only=True ({e})") from None
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ValueError(f"{bin_path}: expected a flat dict of tensors, got {type(sd).__name__}")
+        nested = f"; top-level keys {list(sd)[:5]} (a training checkpoint?)" if isinstance(sd, dict) else ""
+        raise ValueError(f"{bin_path}: expected a flat dict of tensors, got a {type(sd).__name__}{nested}")
+    return sd
+
+
+def convert_bin_to_safetensors(bin_path, out_dir):
+    """Turn a legacy `pytorch_model.bin` (or all the shards a `pytorch_model.bin.index.json` names) into
+    `out_dir/model.safetensors`, copying config.json if it lies beside it."""
+    if bin_path.endswith(".index.json"):
+        files, keys = _shards(bin_path)
+        sd = {}
+        for shard in files:
+            sd.update(_torch_load(shard))
+        if keys - set(sd):
+            raise KeyError(f"{bin_path}: tensors {sorted(keys - set(sd))[:5]} are in no shard")
+    else:
+        sd = _torch_load(bin_path)
     os.makedirs(out_dir, exist_ok=True)
     # safetensors refuses shared storage: store contiguous copies.
     save_file({k: v.contiguous().clone() for k, v in sd.items()}, os.path.join(out_dir, "model.safetensors"))

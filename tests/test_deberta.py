@@ -12,11 +12,12 @@ from model.deberta import DEBERTA_V3_BASE, Deberta, config_from_hf, load_deberta
 
 
 def small_hf_config(position_buckets=32, **kw):
+    kw = dict(dict(relative_attention=True, pos_att_type=["p2c", "c2p"]), **kw)
     return DebertaV2Config(
         vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-        max_position_embeddings=64, relative_attention=True, position_buckets=position_buckets,
-        norm_rel_ebd="layer_norm", share_att_key=True, pos_att_type=["p2c", "c2p"], position_biased_input=False,
-        max_relative_positions=-1, type_vocab_size=0, layer_norm_eps=1e-7, **kw)
+        max_position_embeddings=64, position_buckets=position_buckets, norm_rel_ebd="layer_norm",
+        share_att_key=True, position_biased_input=False, max_relative_positions=-1, type_vocab_size=0,
+        layer_norm_eps=1e-7, **kw)
 
 
 def save_hf(tmp_path, model_cls=DebertaV2Model, **kw):
@@ -95,6 +96,43 @@ def test_wrong_shape_names_it(tmp_path):
     _rewrite(tmp_path, lambda sd: sd.__setitem__(key, torch.zeros(10, 64)))
     with pytest.raises(ValueError, match=key):
         load_deberta(str(tmp_path))
+
+
+def test_sharded_checkpoint_loads_like_one_file(tmp_path):
+    """The Hub stores large models as shards named by model.safetensors.index.json."""
+    hf = save_hf(tmp_path / "one")
+    hf.save_pretrained(tmp_path / "sharded", safe_serialization=True, max_shard_size="20KB")
+    assert os.path.isfile(tmp_path / "sharded" / "model.safetensors.index.json")
+    ids, mask = padded_batch()
+    with torch.no_grad():
+        ref, _ = load_deberta(str(tmp_path / "one"))(ids, mask)
+        out, _ = load_deberta(str(tmp_path / "sharded"))(ids, mask)
+    assert torch.equal(out, ref)
+    shard = sorted(f for f in os.listdir(tmp_path / "sharded") if f.endswith(".safetensors"))[1]
+    os.remove(tmp_path / "sharded" / shard)
+    with pytest.raises(FileNotFoundError, match=shard):
+        load_deberta(str(tmp_path / "sharded"))
+
+
+def test_unreadable_files_and_configs_are_named(tmp_path):
+    save_hf(tmp_path)
+    st = os.path.join(tmp_path, "model.safetensors")
+    with open(st, "r+b") as f:  # an interrupted download
+        f.truncate(os.path.getsize(st) // 2)
+    with pytest.raises(ValueError, match="model.safetensors: not a readable safetensors file"):
+        load_deberta(str(tmp_path))
+    save_hf(tmp_path, hidden_act="gelu_python")
+    with pytest.raises(ValueError, match=r"config.json: hidden_act='gelu_python'"):
+        load_deberta(str(tmp_path))
+
+
+@pytest.mark.parametrize("relative_attention,pos_att_type", [(False, ["p2c", "c2p"]), (True, ["p2c", "c2p", "p2p"]),
+                                                             (True, ["c2p"])])
+def test_attention_scale_counts_configured_terms_like_hf(tmp_path, relative_attention, pos_att_type):
+    """The released code scales by 1/sqrt(d (1 + [c2p] + [p2c])) from pos_att_type, even without relative
+    attention; other entries do not count."""
+    hf = save_hf(tmp_path, relative_attention=relative_attention, pos_att_type=pos_att_type)
+    assert_matches_hf(hf, load_deberta(str(tmp_path)), *padded_batch())
 
 
 def test_padding_invariance():

@@ -132,6 +132,23 @@ def test_convert_legacy_bin_to_safetensors(tmp_path):
     torch.save({"not": "tensors"}, src / "bad.bin")
     with pytest.raises(ValueError, match="bad.bin"):
         icode.main(["convert", str(src / "bad.bin"), str(tmp_path / "out2")])
+    (src / "text.bin").write_text("not a pickle")
+    with pytest.raises(ValueError, match="text.bin: not loadable"):
+        icode.main(["convert", str(src / "text.bin"), str(tmp_path / "out2")])
+    # a sharded legacy checkpoint: the index names every shard, all merged into one file
+    shards = tmp_path / "sharded"
+    shards.mkdir()
+    torch.save({"a.weight": sd["a.weight"]}, shards / "pytorch_model-00001-of-00002.bin")
+    torch.save({"b.bias": sd["b.bias"]}, shards / "pytorch_model-00002-of-00002.bin")
+    (shards / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": {
+        "a.weight": "pytorch_model-00001-of-00002.bin", "b.bias": "pytorch_model-00002-of-00002.bin"}}))
+    (shards / "config.json").write_text("{}")
+    from model.weights import read_hf_folder
+    with pytest.raises(FileNotFoundError, match="convert .*pytorch_model.bin.index.json"):  # the hint
+        read_hf_folder(str(shards))
+    icode.main(["convert", str(shards / "pytorch_model.bin.index.json"), str(shards)])
+    _, out = read_hf_folder(str(shards))
+    assert out.keys() == sd.keys() and all(torch.equal(out[k], sd[k]) for k in sd)
 
 
 @pytest.mark.parametrize("mode", ["merge", "co"])

@@ -215,6 +215,12 @@ def test_config_from_hf_and_presets():
     assert HUBERT_LARGE.gated_relative_position_bias is False and HUBERT_LARGE.conv_bias
     with pytest.raises(ValueError, match="conv_pos_batch_norm"):
         config_from_hf(dict(hub, conv_pos_batch_norm=True))
+    # wav2vec 2.0 or UniSpeech-SAT checkpoints have HuBERT's key names: refused by model_type, not loaded
+    for other in (transformers.Wav2Vec2Config().to_dict(), transformers.UniSpeechSatConfig().to_dict()):
+        with pytest.raises(ValueError, match="neither 'wavlm' nor 'hubert'"):
+            config_from_hf(other)
+    no_buckets = {k: v for k, v in wav.items() if k != "num_buckets"}
+    assert config_from_hf(no_buckets).gated_relative_position_bias  # model_type "wavlm" decides
     json.dumps(hub)  # plain dicts, as read from config.json
 
 
