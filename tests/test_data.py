@@ -230,6 +230,11 @@ def test_collate_masks_respect_padding_and_specials(toy, tok):
     assert not (lab != -100)[special].any()
     assert torch.equal(lab[lab != -100], clean[lab != -100])
     assert torch.equal(ids[lab == -100], clean[lab == -100])
+    # the model's input is the corrupted text: most selected tokens are [MASK] (80% of them in expectation;
+    # mask_tokens' statistics are tested in test_masking.py), not the clean ids
+    big = data.collate(exs * 10, CFG, tok, torch.Generator().manual_seed(2))
+    sel = big["text_labels"] != -100
+    assert sel.sum() >= 20 and (big["text_ids"][sel] == tok.mask_id).float().mean() >= 0.6
 
 
 def test_pad_to_max_fixes_the_shapes_and_keeps_the_content(toy, tok):

@@ -133,6 +133,22 @@ def test_join_segments_keeps_the_candidate_after_a_long_question(tok):
         assert r[seps[0] + 1:seps[1]] == tok.tokenizer.encode(a, add_special_tokens=False).ids
 
 
+def test_predictions_and_losses_per_task_by_hand():
+    lg = torch.tensor([[-0.1, 0.2, 0.0, 3.0]])
+    assert torch.equal(E.predict("emotion", lg), torch.tensor([[0.0, 1.0, 0.0, 1.0]]))   # sigmoid > 0.5
+    assert torch.equal(E.predict("mc", lg), torch.tensor([3])) and torch.equal(E.predict("binary", lg[:, :2]), torch.tensor([1]))
+    assert torch.equal(E.predict("sentiment", torch.tensor([[0.7], [-2.0]])), torch.tensor([0.7, -2.0]))
+    y = torch.tensor([1.0, -1.0])
+    assert E.loss_fn("sentiment", torch.tensor([[0.5], [0.0]]), y).item() == pytest.approx((0.5 + 1.0) / 2)
+    t = torch.tensor([[0.0, 1.0, 0.0, 1.0]])
+    bce = -sum(math.log(1 / (1 + math.exp(-z))) if y else math.log(1 - 1 / (1 + math.exp(-z)))
+               for z, y in zip(lg[0].tolist(), t[0].tolist())) / 4
+    assert E.loss_fn("emotion", lg, t).item() == pytest.approx(bce, rel=1e-5)
+    ce = -math.log(math.exp(3.0) / sum(math.exp(z) for z in lg[0].tolist()))
+    assert E.loss_fn("mc", lg, torch.tensor([3])).item() == pytest.approx(ce, rel=1e-5)
+    assert E.loss_fn("glue", torch.tensor([[2.0]]), torch.tensor([3.5])).item() == pytest.approx(2.25)  # STS-B: MSE
+
+
 def test_targets_and_candidate_counts_are_checked():
     assert E.target_of([{"label": 1.0}, {"label": 0}], "binary").dtype == torch.long   # 1.0 is class 1
     with pytest.raises(ValueError, match="0 or 1"):
@@ -213,12 +229,25 @@ def test_finetune_tasks_and_modality_subsets(toy, tmp_path, task, mods, extra):
 
 
 def test_zero_shot_retrieval(toy, tok):
-    res = E.zero_shot_retrieval(tiny_icode(tok.vocab_size), os.path.join(toy, "video_test.jsonl"), D.TOY_DATA, tok)
+    model = tiny_icode(tok.vocab_size)
+    res = E.zero_shot_retrieval(model, os.path.join(toy, "video_test.jsonl"), D.TOY_DATA, tok)
     dirs = {k for k in res if "->" in k}
     assert dirs == {"video->text", "text->video", "video->audio", "audio->video", "text->audio", "audio->text"}
     for k in dirs:
         assert set(res[k]) == {"R@1", "R@5", "R@10"} and all(0 <= v <= 1 for v in res[k].values())
         assert res[k]["R@10"] == 1.0                                    # 4 held-out clips: K >= N
+    # the values: cosine similarities of each modality fused alone (section 4.2.2) on the unmasked inputs,
+    # computed here in one batch, against the function's batches of 2, at K < N
+    ex = E.load_split(os.path.join(toy, "video_test.jsonl"), D.TOY_DATA, tok)
+    res = E.zero_shot_retrieval(model, ex, D.TOY_DATA, tok, batch_size=2, ks=(1, 2, 3))
+    with torch.no_grad():
+        feats, valids = model.pretrain_features(D.collate(ex, D.TOY_DATA, tok), masked=False)
+        r = {m: torch.nn.functional.normalize(v, dim=-1) for m, v in model.contrastive_representations(feats, valids).items()}
+    for a, b in (("video", "text"), ("video", "audio"), ("text", "audio")):
+        sim = r[a] @ r[b].T
+        assert res[f"{a}->{b}"] == E.retrieval_recall(sim, (1, 2, 3))
+        assert res[f"{b}->{a}"] == E.retrieval_recall(sim.T, (1, 2, 3))
+    assert len({tuple(v.values()) for k, v in res.items() if "->" in k}) > 1  # not one constant answer
 
 
 def test_glue_smoke(tmp_path, toy):

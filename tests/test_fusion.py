@@ -91,6 +91,49 @@ def test_co_attention_single_modality_is_self_attention_plus_ffn():
     assert torch.allclose(out, x, atol=1e-6)
 
 
+def test_merge_layer_is_pytorchs_post_ln_encoder_layer():
+    """MergeLayer against torch.nn.TransformerEncoderLayer (post-LN, GELU, key padding) with the same weights."""
+    layer = make("merge").layers[0]
+    ref = torch.nn.TransformerEncoderLayer(16, 4, 64, dropout=0.0, activation="gelu", batch_first=True,
+                                           norm_first=False, layer_norm_eps=1e-5).eval()
+    with torch.no_grad():
+        ref.self_attn.in_proj_weight.copy_(torch.cat([layer.attn.q.weight, layer.attn.kv.weight]))
+        ref.self_attn.in_proj_bias.copy_(torch.cat([layer.attn.q.bias, layer.attn.kv.bias]))
+        ref.self_attn.out_proj.load_state_dict(layer.attn.out.state_dict())
+        ref.linear1.load_state_dict(layer.ffn.fc1.state_dict())
+        ref.linear2.load_state_dict(layer.ffn.fc2.state_dict())
+        for a, b in ((ref.norm1, layer.norm1), (ref.norm2, layer.norm2)):
+            a.weight.copy_(b.weight.detach().normal_())   # non-trivial affine parameters
+            a.bias.copy_(b.bias.detach().normal_())
+        x = torch.randn(3, 7, 16)
+        valid = torch.arange(7)[None] < torch.tensor([[7], [4], [2]])
+        want = ref(x, src_key_padding_mask=~valid)
+        got = layer(x, valid)
+    assert torch.allclose(got[valid], want[valid], atol=1e-5)
+
+
+def test_co_attention_layer_with_three_modalities():
+    """Fig. 1b / section 4.1 written out: X_m^self from m alone; X_m^cross with queries from X_m^self and keys /
+    values from the concatenated X_o^self of the other modalities (their padding masked); then the FFN."""
+    f = make("co")
+    feats, valids = inputs()
+    xs = {m: torch.randn(3, feats[m].shape[1:-1].numel(), 16) for m in MODALITIES}
+    vs = {"video": None, **valids}
+    layer = f.layers[0]
+    with torch.no_grad():
+        got = layer(xs, vs)
+        s = {m: layer.self_norm[m](x + layer.self_attn[m](x, key_valid=vs[m])) for m, x in xs.items()}
+        for m in MODALITIES:
+            others = [o for o in MODALITIES if o != m]
+            ctx = torch.cat([s[o] for o in others], 1)
+            kv = torch.cat([vs[o] if vs[o] is not None else torch.ones(3, s[o].shape[1], dtype=torch.bool)
+                            for o in others], 1)
+            c = layer.cross_norm[m](s[m] + layer.cross_attn[m](s[m], ctx, key_valid=kv))
+            want = layer.ffn_norm[m](c + layer.ffn[m](c))
+            valid = vs[m] if vs[m] is not None else torch.ones(3, xs[m].shape[1], dtype=torch.bool)
+            assert torch.allclose(got[m][valid], want[valid], atol=1e-5), m
+
+
 def test_attention_matches_a_hand_written_softmax():
     f = make("merge")
     attn = f.layers[0].attn

@@ -47,6 +47,21 @@ def test_mvm_shapes(T, px):
     assert logits.shape == (int(mask.sum()), K) and torch.equal(targets, labels[mask])
 
 
+def test_mvm_deconvolution_closed_form():
+    """Eq. (4) with kernel = stride = 2: token cell (2t+i, 2h+j, 2w+k) is GELU(LN(W[:, :, i, j, k]^T g[t, h, w] + b)),
+    on a grid with T_v != H_v != W_v so that no two axes can be exchanged unnoticed."""
+    torch.manual_seed(0)
+    D = 8
+    head = MVMHead(D, 5)
+    grid = torch.randn(2, 2, 3, 4, D)                                    # [B, T_v, H_v, W_v, D]
+    up = head.upsample(grid)
+    assert up.shape == (2, 4, 6, 8, D)
+    Wt, b = head.deconv.weight, head.deconv.bias                         # [D_in, D_out, 2, 2, 2], [D_out]
+    for (n, t, h, w, i, j, k) in [(0, 0, 0, 0, 0, 0, 0), (1, 1, 2, 3, 1, 0, 1), (0, 1, 1, 2, 0, 1, 1), (1, 0, 2, 1, 1, 1, 0)]:
+        want = F.gelu(head.layer_norm(grid[n, t, h, w] @ Wt[:, :, i, j, k] + b))
+        assert torch.allclose(up[n, 2 * t + i, 2 * h + j, 2 * w + k], want, atol=1e-5)
+
+
 def test_mvm_rejects_mismatched_labels():
     head = MVMHead(8, 10)
     with pytest.raises(ValueError, match="deconvolved grid"):

@@ -65,6 +65,23 @@ def test_masked_unit_logits_and_targets_every_subset(model):
         if "text" in subset:
             lg, tg = logits["mlm"]
             assert torch.equal(tg, b["text_labels"][b["text_labels"] != -100])
+        # the values: the heads over all positions of the merged fusion pass (with the padding masks), then
+        # the masked rows picked out by hand
+        with torch.no_grad():
+            fused = model.fusion(feats, valids)
+            if "text" in subset:
+                h = model.mlm_head
+                sel = b["text_labels"] != -100
+                want = h.decoder(h.layer_norm(torch.nn.functional.gelu(h.dense(fused["text"]))))[sel]
+                assert torch.allclose(logits["mlm"][0], want, atol=1e-5)
+            if "video" in subset:
+                B, T_v, H_v, W_v, _ = feats["video"].shape
+                up = model.mvm_head.upsample(fused["video"].reshape(B, T_v, H_v, W_v, -1))
+                want = model.mvm_head.classifier(up)[b["video_mask"]]
+                assert torch.allclose(logits["mvm"][0], want, atol=1e-5)
+            if "audio" in subset:
+                want = model.msm_head.classifier(fused["audio"])[b["audio_mask"]].reshape(-1, model.cfg.speech_vars)
+                assert torch.allclose(logits["msm"][0], want, atol=1e-5)
 
 
 def test_targets_from_tokenizers_when_no_cache(model):

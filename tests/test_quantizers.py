@@ -297,6 +297,22 @@ def test_random_projection_frozen_and_device_ready():
     assert ids.shape == (1, 2, 4, 4) and not ids.requires_grad
 
 
+def test_random_projection_video_ids_from_their_own_patch():
+    """Brute force through F.unfold: patch (t, i, j) of the frame, standardised, projected, normalised, nearest
+    code by explicit distances; on a non-square frame so that rows and columns cannot be confused."""
+    v, _ = build_default_quantizers(seed=0, video_codebook_size=256)
+    video = pink_video(2, 3, 48, 80, seed=3)                             # [B, 3, T, H, W]
+    ids = v(video)                                                       # [B, T, 3, 5]
+    B, _, T, H, W = video.shape
+    frames = video.transpose(1, 2).reshape(B * T, 3, H, W)
+    patches = torch.nn.functional.unfold(frames, 16, stride=16).transpose(1, 2)   # [B*T, 3*5, 3*16*16]
+    x = (patches - patches.mean(-1, keepdim=True))
+    x = x / (x.pow(2).mean(-1, keepdim=True) + 1e-5).sqrt()
+    z = torch.nn.functional.normalize(x @ v.proj, dim=-1)
+    want = torch.cdist(z, v.codebook[None].expand(B * T, -1, -1)).argmin(-1)    # [B*T, 15]
+    assert torch.equal(ids.reshape(B * T, -1), want)
+
+
 _SNIPPET = r"""
 import hashlib, sys, torch
 sys.path.insert(0, {root!r})

@@ -160,11 +160,15 @@ def test_shift_mask_blocks_exactly_pairs_from_different_regions(grid, window, sh
 
 
 def naive_block(block, x):
-    """The block by definition: each token attends to the tokens of its shifted window in the unrolled grid."""
+    """The block by definition: each token attends to the tokens of its shifted window in the unrolled grid;
+    a grid that is not a whole number of windows is zero-padded at the end after norm1 (Video Swin), the
+    padding attends and is attended to like any token, and is cropped from the output."""
     B, T, H, W, C = x.shape
     window, shift = get_window_size((T, H, W), block.window_size, block.shift_size)
-    assert all(L % w == 0 for L, w in zip((T, H, W), window))
-    coords = torch.stack(torch.meshgrid(*[torch.arange(L) for L in (T, H, W)], indexing="ij"), -1).view(-1, 3)
+    pad = [(w - L % w) % w for L, w in zip((T, H, W), window)]
+    y = torch.nn.functional.pad(block.norm1(x), (0, 0, 0, pad[2], 0, pad[1], 0, pad[0]))
+    Tp, Hp, Wp = y.shape[1:4]
+    coords = torch.stack(torch.meshgrid(*[torch.arange(L) for L in (Tp, Hp, Wp)], indexing="ij"), -1).view(-1, 3)
     ids = torch.div(coords - torch.tensor(shift), torch.tensor(window), rounding_mode="floor")
     allowed = (ids[:, None] == ids[None]).all(-1)  # [L, L]
     rel = coords[:, None] - coords[None] + torch.tensor(block.window_size) - 1
@@ -172,23 +176,25 @@ def naive_block(block, x):
     index = (rel[..., 0] * (2 * wh - 1) + rel[..., 1]) * (2 * ww - 1) + rel[..., 2]
     index = torch.where(allowed, index, 0)  # pairs outside one window are masked below; any valid row will do
     heads = block.attn.num_heads
-    y = block.norm1(x).view(B, -1, C)
+    y = y.reshape(B, -1, C)
     q, k, v = block.attn.qkv(y).view(B, -1, 3, heads, C // heads).permute(2, 0, 3, 1, 4)
     logits = q @ k.transpose(-1, -2) / math.sqrt(C // heads)
     logits = logits + block.attn.relative_position_bias_table[index].permute(2, 0, 1)
     attn = logits.masked_fill(~allowed, float("-inf")).softmax(-1)
-    x = x + block.attn.proj((attn @ v).transpose(1, 2).reshape(B, T, H, W, C))
+    x = x + block.attn.proj((attn @ v).transpose(1, 2).reshape(B, Tp, Hp, Wp, C))[:, :T, :H, :W]
     return x + block.mlp(block.norm2(x))
 
 
 @pytest.mark.parametrize("shifted", [False, True])
-def test_block_matches_naive_window_attention(shifted):
+@pytest.mark.parametrize("grid,window", [((4, 4, 4), (2, 2, 2)), ((3, 5, 6), (2, 4, 4))])  # the second is padded
+def test_block_matches_naive_window_attention(shifted, grid, window):
     torch.manual_seed(0)
-    cfg = SwinConfig(embed_dim=8, window_size=(2, 2, 2), drop_path_rate=0.0)
+    cfg = SwinConfig(embed_dim=8, window_size=window, drop_path_rate=0.0)
     block = SwinBlock3D(8, 2, cfg, shift=shifted, drop_path_prob=0.0).eval()
     with torch.no_grad():
         block.attn.relative_position_bias_table.normal_()
-        x = torch.randn(2, 4, 4, 4, 8)
+        block.norm1.bias.normal_()  # padding comes after norm1: its bias must not reach the padded tokens
+        x = torch.randn(2, *grid, 8)
         torch.testing.assert_close(block(x), naive_block(block, x), atol=1e-5, rtol=1e-5)
 
 
