@@ -1391,7 +1391,13 @@ def check_manifest(path, cfg, tokenizer=None, log=print):
         ds = ManifestDataset(path, cfg, tokenizer, use_targets=False)
     except (OSError, ValueError) as e:
         log(f"{path}: cannot read the manifest: {e}")
-        return 0, 1
+        rows = read_manifest(path) if os.path.isfile(path) else []
+        for line, row in rows:  # why no row could decide the modalities
+            if isinstance(row, str):
+                log(f"{path}:{line}: {row}")
+            elif not row_modalities(row):
+                log(f"{path}:{line}: no media or text field ({sorted(row)})")
+        return len(rows), max(1, len(rows))
     kinds = collections.Counter()
     for i in range(len(ds)):
         try:

@@ -587,9 +587,16 @@ def main(argv=None):
     if args.global_batch is not None and args.global_batch != global_batch:
         raise ValueError(f"--global-batch {args.global_batch} != batch {args.batch} x accum {args.accum} "
                          f"x world {d.world} = {global_batch}")
-    workers = args.workers if args.workers is not None else min(4, max(0, (os.cpu_count() or 2) // max(1, d.world) - 1))
+    cores = (os.cpu_count() or 2) // max(1, d.world)              # this process's share of the machine
+    workers = args.workers if args.workers is not None else min(4, max(0, cores - 1))
+    if "OMP_NUM_THREADS" not in os.environ:  # the loader's workers use cores too: 2 torch threads beside 1
+        torch.set_num_threads(max(1, cores - workers))  # worker on 2 cores ran 2-20x slower than 1 (README)
+    if checkpoints(args.out) and not args.resume:
+        raise ValueError(f"{args.out} already holds checkpoints ({os.path.basename(checkpoints(args.out)[-1])}): "
+                         f"continue with --resume, or give another --out (or remove it)")
+    log = (lambda msg: tqdm_write(msg)) if d.is_main else None  # data messages above the progress bar
     loader = D.make_loader(manifests, args.data_weights or [1.0] * len(manifests), dcfg, tokenizer, batch_size=args.batch * args.accum,
-                           rank=d.rank, world_size=d.world, seed=args.seed, num_workers=workers)
+                           rank=d.rank, world_size=d.world, seed=args.seed, num_workers=workers, log=log)
     weights = dict(alpha=args.alpha, beta=args.beta, gamma=args.gamma, lam=args.lam)
     objective = PretrainObjective(model, weights, args.unmasked_contrastive)
     opt = build_optimizer(model, args.lr_fusion, args.lr_encoders, args.weight_decay)
@@ -679,13 +686,13 @@ def main(argv=None):
                 if step % args.log_every == 0 or step == args.steps:
                     with open(metrics_path, "a") as f:
                         f.write(json.dumps(rec) + "\n")
-            if step == args.stop_at_step:
-                stop["signal"] = int(signal.SIGTERM)
             flag = all_reduce_(torch.tensor([float(stop["signal"])], device=d.device), dist.ReduceOp.MAX).item()
+            flag = flag or step == args.stop_at_step
             if step % args.save_every == 0 or step == args.steps or flag:
                 save_checkpoint(args.out, step, objective.model, opt, loader, cfg, args, d, args.keep, history)
             if flag:
-                print0(f"\nsignal {int(flag)}: checkpoint saved at step {step}, exiting")
+                why = f"signal {int(flag)}" if step != args.stop_at_step else f"--stop-at-step {step}"
+                print0(f"\n{why}: checkpoint saved at step {step}, exiting")
                 return {"step": step, "stopped": True, "history": history}
     finally:
         if bar is not None:
@@ -1008,5 +1015,13 @@ def encoder_breakdown(model, batch, autocast, sync):
     return out
 
 
+def tqdm_write(msg):
+    from tqdm import tqdm
+    tqdm.write(msg, file=sys.stderr)
+
+
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except D.TooManyBadExamples as e:  # the message names the manifest and the command that lists the rows
+        sys.exit(f"train.py: stopped: {e}")

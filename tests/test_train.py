@@ -191,6 +191,8 @@ def test_resume_is_exact(toy_small, tmp_path):
     a = _run(toy_small, tmp_path / "a", "--steps", "6")
     b1 = _run(toy_small, tmp_path / "b", "--steps", "6", "--stop-at-step", "3")
     assert b1["stopped"] and b1["step"] == 3
+    with pytest.raises(ValueError, match="continue with --resume"):  # not a second run mixed into the first
+        _run(toy_small, tmp_path / "b", "--steps", "6")
     b2 = _run(toy_small, tmp_path / "b", "--steps", "6", "--resume")
     assert [h["loss"] for h in b2["history"]] == [h["loss"] for h in a["history"]]
     wa = load_file(os.path.join(train.checkpoints(str(tmp_path / "a"))[-1], "model.safetensors"))
