@@ -587,10 +587,7 @@ def main(argv=None):
     if args.global_batch is not None and args.global_batch != global_batch:
         raise ValueError(f"--global-batch {args.global_batch} != batch {args.batch} x accum {args.accum} "
                          f"x world {d.world} = {global_batch}")
-    cores = (os.cpu_count() or 2) // max(1, d.world)              # this process's share of the machine
-    workers = args.workers if args.workers is not None else min(4, max(0, cores - 1))
-    if "OMP_NUM_THREADS" not in os.environ:  # the loader's workers use cores too: 2 torch threads beside 1
-        torch.set_num_threads(max(1, cores - workers))  # worker on 2 cores ran 2-20x slower than 1 (README)
+    workers = args.workers if args.workers is not None else min(4, max(0, (os.cpu_count() or 2) // max(1, d.world) - 1))
     if checkpoints(args.out) and not args.resume:
         raise ValueError(f"{args.out} already holds checkpoints ({os.path.basename(checkpoints(args.out)[-1])}): "
                          f"continue with --resume, or give another --out (or remove it)")
