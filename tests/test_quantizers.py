@@ -240,6 +240,34 @@ def test_vqgan_frames_independent_and_lookup():
     assert torch.equal(ids[0, 0], ref)
 
 
+def test_vqgan_encoder_matches_taming_transformers():
+    """Parity with taming-transformers' own Encoder (installed by .ci/run with --no-deps: its declared
+    dependencies pull torchvision and Lightning; this module imports torch and numpy only), in the key layout a
+    VQGAN checkpoint has, and with its stride-2 downsampling's asymmetric (0, 1, 0, 1) padding."""
+    taming = pytest.importorskip("taming.modules.diffusionmodules.model",
+                                 reason="taming-transformers not installed (.ci/run installs it with --no-deps)")
+    torch.manual_seed(0)
+    c = SMALL_VQ
+    ref = taming.Encoder(ch=c.ch, out_ch=3, ch_mult=c.ch_mult, num_res_blocks=c.num_res_blocks,
+                         attn_resolutions=c.attn_resolutions, in_channels=3, resolution=c.resolution,
+                         z_channels=c.z_channels, double_z=False).eval()
+    quant_conv = torch.nn.Conv2d(c.z_channels, c.embed_dim, 1)
+    codebook = torch.nn.Embedding(c.n_embed, c.embed_dim)
+    sd = {f"encoder.{k}": v for k, v in ref.state_dict().items()}
+    sd.update({f"quant_conv.{k}": v for k, v in quant_conv.state_dict().items()})
+    sd["quantize.embedding.weight"] = codebook.weight.detach()
+    tok = VQGANTokenizer(c)
+    tok.load_state_dict(sd, strict=True)
+    x = torch.rand(2, 3, 48, 80) * 2 - 1                          # pixels in [-1, 1], as taming's VQGAN takes
+    with torch.no_grad():
+        z = quant_conv(ref(x))                                    # [2, embed_dim, 3, 5]
+        assert torch.allclose(tok.quant_conv(tok.encoder(x)), z, atol=1e-5)
+        want = _brute_force(z.permute(0, 2, 3, 1), codebook.weight).argmin(-1)   # taming's VectorQuantizer
+        video = ((x + 1) / 2 - tok.input_mean[0]) / tok.input_std[0]          # the normalised frames we take
+        ids = tok(video.unsqueeze(2))                             # [2, 1, 3, 5]
+    assert torch.equal(ids[:, 0], want)
+
+
 def _save_vq(path, tok, sd=None, nested=True):
     os.makedirs(path, exist_ok=True)
     c = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(tok.config).items()}
