@@ -6,9 +6,9 @@ import os
 import re
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OTHER_TOOLS = {  # torchrun, #SBATCH, ../shared/bench/reference_step.py
+OTHER_TOOLS = {  # torchrun, #SBATCH, ../shared/bench/reference_step.py, pip
     "--nproc_per_node", "--nnodes", "--node_rank", "--rdzv_backend", "--rdzv_endpoint", "--rdzv_id",
-    "--nodes", "--ntasks-per-node", "--gpus-per-node", "--cpus-per-task", "--size", "--breakdown"}
+    "--nodes", "--ntasks-per-node", "--gpus-per-node", "--cpus-per-task", "--size", "--breakdown", "--no-deps"}
 
 
 def test_documented_options_exist():
