@@ -132,7 +132,8 @@ def span_mask(length, p=0.08, span=10, generator=None):
     for long sequences its expectation is close to 1 - (1 - p)^span (about 57% for the defaults).
     fairseq's `compute_mask_indices` draws int(mask_prob * length / span + U[0, 1)) starts, so its
     mask_prob is p * span (HuBERT's 0.8 is p = 8% with l = 10), and draws them only from [0, length - span];
-    we draw from the whole sequence and clip, which keeps the coverage of the last frames equal to the others'. Returns mask: [length] bool, True is masked.
+    we draw from the whole sequence and clip, which keeps the coverage of the last frames equal to the others'.
+    Returns mask: [length] bool, True is masked.
     """
     if length < 1:
         raise ValueError(f"length must be positive, got {length}")
@@ -205,13 +206,13 @@ def check_labels(row, emotions_len=None):
     if "question" in row and not isinstance(row["question"], str):
         raise BadExample(f"question must be a string, got {row['question']!r}")
     answers = row.get("answers")
-    if "answers" in row and (not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers)):
+    n = len(answers) if isinstance(answers, list) else None
+    if "answers" in row and (not n or not all(isinstance(a, str) for a in answers)):
         raise BadExample(f"answers must be a non-empty list of strings, got {answers!r}")
     if "answer" in row:
         a = row["answer"]
-        if not isinstance(a, int) or isinstance(a, bool) or a < 0 or (isinstance(answers, list) and a >= len(answers)):
-            raise BadExample(f"answer must be an index into answers ({len(answers) if isinstance(answers, list) else 'none'}"
-                             f" given), got {a!r}")
+        if not isinstance(a, int) or isinstance(a, bool) or a < 0 or (n is not None and a >= n):
+            raise BadExample(f"answer must be an index into answers ({n if n is not None else 'none'} given), got {a!r}")
 DECODE_THREADS = 1                   # codec threads per worker: scale with DataLoader workers instead
 
 

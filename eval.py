@@ -591,8 +591,8 @@ def finetune(task, splits, *, ckpt, fusion, modalities, seed, dcfg, tokenizer, d
     for s, examples in splits.items():
         lacking = [m for m in modalities if m not in modalities_of(examples, task)]
         if lacking:
-            raise ValueError(f"the {s} split has no {lacking} (its manifest gives {list(modalities_of(examples, task))});"
-                             f" choose --modalities among those")
+            raise ValueError(f"the {s} split has no {lacking} (its manifest gives "
+                             f"{list(modalities_of(examples, task))}); choose --modalities among those")
     torch.manual_seed(seed)                       # the same initial head on every rank (DDP also broadcasts)
     icode = T.load_model(ckpt, preset, fusion, tokenizer.vocab_size)
     ft = FineTuner(icode, task, head_outputs(task, glue_task), modalities).to(device)

@@ -47,7 +47,8 @@ def read_hf_folder(path, parse_config=None):
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"{path!r} has no config.json")
     if not os.path.isfile(st_path) and not os.path.isfile(index):
-        legacy = [f for f in ("pytorch_model.bin.index.json", "pytorch_model.bin") if os.path.isfile(os.path.join(path, f))]
+        legacy = [f for f in ("pytorch_model.bin.index.json", "pytorch_model.bin")
+                  if os.path.isfile(os.path.join(path, f))]
         bins = sorted(f for f in os.listdir(path) if f.endswith(".bin"))
         hint = (f" Convert its {legacy[0]} with `python icode.py convert {os.path.join(path, legacy[0])} {path}`."
                 if legacy else f" It has {bins}: convert the weights file with `python icode.py convert FILE {path}`."
