@@ -191,12 +191,12 @@ def _is_number(v):
 
 def check_labels(row, emotions_len=None):
     """Raise BadExample unless the row's downstream labels have the types the collator and eval.py need:
-    score a number, emotions a list of numbers (`emotions_len` long: the first row's), label a number,
-    question a string, answers a non-empty list of strings, answer an index into answers."""
+    score a number, emotions a list of numbers (`emotions_len` long: the first row's), label a number or a
+    boolean, question a string, answers a non-empty list of strings, answer an index into answers."""
     if "score" in row and not _is_number(row["score"]):
         raise BadExample(f"score must be a number, got {row['score']!r}")
-    if "label" in row and not _is_number(row["label"]):
-        raise BadExample(f"label must be a number, got {row['label']!r}")
+    if "label" in row and not (_is_number(row["label"]) or isinstance(row["label"], bool)):
+        raise BadExample(f"label must be a number or a boolean, got {row['label']!r}")
     if "emotions" in row:
         e = row["emotions"]
         if not isinstance(e, list) or not e or not all(_is_number(x) for x in e):
@@ -927,9 +927,9 @@ class MixedBatchSampler:
         rows = [self._row(s, j) for j in range(pos, pos + self.batch_size)]
         rng = np.random.default_rng([self.seed, step, self.rank, 1])
         epoch_start, k0 = pos // per_rank * per_rank, pos % per_rank
-        others = [k for k in range(per_rank) if not k0 <= k < k0 + self.batch_size]  # never a row of this batch
-        picks = rng.choice(len(others), min(self.spares, len(others)), replace=False) if others else []
-        spares = [self._row(s, epoch_start + others[int(k)]) for k in picks]
+        n_out = per_rank - self.batch_size  # the share's positions outside this batch, [k0, k0 + batch) skipped
+        picks = rng.choice(n_out, min(self.spares, n_out), replace=False) if n_out > 0 else []
+        spares = [self._row(s, epoch_start + (int(k) if k < k0 else int(k) + self.batch_size)) for k in picks]
         self.consumed[self.names[s]] = pos + self.batch_size
         self.step += 1
         return step, s, rows, spares
@@ -1392,7 +1392,10 @@ def check_manifest(path, cfg, tokenizer=None, log=print):
         ds = ManifestDataset(path, cfg, tokenizer, use_targets=False)
     except (OSError, ValueError) as e:
         log(f"{path}: cannot read the manifest: {e}")
-        rows = read_manifest(path) if os.path.isfile(path) else []
+        try:
+            rows = read_manifest(path) if os.path.isfile(path) else []
+        except (OSError, ValueError):  # unreadable as a whole (permissions, not UTF-8): the message above says why
+            rows = []
         for line, row in rows:  # why no row could decide the modalities
             if isinstance(row, str):
                 log(f"{path}:{line}: {row}")

@@ -293,6 +293,7 @@ def test_malformed_labels_are_bad_rows(toy, tok, tmp_path):
     rows[3]["label"] = "yes"
     rows[4]["answer"] = len(rows[4]["answers"])
     rows[5]["answers"] = "a b c"
+    rows[6]["label"] = bool(rows[6]["label"])        # JSON true / false: a binary label, not a bad row
     path = _write_manifest(tmp_path / "labels.jsonl", rows)
     lines = []  # check's messages
     assert data.check_manifest(path, CFG, tok, log=lines.append) == (8, 5)
@@ -301,7 +302,12 @@ def test_malformed_labels_are_bad_rows(toy, tok, tmp_path):
         assert any(m.startswith(f"{path}:{line}: {reason}") for m in lines), (line, reason, lines)
     ds = data.ManifestDataset(path, CFG, tok)
     b = data.collate([ds[0], ds[6], ds[7]], CFG, tok)
-    assert b["labels"]["emotions"].shape == (3, 6)
+    assert b["labels"]["emotions"].shape == (3, 6) and b["labels"]["label"][1] == int(rows[6]["label"])
+    # a manifest that is not UTF-8 is reported, not a traceback
+    (tmp_path / "latin1.jsonl").write_bytes(b'{"text": "caf\xe9"}\n')
+    lines.clear()
+    assert data.check_manifest(str(tmp_path / "latin1.jsonl"), CFG, tok, log=lines.append) == (0, 1)
+    assert "cannot read the manifest" in lines[0]
 
 
 # ----------------------------------------------------------------------------------------------------
