@@ -739,7 +739,7 @@ class ManifestDataset(torch.utils.data.Dataset):
             raise BadExample(f"row lacks {missing} that the manifest's first row provides ({list(self.modalities)})")
         start, end = row.get("start"), row.get("end")
         for k, v in (("start", start), ("end", end)):
-            if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0):
+            if v is not None and not (_is_number(v) and v >= 0):
                 raise BadExample(f"{k} must be a non-negative number of seconds, got {v!r}")
         if start is not None and end is not None and end <= start:
             raise BadExample(f"end ({end}) must be after start ({start})")

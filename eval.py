@@ -954,10 +954,11 @@ def report(args, d, dcfg):
     full = ("video", "text", "audio")
     rows = [("NP+M", None, "merge"), ("NP+C", None, "co")]
     for c in dict.fromkeys(x for x in (ckpt, ckpt_co) if x):   # once each, --ckpt first
-        name = f"D+{ckpt_fusion(c)[0].upper()}"                 # D+M or D+C by the run's fusion mode
+        fusion = ckpt_fusion(c)
+        name = f"D+{fusion[0].upper()}"                         # D+M or D+C by the run's fusion mode
         if any(r[0] == name for r in rows):                     # two runs of one mode: name them by folder
             name += f" ({os.path.basename(os.path.dirname(os.path.abspath(c)))})"
-        rows.append((name, c, ckpt_fusion(c)))
+        rows.append((name, c, fusion))
     for task in ("sentiment", "emotion", "binary", "mc"):
         for name, c, fusion in rows:
             results["tables"].setdefault(task, {})[name] = run_seeds(task, splits, args, d, c, fusion, full, dcfg,

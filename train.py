@@ -588,10 +588,11 @@ def main(argv=None):
         raise ValueError(f"--global-batch {args.global_batch} != batch {args.batch} x accum {args.accum} "
                          f"x world {d.world} = {global_batch}")
     workers = args.workers if args.workers is not None else min(4, max(0, (os.cpu_count() or 2) // max(1, d.world) - 1))
-    if checkpoints(args.out) and not args.resume:
-        raise ValueError(f"{args.out} already holds checkpoints ({os.path.basename(checkpoints(args.out)[-1])}): "
+    existing = checkpoints(args.out)
+    if existing and not args.resume:
+        raise ValueError(f"{args.out} already holds checkpoints ({os.path.basename(existing[-1])}): "
                          f"continue with --resume, or give another --out (or remove it)")
-    log = (lambda msg: tqdm_write(msg)) if d.is_main else None  # data messages above the progress bar
+    log = tqdm_write if d.is_main else None  # data messages above the progress bar
     loader = D.make_loader(manifests, args.data_weights or [1.0] * len(manifests), dcfg, tokenizer, batch_size=args.batch * args.accum,
                            rank=d.rank, world_size=d.world, seed=args.seed, num_workers=workers, log=log)
     weights = dict(alpha=args.alpha, beta=args.beta, gamma=args.gamma, lam=args.lam)
@@ -601,8 +602,8 @@ def main(argv=None):
     if args.compile:
         ddp = compile_step(ddp, args.compile_mode)
     step, history = 0, []
-    if args.resume and checkpoints(args.out):
-        ckpt = checkpoints(args.out)[-1]
+    if args.resume and existing:
+        ckpt = existing[-1]
         step, history = restore_checkpoint(ckpt, model, opt, loader, d)
         print0(f"resumed from {ckpt} at step {step}")
     if d.is_main:
@@ -941,6 +942,11 @@ def matmul_flop(name, shapes):
     return 2 * math.prod(a[:-2]) * a[-2] * a[-1] * b[-1]
 
 
+def per_step_ms(us, n):
+    """Microseconds summed over n profiled steps -> milliseconds per step."""
+    return round(us / n / 1e3, 2)
+
+
 def op_table(prof, n, cuda, top):
     """The `top` aten ops by (name, input shapes) that ran work themselves (device time on a GPU, CPU self
     time on a CPU), per step: [name, shapes, ms, calls, TFLOP/s for matrix products]. The shapes say which
@@ -952,7 +958,7 @@ def op_table(prof, n, cuda, top):
         us = e.self_device_time_total if cuda else e.self_cpu_time_total
         if us > 0 and e.key.startswith("aten::"):   # not the record_function spans around them
             flop = matmul_flop(e.key, e.input_shapes)
-            rows.append([e.key, str(e.input_shapes)[:160], round(us / n / 1e3, 2), e.count // n,
+            rows.append([e.key, str(e.input_shapes)[:160], per_step_ms(us, n), e.count // n,
                          round(flop * e.count / (us * 1e6), 2) if flop else None])
     return sorted(rows, key=lambda r: -r[2])[:top]
 
@@ -980,7 +986,7 @@ def profile_steps(step, n, cuda, sync, top=25):
     kinds = collections.Counter()
     for name, (us, _) in totals.items():
         kinds[kernel_kind(name)] += us
-    ms = lambda us: round(us / n / 1e3, 2)
+    ms = lambda us: per_step_ms(us, n)
     ranked = sorted(totals.items(), key=lambda kv: -kv[1][0])[:top]
     return {"steps": n, "wall_ms": round(wall * 1e3, 1), "busy_ms": ms(busy),
             "busy_share": round(busy / 1e6 / n / wall, 3),

@@ -24,15 +24,24 @@ def _load_safetensors(path):
         raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
 
 
-def _shards(index_path):
-    """The shard files of a Hugging Face index (`*.index.json`: {"weight_map": {tensor: file}}), and its keys."""
+def _load_shards(index_path, load):
+    """One state dict from the shards a Hugging Face index names (`*.index.json`: {"weight_map": {tensor:
+    file}}), each read by `load(path)`; a missing shard or a tensor in none of them is an error."""
     with open(index_path) as f:
         try:
             weight_map = json.load(f)["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise ValueError(f"{index_path}: not a shard index with a weight_map ({e!r})") from None
     folder = os.path.dirname(os.path.abspath(index_path))
-    return [os.path.join(folder, s) for s in sorted(set(weight_map.values()))], set(weight_map)
+    sd = {}
+    for shard in sorted(set(weight_map.values())):
+        path = os.path.join(folder, shard)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{index_path} names the shard {path}, which is missing")
+        sd.update(load(path))
+    if set(weight_map) - set(sd):
+        raise KeyError(f"{index_path}: tensors {sorted(set(weight_map) - set(sd))[:5]} are in no shard")
+    return sd
 
 
 def read_hf_folder(path, parse_config=None):
@@ -66,15 +75,7 @@ def read_hf_folder(path, parse_config=None):
             raise ValueError(f"{cfg_path}: {e}") from None
     if os.path.isfile(st_path):
         return cfg, _load_safetensors(st_path)
-    files, keys = _shards(index)
-    sd = {}
-    for shard in files:
-        if not os.path.isfile(shard):
-            raise FileNotFoundError(f"{index} names the shard {shard}, which is missing")
-        sd.update(_load_safetensors(shard))
-    if keys - set(sd):
-        raise KeyError(f"{index}: tensors {sorted(keys - set(sd))[:5]} are in no shard")
-    return cfg, sd
+    return cfg, _load_shards(index, _load_safetensors)
 
 
 def load_state_strict(module, state_dict, source="checkpoint", ignore_prefixes=()):
@@ -115,15 +116,7 @@ def _torch_load(bin_path):
 def convert_bin_to_safetensors(bin_path, out_dir):
     """Turn a legacy `pytorch_model.bin` (or all the shards a `pytorch_model.bin.index.json` names) into
     `out_dir/model.safetensors`, copying config.json if it lies beside it."""
-    if bin_path.endswith(".index.json"):
-        files, keys = _shards(bin_path)
-        sd = {}
-        for shard in files:
-            sd.update(_torch_load(shard))
-        if keys - set(sd):
-            raise KeyError(f"{bin_path}: tensors {sorted(keys - set(sd))[:5]} are in no shard")
-    else:
-        sd = _torch_load(bin_path)
+    sd = _load_shards(bin_path, _torch_load) if bin_path.endswith(".index.json") else _torch_load(bin_path)
     os.makedirs(out_dir, exist_ok=True)
     # safetensors refuses shared storage: store contiguous copies.
     save_file({k: v.contiguous().clone() for k, v in sd.items()}, os.path.join(out_dir, "model.safetensors"))
