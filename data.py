@@ -680,7 +680,8 @@ class ManifestDataset(torch.utils.data.Dataset):
       "video" uint8 [T, H, W, 3] (images: the same frame T times), "audio" float32 [N] at 16 kHz mono,
       "text_ids" list of ids ([CLS] ... [SEP]; videos join caption and transcript, section 4.2.2),
     the downstream label fields present in the row, "video_targets"/"audio_targets" when the manifest
-    has an offline VQ-target cache written for this DataConfig, and "timing" (seconds per stage).
+    has an offline VQ-target cache written for this DataConfig ("stale_targets": True instead when the row
+    changed since its file was written: the loader says so once per manifest), and "timing" (seconds per stage).
     """
 
     def __init__(self, path, cfg, tokenizer=None, *, use_targets=True):
@@ -696,7 +697,7 @@ class ManifestDataset(torch.utils.data.Dataset):
         self.modalities = row_modalities(first)
         e = first.get("emotions")
         self.emotions_len = len(e) if isinstance(e, list) else None
-        self.targets, self.stale_warned = None, False
+        self.targets = None
         tdir = targets_dir(self.path)
         meta_path = os.path.join(tdir, "meta.json")
         if use_targets and os.path.exists(meta_path):
@@ -783,11 +784,8 @@ class ManifestDataset(torch.utils.data.Dataset):
                 with safe_open(p, framework="np") as f:
                     if (f.metadata() or {}).get("row") == _row_key(row):
                         ex.update({k: f.get_tensor(k) for k in f.keys()})
-                    elif not self.stale_warned:  # the row changed since `tokenize`: its ids are made on the device
-                        self.stale_warned = True
-                        print(f"data: {self.path}:{line}: the target cache {self.targets} was written for another "
-                              f"row on this line (manifest edited?); such rows get their targets on the device; "
-                              f"re-run `python data.py tokenize`", file=sys.stderr)
+                    else:  # the row changed since `tokenize`: its ids are made on the device. Reported by the
+                        ex["stale_targets"] = True  # loader's process, not here (a worker's print breaks the bar)
         ex["timing"] = timing
         return ex
 
@@ -959,7 +957,7 @@ class _BatchMaker:
     def __getitem__(self, plan):
         step, s, rows, spares, state = plan
         ds = self.datasets[s]
-        good, skipped, tried = [], [], 0
+        good, skipped, stale, tried = [], [], [], 0
         for i in rows + spares:
             if len(good) == self.batch_size:
                 break
@@ -968,6 +966,9 @@ class _BatchMaker:
                 good.append(ds[i])
             except BadExample as e:
                 skipped.append((ds.name, ds.line(i), e.reason))
+            else:
+                if good[-1].get("stale_targets"):
+                    stale.append(ds.line(i))
         g = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, step, self.rank]).generate_state(1)[0]))
         t = time.perf_counter()
         batch = collate(good, self.cfg, self.tokenizer, g) if good else None
@@ -978,7 +979,7 @@ class _BatchMaker:
         if batch is not None:
             batch["step"] = step
         return {"batch": batch, "step": step, "source": s, "skipped": skipped, "tried": tried, "state": state,
-                "timing": dict(timing)}
+                "timing": dict(timing), "stale": stale}
 
 
 def _identity(x):
@@ -1025,6 +1026,7 @@ class MixedLoader:
         self.tried_counts = {d.name: 0 for d in datasets}
         self.bad_reasons = {d.name: collections.Counter() for d in datasets}
         self.timing = collections.Counter()  # seconds per stage, summed over the batches handed out
+        self.stale_reported = set()          # sources whose stale target cache has been reported
         self._state = self.sampler.state_dict()
 
     def _plans(self):
@@ -1058,6 +1060,11 @@ class MixedLoader:
         name = ds.name
         self.tried_counts[name] += out["tried"]
         self.timing.update(out["timing"])
+        if out["stale"] and name not in self.stale_reported:
+            self.stale_reported.add(name)
+            self.log(f"data: {ds.path}:{out['stale'][0]}: the target cache {ds.targets} was written for another "
+                     f"row on this line (manifest edited?); such rows get their targets on the device; "
+                     f"re-run `python data.py tokenize`")
         for src, line, reason in out["skipped"]:
             self.bad_counts[name] += 1
             self.bad_reasons[name][reason_kind(reason)] += 1

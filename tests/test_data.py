@@ -491,6 +491,12 @@ def test_target_cache_round_trip(toy, tok, tmp_path):
     _write_manifest(path, [lines[1], lines[0]] + lines[2:])
     ds = data.ManifestDataset(str(path), CFG, tok)
     assert ["video_targets" in ds[i] for i in range(3)] == [False, False, True]
+    assert [ds[i].get("stale_targets", False) for i in range(3)] == [True, True, False]
+    # said once per manifest, by the loader's own process (a worker's print would break the progress bar)
+    logs = []
+    loader = data.make_loader([ds], [1.0], CFG, tok, batch_size=3, seed=0, log=logs.append)
+    list(itertools.islice(loader, 4))
+    assert len(logs) == 1 and "v.jsonl:" in logs[0] and "re-run `python data.py tokenize`" in logs[0], logs
     # an interrupted re-run leaves no cache the loader would read (not half old, half new)
     def fail_second(batch, calls=[]):
         calls.append(1)

@@ -1,6 +1,6 @@
 """The documentation names only options that exist: every `--flag` in README.md and docs/*.md is one of the
-project's own argparse options (a quoted "--flag" in its Python files) or an option of a tool the docs
-call (torchrun, SLURM, the off-the-shelf reference script, pip)."""
+project's own argparse options (a quoted "--flag" in its Python files, docs/ scripts included) or an option
+of a tool the docs call (torchrun, SLURM, the off-the-shelf reference script, pip)."""
 import glob
 import os
 import re
@@ -12,7 +12,8 @@ OTHER_TOOLS = {  # torchrun, #SBATCH, ../shared/bench/reference_step.py, pip
 
 
 def test_documented_options_exist():
-    code = "".join(open(p).read() for p in glob.glob(os.path.join(ROOT, "*.py")))
+    sources = glob.glob(os.path.join(ROOT, "*.py")) + glob.glob(os.path.join(ROOT, "docs", "*.py"))
+    code = "".join(open(p).read() for p in sources)
     ours = set(re.findall(r"""["'](--[a-z][a-z0-9-]*)["']""", code))
     docs = [os.path.join(ROOT, "README.md")] + sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))
     missing = {}
