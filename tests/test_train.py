@@ -37,7 +37,10 @@ def grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def assert_close(g1, g2, tol=1e-5):
+def assert_close(g1, g2, tol=2e-5):
+    """Every gradient within tol of its tensor's largest entry. float32 summation order alone moves the
+    DDP and gradient-cache comparisons by up to 1.05e-5 across torch versions (2.4.1, 2.11.0); a wrong
+    scale or a missing term moves them by 1e-1 or more."""
     assert set(g1) == set(g2), sorted(set(g1) ^ set(g2))[:5]
     worst = max((g1[k] - g2[k]).abs().max().item() / (g2[k].abs().max().item() + 1e-3) for k in g1)
     assert worst < tol, worst
@@ -243,6 +246,9 @@ def test_non_finite_steps_are_skipped_then_stop_with_the_last_good_checkpoint(to
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+@pytest.mark.skipif(tuple(int(x) for x in torch.__version__.split(".")[:2]) < (2, 11),
+                    reason="one graph needs Dynamo's data-dependent shapes as in torch >= 2.11 (2.8.0 breaks it at "
+                           "the heads; --compile still runs there, in 5 graphs)")
 def test_compiled_objective_is_one_graph_whatever_is_masked():
     """compile_step: the pretraining objective is one graph without breaks, the heads' selection of masked
     positions included, and batches with other numbers of masked positions (here 0 to 5 text tokens, other
