@@ -828,10 +828,14 @@ def matmul_peak(device):
     return 2 * 8192 ** 3 * 10 / (time.perf_counter() - t)
 
 
+# The benchmark's input shapes per preset: the paper's (the reference step's) and a toy size for the CPU.
+BENCH_SHAPES = {"paper": dict(text_len=128, seconds=7.8, frames=8, res=224),
+                "tiny": dict(text_len=32, seconds=2.0, frames=4, res=64)}
+
+
 def benchmark(args, d):
     """Time the real training step (train_step + AdamW) and print one JSON line with the reference's fields."""
     paper = args.preset == "paper"
-    shapes = dict(text_len=128, seconds=7.8, frames=8, res=224) if paper else dict(text_len=32, seconds=2.0, frames=4, res=64)
     torch.manual_seed(0)
     cuda = d.device.type == "cuda"
     model = load_model(None, args.preset, args.fusion).to(d.device)
@@ -842,7 +846,7 @@ def benchmark(args, d):
     objective = PretrainObjective(model, weights)
     runner = compile_step(objective, args.compile_mode) if args.compile else objective
     opt = build_optimizer(model, 2e-5, 1e-5, 0.01)
-    batch = synthetic_batch(model.cfg, args.batch, device=d.device, **shapes)
+    batch = synthetic_batch(model.cfg, args.batch, device=d.device, **BENCH_SHAPES[args.preset])
     sync = torch.cuda.synchronize if cuda else (lambda: None)
 
     def step():

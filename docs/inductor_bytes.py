@@ -38,7 +38,7 @@ import torch._inductor.config as inductor_config  # noqa: E402
 import torch._inductor.graph as inductor_graph  # noqa: E402
 
 WEIGHTS = dict(alpha=0.5, beta=0.6, gamma=1.0, lam=1.0)
-kernels = []      # (source "file:line", "fused" / "extern", bytes) of every kernel generated
+kernels = []      # ((file, line) or None, "fused" / "extern", bytes) of every kernel generated
 sdpa_calls = []   # bytes a fused GPU attention kernel would move for each SDPA call (forward + backward)
 
 
@@ -93,9 +93,7 @@ def measure(preset, batch):
     torch.manual_seed(0)
     model = train.load_model(None, preset)
     objective = train.PretrainObjective(model, WEIGHTS)
-    shapes = dict(text_len=128, seconds=7.8, frames=8, res=224) if preset == "paper" else \
-        dict(text_len=32, seconds=2.0, frames=4, res=64)
-    b = train.synthetic_batch(model.cfg, batch, device="cpu", **shapes)
+    b = train.synthetic_batch(model.cfg, batch, device="cpu", **train.BENCH_SHAPES[preset])
     autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
     train.train_step(objective, train.compile_step(objective), [b], train.Dist(), autocast, WEIGHTS)
     targets = model.targets(b)                    # the same step's attention calls, eagerly, for their shapes
@@ -113,17 +111,16 @@ def is_sdpa(path, line):
 
 def summary(by, sdpa, label, top):
     total = sum(by.values())
-    attn = sum(n for (f, ln, _), n in by.items() if is_sdpa(f, ln))
+    rest = collections.Counter({k: n for k, n in by.items() if not is_sdpa(k[0], k[1])})  # attention apart
+    attn = total - sum(rest.values())
     print(f"\n== {label}: {total / 1e9:.2f} GB in all; attention kernels (CPU math path) {attn / 1e9:.2f} GB; "
           f"the rest {(total - attn) / 1e9:.2f} GB; fused GPU attention at these shapes {sdpa / 1e9:.2f} GB")
     parts = collections.Counter()
-    for (f, ln, kind), n in by.items():
-        if not is_sdpa(f, ln):
-            parts[(f, kind)] += n
+    for (f, ln, kind), n in rest.items():
+        parts[(f, kind)] += n
     for (f, kind), n in parts.most_common():
         print(f"   {f:22s} {kind:6s} {n / 1e9:8.2f} GB")
     print("   top source lines (attention apart):")
-    rest = collections.Counter({k: n for k, n in by.items() if not is_sdpa(k[0], k[1])})
     for (f, ln, kind), n in rest.most_common(top):
         code = linecache.getline(os.path.join(ROOT, f), ln).strip()[:70]
         print(f"   {f}:{ln:<5d} {kind:6s} {n / 1e9:8.2f} GB   {code}")
