@@ -515,6 +515,11 @@ def _read_audio_av(path, sr, start, end, max_s=None):
         return x[max(skip, 0):]
 
 
+def samples_in(seconds, sr):
+    """Samples in `seconds` at `sr` Hz as read_audio cuts them (and collate's pad_to_max pads to)."""
+    return int(round(seconds * sr))
+
+
 def read_audio(path, sr=16000, start=None, end=None, max_s=None, min_samples=1):
     """Audio of [start, end] seconds -> float32 [N] mono at `sr`, at most max_s seconds from the start."""
     a = float(start or 0.0)
@@ -539,7 +544,7 @@ def read_audio(path, sr=16000, start=None, end=None, max_s=None, min_samples=1):
     if max_s is not None:
         limit = min(limit, max_s)
     if limit < math.inf:
-        x = x[:int(round(limit * sr))]
+        x = x[:samples_in(limit, sr)]
     if len(x) < min_samples:
         raise BadExample(f"audio shorter than one speech frame: {len(x)} samples at {sr} Hz (< {min_samples}) in {path}")
     return np.ascontiguousarray(x, dtype=np.float32)
@@ -835,7 +840,7 @@ def collate(examples, cfg, tokenizer, generator=None):
         lengths = [len(e["audio"]) for e in examples]
         N = max(lengths)
         if cfg.pad_to_max:
-            cap = int(round(cfg.max_audio_s * cfg.sample_rate))   # read_audio's cut
+            cap = samples_in(cfg.max_audio_s, cfg.sample_rate)   # read_audio's cut
             if N > cap:
                 raise ValueError(f"{batch['index'][lengths.index(N)]}: {N} audio samples, more than max_audio_s="
                                  f"{cfg.max_audio_s} at {cfg.sample_rate} Hz ({cap}) that pad_to_max pads to")

@@ -111,12 +111,16 @@ def info_nce(r_a, r_b, logit_scale, gather=True):
     return a2b + b2a
 
 
-def pretraining_loss(mlm=None, mvm=None, msm=None, vl=None, vs=None, ls=None,
-                     *, alpha=0.5, beta=0.6, gamma=1.0, lam=1.0):
+# Eq. (3)'s weights as the paper sets them (section 4.2.2): alpha, beta, gamma and lambda.
+PAPER_WEIGHTS = dict(alpha=0.5, beta=0.6, gamma=1.0, lam=1.0)
+
+
+def pretraining_loss(mlm=None, mvm=None, msm=None, vl=None, vs=None, ls=None, *, alpha=PAPER_WEIGHTS["alpha"],
+                     beta=PAPER_WEIGHTS["beta"], gamma=PAPER_WEIGHTS["gamma"], lam=PAPER_WEIGHTS["lam"]):
     """Eq. (3): L = alpha L_MLM + beta L_MVM + gamma L_MSM + lambda (L_vl + L_vs + L_ls).
 
-    Defaults alpha=0.5, beta=0.6, gamma=1, lambda=1 (section 4.2.2). A term that is None (its modality
-    or pair is absent from the batch) is skipped. Returns (total, {name: term}) with the unweighted terms.
+    Defaults: the paper's (PAPER_WEIGHTS). A term that is None (its modality or pair is absent from the
+    batch) is skipped. Returns (total, {name: term}) with the unweighted terms.
     """
     weights = {"mlm": alpha, "mvm": beta, "msm": gamma, "vl": lam, "vs": lam, "ls": lam}
     terms = {k: v for k, v in dict(mlm=mlm, mvm=mvm, msm=msm, vl=vl, vs=vs, ls=ls).items() if v is not None}

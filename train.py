@@ -38,7 +38,7 @@ from safetensors.torch import load_model as load_safetensors_into
 
 import data as D
 from icode import ICode, ICodeConfig, preset
-from losses import PAIR_NAMES, masked_unit_loss, pretraining_loss
+from losses import PAIR_NAMES, PAPER_WEIGHTS, masked_unit_loss, pretraining_loss
 
 TERMS = ("mlm", "mvm", "msm", "vl", "vs", "ls")
 TOY_DIR = "toy"
@@ -104,8 +104,9 @@ def precision(bf16, device):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         # Time cuDNN's algorithms once per input shape and keep the fastest (the speech feature encoder,
-        # WavLM's grouped positional convolution, the patch embedding, MVM's deconvolution). Frames and the
-        # 8 s audio cut keep the shapes few (data.py pads to the batch maximum; with --compile, to the maxima).
+        # WavLM's grouped positional convolution; Swin's patch embedding and MVM's deconvolution are matrix
+        # products). Frames and the 8 s audio cut keep the shapes few (data.py pads to the batch maximum;
+        # with --compile, to the maxima).
         torch.backends.cudnn.benchmark = True
     if bf16 == "on" or (bf16 == "auto" and device.type == "cuda"):
         return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
@@ -489,10 +490,10 @@ def parse_args(argv=None):
     p.add_argument("--decay", default="cosine", choices=["cosine", "linear"], help="decay after warm-up")
     p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
     p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping")
-    p.add_argument("--alpha", type=float, default=0.5, help="eq. (3) weight of L_MLM")
-    p.add_argument("--beta", type=float, default=0.6, help="eq. (3) weight of L_MVM")
-    p.add_argument("--gamma", type=float, default=1.0, help="eq. (3) weight of L_MSM")
-    p.add_argument("--lam", type=float, default=1.0, help="eq. (3) weight of the contrastive terms")
+    p.add_argument("--alpha", type=float, default=PAPER_WEIGHTS["alpha"], help="eq. (3) weight of L_MLM")
+    p.add_argument("--beta", type=float, default=PAPER_WEIGHTS["beta"], help="eq. (3) weight of L_MVM")
+    p.add_argument("--gamma", type=float, default=PAPER_WEIGHTS["gamma"], help="eq. (3) weight of L_MSM")
+    p.add_argument("--lam", type=float, default=PAPER_WEIGHTS["lam"], help="eq. (3) weight of the contrastive terms")
     p.add_argument("--contrastive-inputs", default=None, choices=["masked", "unmasked"],
                    help="contrastive branch on the masked encoder outputs (reused, as FLIP; paper default) or on a "
                         "separate unmasked encoder pass (tiny default: from-scratch encoders learn the speech "

@@ -17,7 +17,7 @@ import train  # noqa: E402
 
 torch.manual_seed(0)
 model = train.load_model(None, "tiny")
-objective = train.PretrainObjective(model, dict(alpha=0.5, beta=0.6, gamma=1.0, lam=1.0))
+objective = train.PretrainObjective(model, train.PAPER_WEIGHTS)
 main_graphs = []
 
 

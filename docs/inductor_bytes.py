@@ -37,7 +37,7 @@ import train  # noqa: E402
 import torch._inductor.config as inductor_config  # noqa: E402
 import torch._inductor.graph as inductor_graph  # noqa: E402
 
-WEIGHTS = dict(alpha=0.5, beta=0.6, gamma=1.0, lam=1.0)
+WEIGHTS = train.PAPER_WEIGHTS  # eq. (3)'s weights (losses.py)
 kernels = []      # ((file, line) or None, "fused" / "extern", bytes) of every kernel generated
 sdpa_calls = []   # bytes a fused GPU attention kernel would move for each SDPA call (forward + backward)
 

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The measurement of docs/speed.md in one job on one GPU, back to back on the same card:
 #   1. the off-the-shelf reference step (transformers + torchvision), one JSON line;
-#   2. this project's paper-preset step with torch.compile, one JSON line, then its profile (JSON);
-#   3. with EAGER=1 (or when step 2 failed early), this project's eager step and its profile;
-#   4. the data loader's decode rate for the paper-preset clip shape.
+#   2. the step's four convolutions, each as the model computes it and the other way (docs/conv_bench.py);
+#   3. this project's paper-preset step with torch.compile, one JSON line, then its profile (JSON);
+#   4. with EAGER=1 (or when step 3 failed early), this project's eager step and its profile;
+#   5. the data loader's decode rate for the paper-preset clip shape.
 # Usage, from the repository root:  bash docs/speed_run.sh OUT_DIR [path/to/reference_step.py]
 # SMOKE=1 runs the same parts at toy size (batch 2, tiny preset, no nvidia-smi): a check on a CPU.
-# About 8 minutes on an H200 (compilation takes most of it); each part has its own time limit, so one
+# About 8.5 minutes on an H200 (compilation takes most of it); each part has its own time limit, so one
 # that fails or hangs still leaves the others' lines in OUT_DIR.
 set -u
 out=${1:?usage: bash docs/speed_run.sh OUT_DIR [reference_step.py]}
@@ -18,8 +19,9 @@ export PYTHONUNBUFFERED=1
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$PWD/runs/inductor-cache}
 if [ "${SMOKE:-0}" = 1 ]; then
     size="--size tiny --batch 2 --steps 2"; preset="--preset tiny --batch 2 --bench-steps 2"
+    convs="--batch 1 --iters 1"
 else
-    size="--size full --batch 24"; preset="--preset paper --batch 24"
+    size="--size full --batch 24"; preset="--preset paper --batch 24"; convs="--batch 24"
     nvidia-smi -L
     python -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
 fi
@@ -34,6 +36,7 @@ part() {  # part NAME SECONDS COMMAND...: run with a limit, keep stderr, print a
 }
 
 part reference 180 python "$ref" $size --breakdown
+part conv_bench 90 python docs/conv_bench.py $convs
 part icode_compile 480 python train.py --benchmark $preset --compile --profile 2
 # The eager step on request, or when the compiled one printed nothing (a compiler failure) early enough for
 # the eager step (~2 minutes) to fit in a 10-minute job.

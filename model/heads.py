@@ -86,10 +86,16 @@ class MVMHead(nn.Module):
         self.classifier = nn.Linear(dim, codebook_size)           # W, b of eq. (5)
 
     def upsample(self, grid):
-        """Eq. (4): [B, T_v, H_v, W_v, D] -> [B, T, H/16, W/16, D] with T = 2 T_v, H/16 = 2 H_v, W/16 = 2 W_v."""
-        x = grid.permute(0, 4, 1, 2, 3)                           # [B, D, T_v, H_v, W_v]     e.g. 768 x 4 x 7 x 7
-        x = self.deconv(x)                                        # [B, D, T, H/16, W/16]     e.g. 768 x 8 x 14 x 14
-        x = x.permute(0, 2, 3, 4, 1)                              # [B, T, H/16, W/16, D]
+        """Eq. (4): [B, T_v, H_v, W_v, D] -> [B, T, H/16, W/16, D] with T = 2 T_v, H/16 = 2 H_v, W/16 = 2 W_v.
+
+        With kernel = stride the deconvolution is a linear map D -> 2 x 2 x 2 x D of each cell, computed so on
+        the channels-last grid (one matrix product, no transposes around a 3D convolution):
+        out[b, 2t + i, 2h + j, 2w + k, o] = sum_c grid[b, t, h, w, c] W[c, o, i, j, k] + bias[o]."""
+        B, T_v, H_v, W_v, D = grid.shape
+        w = self.deconv.weight                                    # [D_in, D_out, 2, 2, 2]
+        x = F.linear(grid, w.permute(2, 3, 4, 1, 0).flatten(0, 3), self.deconv.bias.repeat(8))  # [B, T_v, H_v, W_v, (i, j, k, o)]
+        x = x.view(B, T_v, H_v, W_v, 2, 2, 2, -1).permute(0, 1, 4, 2, 5, 3, 6, 7)  # [B, T_v, i, H_v, j, W_v, k, D]
+        x = x.reshape(B, 2 * T_v, 2 * H_v, 2 * W_v, -1)          # [B, T, H/16, W/16, D]     e.g. 8 x 14 x 14 x 768
         return F.gelu(self.layer_norm(x))
 
     def forward(self, grid, labels):

@@ -206,7 +206,13 @@ class PatchMerging(nn.Module):
 
 
 class PatchEmbed3D(nn.Module):
-    """Conv3d with kernel = stride = patch, then LayerNorm: [B, 3, T, H, W] -> [B, T/2, H/4, W/4, C]."""
+    """Conv3d with kernel = stride = patch, then LayerNorm: [B, 3, T, H, W] -> [B, T/2, H/4, W/4, C].
+
+    A convolution whose kernel equals its stride is a linear map of each patch's pixels (ViT's patch
+    embedding): the patches are gathered into rows [B, T', H', W', 3 * 2 * 4 * 4] and multiplied by the
+    kernel flattened to [C, 96], giving the channels-last grid the LayerNorm and the blocks read, with no
+    3-channel convolution and no transpose after it. Weights keep the Conv3d's shape and name (`proj`).
+    """
 
     def __init__(self, cfg):
         super().__init__()
@@ -217,7 +223,11 @@ class PatchEmbed3D(nn.Module):
     def forward(self, video):
         pad = [(p - s % p) % p for s, p in zip(video.shape[2:], self.patch_size)]  # right-pad to whole patches
         video = pad_end(video, (0, pad[2], 0, pad[1], 0, pad[0]))
-        return self.norm(self.proj(video).permute(0, 2, 3, 4, 1))
+        B, c, T, H, W = video.shape
+        (pt, ph, pw), w = self.patch_size, self.proj.weight                   # w: [C, 3, pt, ph, pw]
+        patches = (video.reshape(B, c, T // pt, pt, H // ph, ph, W // pw, pw)
+                   .permute(0, 2, 4, 6, 1, 3, 5, 7).flatten(4))               # [B, T', H', W', 3 * pt * ph * pw]
+        return self.norm(F.linear(patches, w.flatten(1), self.proj.bias))     # [B, T', H', W', C]
 
 
 class SwinStage(nn.Module):

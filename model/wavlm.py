@@ -141,9 +141,11 @@ class PositionalConvEmbedding(nn.Module):
         with torch.no_grad():
             self.weight_g.copy_(self.weight_v.norm(dim=(0, 1), keepdim=True))
 
+    def conv_weight(self):                                    # [C, C/groups, k]
+        return self.weight_v * (self.weight_g / self.weight_v.norm(dim=(0, 1), keepdim=True))
+
     def forward(self, x):                                     # [B, T, C] -> [B, T, C]
-        w = self.weight_v * (self.weight_g / self.weight_v.norm(dim=(0, 1), keepdim=True))
-        y = F.conv1d(x.transpose(1, 2), w, self.bias, padding=self.k // 2, groups=self.groups)
+        y = F.conv1d(x.transpose(1, 2), self.conv_weight(), self.bias, padding=self.k // 2, groups=self.groups)
         if self.k % 2 == 0:
             y = y[:, :, :-1]                                  # an even kernel with padding k//2 gives T+1 frames
         return F.gelu(y).transpose(1, 2)

@@ -22,3 +22,32 @@ def test_documented_options_exist():
             if flag not in ours and flag not in OTHER_TOOLS:
                 missing.setdefault(os.path.basename(path), []).append(flag)
     assert not missing, f"documented options that no parser defines: {missing}"
+
+
+def test_conv_bench_alternatives_compute_the_same():
+    """docs/conv_bench.py times two ways of computing each convolution; its alternatives not used by the model
+    give the model's values and gradients: the FFT positional convolution (to the input, weight_g, weight_v,
+    bias; an even kernel with HF's last-frame drop, an odd one, one longer than the sequence) and the
+    feature encoder as matrix products over windows (an odd length: the stride-2 layers drop a frame)."""
+    import importlib.util
+
+    import torch
+    spec = importlib.util.spec_from_file_location("conv_bench", os.path.join(ROOT, "docs", "conv_bench.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    torch.manual_seed(0)
+    cases = []
+    for k in (4, 127, 128):
+        pc = bench.PositionalConvEmbedding(32, k, 4)
+        with torch.no_grad():
+            pc.bias.normal_()
+            pc.weight_g.mul_(torch.rand_like(pc.weight_g) + 0.5)
+        cases.append((pc, lambda x, pc=pc: bench.positional_conv_fft(pc, x), torch.randn(3, 50, 32, requires_grad=True)))
+    enc = bench.ConvFeatureEncoder((16,) * 7, (10, 3, 3, 3, 3, 2, 2), (5, 2, 2, 2, 2, 2, 2), True, "layer")
+    cases.append((enc, lambda x: bench.feature_encoder_windows(enc, x), torch.randn(2, 4001, requires_grad=True)))
+    for model_fn, alternative, x in cases:
+        y, ref = alternative(x), model_fn(x)
+        torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+        g, params = torch.randn_like(y), [x] + list(model_fn.parameters())
+        for a, b in zip(torch.autograd.grad(y, params, g), torch.autograd.grad(ref, params, g)):
+            torch.testing.assert_close(a, b, atol=1e-4 * b.abs().max().item(), rtol=1e-4)

@@ -60,6 +60,9 @@ def test_mvm_deconvolution_closed_form():
     for (n, t, h, w, i, j, k) in [(0, 0, 0, 0, 0, 0, 0), (1, 1, 2, 3, 1, 0, 1), (0, 1, 1, 2, 0, 1, 1), (1, 0, 2, 1, 1, 1, 0)]:
         want = F.gelu(head.layer_norm(grid[n, t, h, w] @ Wt[:, :, i, j, k] + b))
         assert torch.allclose(up[n, 2 * t + i, 2 * h + j, 2 * w + k], want, atol=1e-5)
+    # every cell, against the ConvTranspose3d module whose weights the head keeps
+    ref = F.gelu(head.layer_norm(head.deconv(grid.permute(0, 4, 1, 2, 3)).permute(0, 2, 3, 4, 1)))
+    torch.testing.assert_close(up, ref, atol=1e-5, rtol=1e-5)
 
 
 def test_mvm_rejects_mismatched_labels():

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from icode import ICode, ICodeConfig, preset
+from losses import PAPER_WEIGHTS
 from model.fusion import MODALITIES, masked_mean
 from train import PretrainObjective, count_targets, synthetic_batch
 
@@ -96,8 +97,7 @@ def test_targets_from_tokenizers_when_no_cache(model):
 
 def test_unused_parameters_match_autograd(model):
     """The parameters ICode.unused_parameters names are exactly those without gradient."""
-    weights = dict(alpha=0.5, beta=0.6, gamma=1.0, lam=1.0)
-    obj = PretrainObjective(model, weights)
+    obj = PretrainObjective(model, PAPER_WEIGHTS)
     for subset in SUBSETS:
         b = subset_batch(model, subset)
         targets = model.targets(b)

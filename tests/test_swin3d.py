@@ -297,3 +297,25 @@ def test_convert_torchvision_names():
     assert convert_torchvision_state_dict(sd) == {
         "stages.0.blocks.1.mlp.fc2.weight": 0, "stages.1.downsample.reduction.weight": 1,
         "stages.2.blocks.0.attn.qkv.bias": 2, "patch_embed.proj.weight": 4, "norm.bias": 5, "head.weight": 6}
+
+
+def test_patch_embedding_is_the_conv3d():
+    """The patch embedding as a linear map of gathered patches equals Conv3d(kernel = stride = patch) ->
+    channels-last -> LayerNorm, values and gradients, also where the input is right-padded to whole patches."""
+    import torch.nn.functional as F
+    from model.swin3d import PatchEmbed3D
+    torch.manual_seed(0)
+    embed = PatchEmbed3D(TINY)
+    with torch.no_grad():
+        embed.proj.bias.normal_()
+    for shape in ((2, 3, 4, 16, 12), (1, 3, 5, 18, 13)):
+        video = torch.randn(shape, requires_grad=True)
+        y = embed(video)
+        pad = [(p - s % p) % p for s, p in zip(shape[2:], embed.patch_size)]
+        ref = embed.proj(F.pad(video, (0, pad[2], 0, pad[1], 0, pad[0]))).permute(0, 2, 3, 4, 1)
+        ref = embed.norm(ref)
+        torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+        g = torch.randn_like(y)
+        params = [video] + list(embed.parameters())
+        for a, b in zip(torch.autograd.grad(y, params, g), torch.autograd.grad(ref, params, g)):
+            torch.testing.assert_close(a, b, atol=1e-5 * b.abs().max().item(), rtol=1e-4)

@@ -226,12 +226,13 @@ def test_config_from_hf_and_presets():
 
 def test_layer_norm_feature_encoder_stays_channels_last(monkeypatch):
     """norm="layer" (the large models): every LayerNorm of the feature encoder reads contiguous [B, T, C]
-    rows (no transpose copies, docs/speed.md), and the result equals the plain Conv1d -> LayerNorm -> GELU."""
+    rows (no transpose copies, docs/speed.md), and the result and its gradients equal the plain
+    Conv1d -> LayerNorm -> GELU stack."""
     import torch.nn.functional as F
     from model.wavlm import SPEECH_KERNELS, SPEECH_STRIDES
     torch.manual_seed(0)
     enc = ConvFeatureEncoder((16,) * 7, SPEECH_KERNELS, SPEECH_STRIDES, True, "layer")
-    wave = torch.randn(2, 4000)
+    wave = torch.randn(2, 4001, requires_grad=True)   # odd lengths: the stride-2 layers drop a frame
     layouts, layer_norm = [], F.layer_norm
     monkeypatch.setattr(F, "layer_norm", lambda x, *a, **k: layouts.append(x.is_contiguous()) or layer_norm(x, *a, **k))
     y = enc(wave)
@@ -241,3 +242,8 @@ def test_layer_norm_feature_encoder_stays_channels_last(monkeypatch):
     for block in enc.conv_layers:
         x = F.gelu(block.layer_norm(block.conv(x).transpose(1, 2))).transpose(1, 2)
     torch.testing.assert_close(y, x, atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(y)
+    params = [wave] + list(enc.parameters())
+    ours, ref = torch.autograd.grad(y, params, g), torch.autograd.grad(x, params, g)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, atol=1e-4 * b.abs().max().item(), rtol=1e-4)
