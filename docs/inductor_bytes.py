@@ -21,7 +21,7 @@ docs/speed.md has the numbers and how far to trust them. Written against torch 2
 """
 import argparse
 import collections
-import linecache
+import glob
 import logging
 import os
 import re
@@ -40,6 +40,7 @@ import torch._inductor.graph as inductor_graph  # noqa: E402
 WEIGHTS = train.PAPER_WEIGHTS  # eq. (3)'s weights (losses.py)
 kernels = []      # ((file, line) or None, "fused" / "extern", bytes) of every kernel generated
 sdpa_calls = []   # bytes a fused GPU attention kernel would move for each SDPA call (forward + backward)
+SOURCES = {}      # the repository's Python files as this run imported them (read_sources)
 
 
 def source_line(node):
@@ -105,8 +106,20 @@ def measure(preset, batch):
     return by, sum(sdpa_calls), len(kernels)
 
 
+def read_sources():
+    """The repository's Python files as the run imported them ({relative path: lines}): kernels are filed by
+    source line, and a file edited while the run goes on must not shift what those lines say."""
+    paths = glob.glob(os.path.join(ROOT, "*.py")) + glob.glob(os.path.join(ROOT, "model", "*.py"))
+    return {os.path.relpath(p, ROOT): open(p).read().splitlines() for p in paths}
+
+
+def code_line(path, line):
+    lines = SOURCES.get(path, [])
+    return lines[line - 1] if 0 < line <= len(lines) else ""
+
+
 def is_sdpa(path, line):
-    return "scaled_dot_product_attention" in linecache.getline(os.path.join(ROOT, path), line)
+    return "scaled_dot_product_attention" in code_line(path, line)
 
 
 def summary(by, sdpa, label, top):
@@ -122,7 +135,7 @@ def summary(by, sdpa, label, top):
         print(f"   {f:22s} {kind:6s} {n / 1e9:8.2f} GB")
     print("   top source lines (attention apart):")
     for (f, ln, kind), n in rest.most_common(top):
-        code = linecache.getline(os.path.join(ROOT, f), ln).strip()[:70]
+        code = code_line(f, ln).strip()[:70]
         print(f"   {f}:{ln:<5d} {kind:6s} {n / 1e9:8.2f} GB   {code}")
 
 
@@ -132,6 +145,7 @@ def main(argv=None):
     p.add_argument("--batch", type=int, nargs="+", default=[1, 2], help="one or two batch sizes")
     p.add_argument("--top", type=int, default=15, help="source lines listed")
     args = p.parse_args(argv)
+    SOURCES.update(read_sources())
     if not 1 <= len(args.batch) <= 2:
         raise ValueError(f"--batch takes one or two sizes, got {args.batch}")
     inductor_config.fx_graph_cache = False      # every kernel generated (and counted) in this process
