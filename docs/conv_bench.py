@@ -24,9 +24,11 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import train  # noqa: E402
+from icode import preset  # noqa: E402
 from model.heads import MVMHead  # noqa: E402
-from model.swin3d import SWIN_B_VIDEO, PatchEmbed3D  # noqa: E402
-from model.wavlm import WAVLM_LARGE, ConvFeatureEncoder, PositionalConvEmbedding  # noqa: E402
+from model.swin3d import PatchEmbed3D  # noqa: E402
+from model.wavlm import ConvFeatureEncoder, PositionalConvEmbedding  # noqa: E402
 
 
 def feature_encoder_windows(enc, wave):
@@ -100,21 +102,25 @@ def main(argv=None):
         torch.backends.cudnn.benchmark = True   # as train.py sets it
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(0)
-    B = args.batch
-    w = WAVLM_LARGE
+    B, cfg = args.batch, preset("paper")
+    w = cfg.speech
     enc = ConvFeatureEncoder(w.conv_dim, w.conv_kernel, w.conv_stride, w.conv_bias, w.feat_extract_norm).to(dev)
     pc = PositionalConvEmbedding(w.hidden_size, w.num_conv_pos_embeddings, w.num_conv_pos_embedding_groups).to(dev)
-    embed = PatchEmbed3D(SWIN_B_VIDEO).to(dev)
-    head = MVMHead(768, 8192).to(dev)
+    embed = PatchEmbed3D(cfg.vision).to(dev)
+    head = MVMHead(cfg.fusion.dim, cfg.video_codebook).to(dev)
+    # The benchmark's inputs (train.BENCH_SHAPES: 7.8 s of audio, 8 frames of 224 x 224) and the shapes they
+    # reach the positional convolution (speech frames) and the MVM head (the fused grid, half the token grid) at.
+    batch = train.synthetic_batch(cfg, B, device=dev, **train.BENCH_SHAPES["paper"])
+    T_s, (T, h, w_) = batch["audio_mask"].shape[1], batch["video_mask"].shape[1:]
     cases = [  # name, the model's way, the alternative (its name, function), input
         ("speech feature encoder (7 convolutions)", enc, "windows", lambda x: feature_encoder_windows(enc, x),
-         torch.randn(B, 124800, device=dev, requires_grad=True)),                       # 7.8 s: 389 frames
+         batch["audio"].requires_grad_()),
         ("speech positional convolution (128 taps, 16 groups)", pc, "FFT", lambda x: positional_conv_fft(pc, x),
-         torch.randn(B, 389, w.hidden_size, device=dev, requires_grad=True)),
+         torch.randn(B, T_s, w.hidden_size, device=dev, requires_grad=True)),
         ("video patch embedding (2 x 4 x 4)", embed, "Conv3d", lambda x: patch_embed_conv(embed, x),
-         torch.randn(B, 3, 8, 224, 224, device=dev)),                                   # pixels need no gradient
+         batch["video"]),                                                               # pixels need no gradient
         ("MVM deconvolution (2 x 2 x 2)", head.upsample, "ConvTranspose3d", lambda x: deconv(head, x),
-         torch.randn(B, 4, 7, 7, 768, device=dev, requires_grad=True)),                 # the 4 x 7 x 7 fused grid
+         torch.randn(B, -(-T // 2), -(-h // 2), -(-w_ // 2), cfg.fusion.dim, device=dev, requires_grad=True)),
     ]
     name = torch.cuda.get_device_name() if cuda else "cpu"
     for label, model_fn, alt_name, alt_fn, x in cases:

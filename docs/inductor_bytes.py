@@ -7,7 +7,7 @@ the minimum each kernel needs), summed by the model file and the source line the
 (Inductor-generated) and extern (matrix products, convolutions) apart. With two batch sizes it also prints
 the per-example part, the difference, which scales to the benchmark's batch 24.
 
-    python docs/inductor_bytes.py --preset paper --batch 1 2 --top 25   # about 27 minutes on 2 CPU cores
+    python docs/inductor_bytes.py --preset paper --batch 1 2 --top 25   # 16-27 minutes on 2 CPU cores
 
 What is the GPU's and what is not: Inductor's CPU and GPU back ends share the graph capture, the
 decompositions and the scheduler's fusion decisions (their code generators differ), so the element-wise and
