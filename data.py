@@ -968,12 +968,13 @@ class _BatchMaker:
                 break
             tried += 1
             try:
-                good.append(ds[i])
+                ex = ds[i]
             except BadExample as e:
                 skipped.append((ds.name, ds.line(i), e.reason))
-            else:
-                if good[-1].get("stale_targets"):
-                    stale.append(ds.line(i))
+                continue
+            good.append(ex)
+            if ex.get("stale_targets"):
+                stale.append(ds.line(i))
         g = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, step, self.rank]).generate_state(1)[0]))
         t = time.perf_counter()
         batch = collate(good, self.cfg, self.tokenizer, g) if good else None
