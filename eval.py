@@ -133,8 +133,10 @@ def binary_prf(pred, target, positive=1):
 
 def weighted_f1(pred, target):
     """Support-weighted mean of the per-class F1 over the classes in `target`:
-    F1_w = sum_c (n_c / n) F1_c, n_c = #{target == c}. This is sklearn's f1_score(average='weighted'),
-    the F1 that MulT, MISA and Self-MM (and hence Table 1) print for MOSEI's binary sentiment.
+    F1_w = sum_c (n_c / n) F1_c, n_c = #{target == c}. This is sklearn's f1_score(y_true, y_pred,
+    average='weighted'), the form in Self-MM's evaluation code for MOSEI's binary sentiment (Table 1's F1).
+    Code that hands sklearn the predictions first weighs by the predicted classes' support instead and can
+    print another number for the same predictions.
     A class that only appears in `pred` has weight 0. Empty input -> 0.0."""
     p, t = _pair(pred, target)
     return float(sum(_div(np.sum(t == c), t.size) * binary_prf(p, t, positive=c)[2] for c in np.unique(t)))
@@ -350,7 +352,8 @@ def loss_fn(task, logits, target):
 
 def predict(task, logits):
     """Logits -> what the metrics take: a score, 0/1 per emotion (sigmoid > 0.5, i.e. logit > 0), a class id,
-    or the candidate with the highest softmax probability."""
+    or the candidate with the highest softmax probability (argmax: an exact tie goes to the first candidate,
+    so a collapsed model scores the share of answers in position 0)."""
     if task == "sentiment" or logits.shape[-1] == 1 and task == "glue":
         return logits.squeeze(-1)
     if task == "emotion":
@@ -421,6 +424,10 @@ def target_of(examples, task):
     if task == "sentiment":
         return torch.tensor([float(e["score"]) for e in examples])
     if task == "emotion":
+        bad = sorted({x for e in examples for x in e["emotions"]} - {0, 1})
+        if bad:  # CMU-MOSEI's raw intensities (0, 0.33, ..., 3) are not presence labels: binarise them first
+            raise ValueError(f"emotion labels must be 0 or 1 per class, got {bad[:5]}; for CMU-MOSEI's raw "
+                             f"intensities write 1 where the intensity is > 0 (the usual presence label)")
         return torch.tensor([[float(x) for x in e["emotions"]] for e in examples])
     if task == "binary":
         vals = [e["label"] for e in examples]
@@ -921,7 +928,8 @@ def main(argv=None):
             print(f"  {k:12s} {fmt(k, ms)}")
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, "results.json"), "w") as f:
-            json.dump({"args": vars(args), "ckpt": ckpt, "fusion": fusion, **res}, f, indent=1, default=str)
+            json.dump({"args": vars(args), "ckpt": ckpt, "fusion": fusion,
+                       "examples": {s: len(v) for s, v in splits.items()}, **res}, f, indent=1, default=str)
     return res
 
 

@@ -1,5 +1,6 @@
 """eval.py beyond the metrics: the joint representation, the multiple-choice head, text joining, GLUE
 reading, and fine-tuning smoke runs on the smallest toy world (CPU, well under a minute)."""
+import json
 import math
 import os
 
@@ -153,6 +154,9 @@ def test_targets_and_candidate_counts_are_checked():
     assert E.target_of([{"label": 1.0}, {"label": 0}], "binary").dtype == torch.long   # 1.0 is class 1
     with pytest.raises(ValueError, match="0 or 1"):
         E.target_of([{"label": 0.5}], "binary")
+    assert E.target_of([{"emotions": [0, 1.0, 0]}], "emotion").tolist() == [[0.0, 1.0, 0.0]]
+    with pytest.raises(ValueError, match=r"0 or 1 per class, got \[0.33, 2\]"):   # MOSEI's raw intensities
+        E.target_of([{"emotions": [0, 0.33, 2]}, {"emotions": [1, 0, 0]}], "emotion")
     items = [{"feats": {"text": [torch.zeros(3, 4)] * k}, "ex": {"answer": 0}, "K": k} for k in (3, 2, 4)]
     with pytest.raises(ValueError, match="same number of candidates"):   # 9 rows would also view as 3 x 3
         E.collate_features(items, "mc", ("text",))
@@ -200,7 +204,10 @@ def test_finetune_smoke_and_best_checkpoint(toy, tmp_path):
     test = {k: v[0] for k, v in res["test"].items()}
     assert set(test) == {"mae", "corr", "acc2_nonneg", "f1_nonneg", "acc2_pos", "f1_pos", "acc7"}
     assert _finite(test)
-    assert os.path.isfile(os.path.join(out, "sentiment_V+L+S", "results.json"))
+    with open(os.path.join(out, "sentiment_V+L+S", "results.json")) as f:
+        sizes = json.load(f)["examples"]
+    assert sizes == {s: len(D.read_manifest(os.path.join(toy, f"downstream_{s}.jsonl")))
+                     for s in ("train", "validation", "test")}
     weights = os.path.join(out, "sentiment_V+L+S", "seed0", "model.safetensors")
     assert os.path.isfile(weights)
     # reload the best weights into a fresh model: same test metrics as reported
