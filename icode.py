@@ -230,8 +230,9 @@ class ICode(nn.Module):
 
         Returns a dict with "text" [B, T_l] (the MLM labels of the collator), "video" [B, T, H/16, W/16]
         (visual token ids at tube-masked positions) and "audio" [B, T_s, G] (speech token ids at
-        span-masked frames), for the modalities in the batch. Ids come from the batch's offline cache
-        ("video_targets", "audio_targets") when present, else from the frozen tokenizers on the unmasked input.
+        span-masked frames; [B, T_s] from a cache of combined ids, for `msm_combined`), for the modalities in
+        the batch. Ids come from the batch's offline cache ("video_targets", "audio_targets") when present, else
+        from the frozen tokenizers on the unmasked input.
         """
         m = batch["modalities"]
         cached = {k: batch[f"{k}_targets"] for k in ("video", "audio") if batch.get(f"{k}_targets") is not None}
@@ -250,7 +251,8 @@ class ICode(nn.Module):
             if mask.shape != ids.shape[:2]:
                 raise ValueError(f"audio mask {tuple(batch['audio_mask'].shape)} does not cover the "
                                  f"{ids.shape[1]} speech-token frames")
-            out["audio"] = torch.where(mask[..., None], ids, torch.full_like(ids, -100))
+            keep = mask if ids.dim() == 2 else mask[..., None]   # combined ids [B, T_s] or per group [B, T_s, G]
+            out["audio"] = torch.where(keep, ids, torch.full_like(ids, -100))
         return out
 
     def pretrain_features(self, batch, masked=True):

@@ -113,7 +113,7 @@ def precision(bf16, device):
     return contextlib.nullcontext
 
 
-def compile_step(module, mode="default", backend="inductor"):
+def compile_step(module, mode="default", backend="inductor", eager_random=False):
     """torch.compile of the pretraining objective as one graph per modality set.
 
     The heads select the masked positions (model/heads.py), a count that depends on the data: by default
@@ -124,8 +124,18 @@ def compile_step(module, mode="default", backend="inductor"):
     bad rows (`common_batch`) makes the batch size dynamic once more: room for both beyond Dynamo's default
     of 8 compilations per function (past it a function runs eagerly). cache_size_limit is
     recompile_limit's name before torch 2.7 (both work in later versions). `backend`: tests trace with
-    Dynamo alone."""
+    Dynamo alone.
+
+    eager_random: Inductor's generated kernels draw dropout masks from their own seeds, so restoring the RNG
+    state does not repeat an eager pass's masks in a compiled one. Gradient cache (train_step with more than
+    one micro-batch) computes the cached representations eagerly and recomputes them through this compiled
+    module, and needs the same masks both times; `fallback_random` makes Inductor draw them with eager's
+    random ops, in eager's order (tests/test_train.py checks the compiled cached step against the eager one,
+    tiny preset with dropout on).
+    It costs a separate kernel per random draw, so it is on only where needed (train.py: --accum > 1)."""
     torch._dynamo.config.capture_dynamic_output_shape_ops = True
+    if eager_random:
+        torch._inductor.config.fallback_random = True
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)
     return torch.compile(module, backend=backend, **({"mode": mode} if backend == "inductor" else {}))
 
@@ -190,7 +200,7 @@ def count_targets(targets, msm_combined):
         t = targets.get(key)
         if t is None:
             return 0
-        if combine:
+        if combine and t.dim() == 3:      # per-group ids [B, T_s, G], one combined class per masked frame
             return (t != -100).any(-1).sum()
         return (t != -100).sum()
     dev = next(iter(targets.values())).device if targets else "cpu"
@@ -601,7 +611,7 @@ def main(argv=None):
     opt = build_optimizer(model, args.lr_fusion, args.lr_encoders, args.weight_decay)
     ddp = wrap_ddp(objective, d)
     if args.compile:
-        ddp = compile_step(ddp, args.compile_mode)
+        ddp = compile_step(ddp, args.compile_mode, eager_random=args.accum > 1)   # gradient cache: same dropout
     step, history = 0, []
     if args.resume and existing:
         ckpt = existing[-1]
@@ -649,16 +659,18 @@ def main(argv=None):
             terms = train_step(objective, ddp, mbs, d, autocast, weights)
             total, _ = pretraining_loss(**{k: v for k, v in terms.items()}, **weights)
             finite = torch.isfinite(total).item()
+            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip) if finite else torch.tensor(float("nan"))
+            # A finite loss can still have an inf / NaN gradient (an overflow in the backward): AdamW would write
+            # it into every weight. The norm is the same on every rank (DDP averaged the gradients).
+            finite = finite and torch.isfinite(gnorm).item()
             if finite:
-                gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
                 opt.step()
                 model.logit_scales.clamp_()       # CLIP: logit scale at most ln(100)
                 bad_in_row = 0
             else:
                 bad_in_row += 1
-                gnorm = torch.tensor(float("nan"))
-                print0(f"step {step}: non-finite loss {total.item()} ({ {k: round(v.item(), 4) for k, v in terms.items()} }), "
-                       f"step skipped ({bad_in_row} in a row)")
+                print0(f"step {step}: non-finite loss {total.item()} or gradient norm {float(gnorm)} "
+                       f"({ {k: round(v.item(), 4) for k, v in terms.items()} }), step skipped ({bad_in_row} in a row)")
                 if bad_in_row >= args.max_bad_steps:
                     raise RuntimeError(f"{bad_in_row} non-finite steps in a row at step {step}; the last good "
                                        f"checkpoint in {args.out} is intact (lower the LR or check the data)")

@@ -95,6 +95,30 @@ def test_targets_from_tokenizers_when_no_cache(model):
     assert (t["audio"][~b["audio_mask"]] == -100).all()
 
 
+def test_a_cache_of_combined_speech_ids_keeps_its_layout():
+    """An offline cache may hold the combined speech ids i0 * V + i1 ([B, T_s], for msm_combined=True) instead
+    of the per-group ids ([B, T_s, G]): the targets keep that layout, -100 at unmasked frames, and the loss
+    normaliser counts one class per masked frame."""
+    torch.manual_seed(0)
+    cfg = preset("tiny")
+    cfg.msm_combined = True
+    m = ICode(cfg).eval()
+    b = subset_batch(m, ("audio",), B=4)     # B == T_s here: a broadcast over the wrong axis would not raise
+    ids = b["audio_targets"]                                               # [B, T_s, G]
+    b["audio_targets"] = ids[..., 0] * cfg.speech_vars + ids[..., 1]       # [B, T_s]
+    b["audio_mask"] = torch.tensor([[1, 0, 0, 1], [0, 1, 1, 0], [1, 1, 0, 0], [0, 0, 0, 1]], dtype=torch.bool)
+    b["audio_targets"] = b["audio_targets"][:, :4]
+    assert 0 < b["audio_mask"].sum() < b["audio_mask"].numel()
+    t = m.targets(b)["audio"]
+    want = torch.where(b["audio_mask"], b["audio_targets"], torch.full_like(b["audio_targets"], -100))
+    assert torch.equal(t, want)
+    assert count_targets({"audio": t}, True)[2] == b["audio_mask"].sum()
+    per_group = torch.where(b["audio_mask"][..., None], ids[:, :4], torch.full_like(ids[:, :4], -100))
+    assert count_targets({"audio": per_group}, True)[2] == b["audio_mask"].sum()
+    lg, tg = m.msm_head(torch.randn(4, 4, cfg.fusion.dim), t)
+    assert torch.equal(tg, b["audio_targets"][b["audio_mask"]])
+
+
 def test_unused_parameters_match_autograd(model):
     """The parameters ICode.unused_parameters names are exactly those without gradient."""
     obj = PretrainObjective(model, PAPER_WEIGHTS)

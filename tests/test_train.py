@@ -1,5 +1,6 @@
 """train.py: gradient cache, DDP equivalence (gloo, 2 processes), atomic checkpoints."""
 import contextlib
+import dataclasses
 import os
 import tempfile
 
@@ -19,10 +20,18 @@ WEIGHTS = PAPER_WEIGHTS
 NOCAST = contextlib.nullcontext
 
 
-def make_model(mode="merge", train_mode=False):
+def make_model(mode="merge", train_mode=False, dropout=0.0):
+    """The tiny preset (no dropout anywhere); `dropout` > 0 turns on every dropout and stochastic depth the
+    paper preset has (attention, hidden and activation dropout in the encoders and the fusion network)."""
     torch.manual_seed(0)
-    m = ICode(preset("tiny", mode))
-    return m.train(train_mode)
+    cfg = preset("tiny", mode)
+    if dropout:
+        r = dataclasses.replace
+        cfg.text = r(cfg.text, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+        cfg.speech = r(cfg.speech, hidden_dropout=dropout, attention_dropout=dropout, activation_dropout=dropout)
+        cfg.vision = r(cfg.vision, drop_path_rate=dropout)
+        cfg.fusion = r(cfg.fusion, dropout=dropout)
+    return ICode(cfg).train(train_mode)
 
 
 def make_batch(model, B=4):
@@ -65,8 +74,9 @@ def test_gradient_cache_equals_one_pass(mode, unmasked):
 
 def test_gradient_cache_with_dropout_equals_full_graph():
     """Dropout on: the cached step equals one big graph over all micro-batches built with the same RNG
-    states (this is what restoring the RNG state buys)."""
-    model = make_model(train_mode=True)
+    states (this is what restoring the RNG state buys; without the restore the gradients differ by more
+    than their tensors' largest entries). The tiny preset has no dropout, so the test turns it on."""
+    model = make_model(train_mode=True, dropout=0.1)
     obj = PretrainObjective(model, WEIGHTS)
     mbs = split_batch(make_batch(model), 2)
     torch.manual_seed(123)
@@ -96,6 +106,28 @@ def test_gradient_cache_with_dropout_equals_full_graph():
     total = total + WEIGHTS["lam"] * sum(model.logit_scales(cat).values())
     total.backward()
     assert_close(g_cache, grads(model))
+
+
+def test_compiled_gradient_cache_repeats_the_eager_dropout():
+    """--compile with --accum > 1: pass 1 of gradient cache runs eagerly, pass 3 through the compiled
+    objective, and both must draw the same dropout masks (train.compile_step's eager_random). Inductor on
+    the CPU, float32: the compiled cached step's gradients equal the eager cached step's to rounding (1e-3 of
+    each tensor's largest entry; with Inductor's own masks, eager_random=False, they differ by 1.7x it)."""
+    model = make_model(train_mode=True, dropout=0.1)
+    obj = PretrainObjective(model, WEIGHTS)
+    mbs = split_batch(make_batch(model), 2)
+    torch.manual_seed(123)
+    train_step(obj, obj, mbs, Dist(), NOCAST, WEIGHTS)
+    g_eager = grads(model)
+    model.zero_grad(set_to_none=True)
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=False, cache_size_limit=8), \
+            torch._inductor.config.patch(fallback_random=False):       # compile_step sets these; restored after
+        torch._dynamo.reset()
+        compiled = train.compile_step(obj, eager_random=True)
+        torch.manual_seed(123)
+        train_step(obj, compiled, mbs, Dist(), NOCAST, WEIGHTS)
+    torch._dynamo.reset()
+    assert_close(grads(model), g_eager, tol=1e-3)
 
 
 def _ddp_worker(rank, world, init_file, accum, out_dir):
@@ -243,6 +275,29 @@ def test_non_finite_steps_are_skipped_then_stop_with_the_last_good_checkpoint(to
     ckpts = train.checkpoints(str(out))
     assert [os.path.basename(c) for c in ckpts] == ["ckpt_0000002"]
     after = load_file(os.path.join(ckpts[-1], "model.safetensors"))
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_a_finite_loss_with_an_inf_gradient_is_skipped_too(toy_small, tmp_path, monkeypatch):
+    """An overflow in the backward (one gradient entry inf, the loss finite) must not reach AdamW, which
+    would turn every weight it touches into NaN: the step is skipped like a non-finite loss."""
+    out = tmp_path / "inf"
+    _run(toy_small, out, "--steps", "2", "--save-every", "2")
+    before = load_file(os.path.join(train.checkpoints(str(out))[-1], "model.safetensors"))
+    real_step = train.train_step
+    models = []
+
+    def overflowing_step(objective, *a, **k):
+        models.append(objective.model)
+        terms = real_step(objective, *a, **k)
+        g = next(p.grad for p in objective.model.fusion.parameters() if p.grad is not None)
+        g.view(-1)[0] = float("inf")
+        return terms
+
+    monkeypatch.setattr(train, "train_step", overflowing_step)
+    with pytest.raises(RuntimeError, match="non-finite steps in a row"):
+        _run(toy_small, out, "--steps", "10", "--resume", "--max-bad-steps", "2")
+    after = models[-1].state_dict()               # the weights in memory when the run stopped
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
