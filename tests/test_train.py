@@ -250,15 +250,18 @@ def test_end_to_end_losses_fall(toy_small, tmp_path):
 
 
 def test_activation_checkpointing_gives_the_same_gradients():
-    model = make_model()
+    """With dropout on: the recomputed blocks must draw the masks of the first forward."""
+    model = make_model(train_mode=True, dropout=0.1)
     obj = PretrainObjective(model, WEIGHTS)
     batch = make_batch(model)
+    torch.manual_seed(5)
     train_step(obj, obj, [batch], Dist(), NOCAST, WEIGHTS)
     g_plain = grads(model)
     model.zero_grad(set_to_none=True)
     train.enable_checkpointing(model)
     blocks = train.transformer_blocks(model)
     assert blocks and all(getattr(b.forward, "func", None) is torch.utils.checkpoint.checkpoint for b in blocks)
+    torch.manual_seed(5)
     train_step(obj, obj, [batch], Dist(), NOCAST, WEIGHTS)
     assert_close(grads(model), g_plain, tol=1e-6)
     assert set(model.state_dict()) == set(make_model().state_dict())     # parameter names unchanged
