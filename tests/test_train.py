@@ -20,17 +20,23 @@ WEIGHTS = PAPER_WEIGHTS
 NOCAST = contextlib.nullcontext
 
 
+def with_dropout(name, *a, dropout=0.1, **k):
+    """icode.preset with every dropout and stochastic depth the paper preset has (attention, hidden and
+    activation dropout in the encoders and the fusion network, Swin's drop path) at `dropout`; the tiny
+    preset has none, so tests of what restoring an RNG state buys turn them on."""
+    cfg = preset(name, *a, **k)
+    r = dataclasses.replace
+    cfg.text = r(cfg.text, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+    cfg.speech = r(cfg.speech, hidden_dropout=dropout, attention_dropout=dropout, activation_dropout=dropout)
+    cfg.vision = r(cfg.vision, drop_path_rate=dropout)
+    cfg.fusion = r(cfg.fusion, dropout=dropout)
+    return cfg
+
+
 def make_model(mode="merge", train_mode=False, dropout=0.0):
-    """The tiny preset (no dropout anywhere); `dropout` > 0 turns on every dropout and stochastic depth the
-    paper preset has (attention, hidden and activation dropout in the encoders and the fusion network)."""
+    """The tiny preset, no dropout unless `dropout` > 0 (`with_dropout`)."""
     torch.manual_seed(0)
-    cfg = preset("tiny", mode)
-    if dropout:
-        r = dataclasses.replace
-        cfg.text = r(cfg.text, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
-        cfg.speech = r(cfg.speech, hidden_dropout=dropout, attention_dropout=dropout, activation_dropout=dropout)
-        cfg.vision = r(cfg.vision, drop_path_rate=dropout)
-        cfg.fusion = r(cfg.fusion, dropout=dropout)
+    cfg = with_dropout("tiny", mode, dropout=dropout) if dropout else preset("tiny", mode)
     return ICode(cfg).train(train_mode)
 
 
@@ -221,8 +227,10 @@ def _run(toy, out, *extra):
                        "--save-every", "100", *extra])
 
 
-def test_resume_is_exact(toy_small, tmp_path):
-    """N steps + resume + N steps gives the same per-step losses and weights as 2N steps in one run."""
+def test_resume_is_exact(toy_small, tmp_path, monkeypatch):
+    """N steps + resume + N steps gives the same per-step losses and weights as 2N steps in one run. With
+    dropout on, so that the restored RNG state shows in the losses (the loader's masks have their own)."""
+    monkeypatch.setattr(train, "preset", with_dropout)
     a = _run(toy_small, tmp_path / "a", "--steps", "6")
     b1 = _run(toy_small, tmp_path / "b", "--steps", "6", "--stop-at-step", "3")
     assert b1["stopped"] and b1["step"] == 3
