@@ -118,10 +118,14 @@ def test_compiled_gradient_cache_repeats_the_eager_dropout():
     """--compile with --accum > 1: pass 1 of gradient cache runs eagerly, pass 3 through the compiled
     objective, and both must draw the same dropout masks (train.compile_step's eager_random). Inductor on
     the CPU, float32: the compiled cached step's gradients equal the eager cached step's to rounding (1e-3 of
-    each tensor's largest entry; with Inductor's own masks, eager_random=False, they differ by 1.7x it)."""
+    each tensor's largest entry; with Inductor's own masks, eager_random=False, they differ by 3.8x it).
+    Text and speech only: two modalities make gradient cache, and leaving out Video Swin cuts a third of the
+    compile time (170 s -> 113 s on the 2-core CI machine with an empty Inductor cache)."""
     model = make_model(train_mode=True, dropout=0.1)
     obj = PretrainObjective(model, WEIGHTS)
-    mbs = split_batch(make_batch(model), 2)
+    batch = make_batch(model)
+    batch["modalities"] = ("text", "audio")
+    mbs = split_batch(batch, 2)
     torch.manual_seed(123)
     train_step(obj, obj, mbs, Dist(), NOCAST, WEIGHTS)
     g_eager = grads(model)
