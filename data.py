@@ -480,16 +480,24 @@ def resample(x, from_sr, to_sr):
     return np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
 
 
-def _read_audio_av(path, sr, start, end, max_s=None):
+def _read_audio_av(path, sr, start, end, max_s=None, video_clock=False):
     """[start, end] of a file's first audio stream at `sr` mono (through PyAV); decoding stops once
-    `end` or start + max_s is reached (a clip out of a long file decodes only that far)."""
+    `end` or start + max_s is reached (a clip out of a long file decodes only that far).
+
+    Times count from the audio stream's start, or with video_clock=True (the sound track of a row's video)
+    from the video stream's start, the origin `read_video` uses: streams of one container can start at
+    different times (MPEG-TS and FLV written by FFmpeg start the video 64 ms after the audio; broadcast
+    recordings by more), and one origin keeps picture and sound in sync. Sound that starts after the origin is
+    preceded by silence.
+    """
     container = _open(path, "audio")
     with container:
         if not container.streams.audio:
             raise BadExample(f"no audio stream in {path}")
         st = container.streams.audio[0]
         tb = st.time_base
-        t0 = float(st.start_time * tb) if st.start_time is not None else 0.0
+        clock = container.streams.video[0] if video_clock and container.streams.video else st
+        t0 = float(clock.start_time * clock.time_base) if clock.start_time is not None else 0.0
         rs = av.AudioResampler(format="flt", layout="mono", rate=sr)
         if start > 0:
             container.seek(max(0, int((t0 + start) / tb)), stream=st, backward=True)
@@ -512,7 +520,9 @@ def _read_audio_av(path, sr, start, end, max_s=None):
             raise BadExample(f"no decodable audio in {path}")
         x = np.concatenate(chunks)
         skip = int(round((t0 + start - first) * sr))
-        return x[max(skip, 0):]
+        if skip < 0:  # the first sound comes after the clip's start: silence until then
+            return np.concatenate([np.zeros(-skip, np.float32), x])
+        return x[skip:]
 
 
 def samples_in(seconds, sr):
@@ -520,8 +530,10 @@ def samples_in(seconds, sr):
     return int(round(seconds * sr))
 
 
-def read_audio(path, sr=16000, start=None, end=None, max_s=None, min_samples=1):
-    """Audio of [start, end] seconds -> float32 [N] mono at `sr`, at most max_s seconds from the start."""
+def read_audio(path, sr=16000, start=None, end=None, max_s=None, min_samples=1, video_clock=False):
+    """Audio of [start, end] seconds -> float32 [N] mono at `sr`, at most max_s seconds from the start.
+    video_clock: the file is a video whose own sound track this is; times count from its video stream's
+    start, as the frames' do (`_read_audio_av`)."""
     a = float(start or 0.0)
     if path.lower().endswith(SOUNDFILE_EXTS):
         if not os.path.exists(path):
@@ -539,7 +551,7 @@ def read_audio(path, sr=16000, start=None, end=None, max_s=None, min_samples=1):
             raise BadExample(f"undecodable audio {path}: {e}") from e
         x = resample(x.mean(axis=1), info.samplerate, sr)
     else:
-        x = _read_audio_av(path, sr, a, end, max_s)
+        x = _read_audio_av(path, sr, a, end, max_s, video_clock)
     limit = math.inf if end is None else float(end) - a
     if max_s is not None:
         limit = min(limit, max_s)
@@ -640,7 +652,7 @@ def row_modalities(row):
     """The modalities a manifest row provides, in MODALITIES order."""
     has = {"video": "video" in row or "image" in row,
            "text": "text" in row or "caption" in row,
-           "audio": "audio" in row or ("video" in row and not row.get("mute", False))}
+           "audio": "audio" in row or ("video" in row and row.get("mute", False) is not True)}
     return tuple(m for m in MODALITIES if has[m])
 
 
@@ -696,7 +708,8 @@ class ManifestDataset(torch.utils.data.Dataset):
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.rows = read_manifest(self.path)
-        first = next((r for _, r in self.rows if isinstance(r, dict) and row_modalities(r)), None)
+        first = next((r for _, r in self.rows if isinstance(r, dict) and isinstance(r.get("mute", False), bool)
+                      and row_modalities(r)), None)
         if first is None:
             raise ValueError(f"{self.path}: no valid row to decide the modalities from ({len(self.rows)} rows)")
         self.modalities = row_modalities(first)
@@ -740,6 +753,8 @@ class ManifestDataset(torch.utils.data.Dataset):
         unknown = sorted(set(row) - KNOWN_FIELDS)
         if unknown:
             raise BadExample(f"unknown field(s) {unknown}; known: {sorted(KNOWN_FIELDS)}")
+        if not isinstance(row.get("mute", False), bool):  # "false" (a string) would otherwise mute the row
+            raise BadExample(f"mute must be true or false, got {row['mute']!r}")
         missing = [m for m in self.modalities if m not in row_modalities(row)]
         if missing:
             raise BadExample(f"row lacks {missing} that the manifest's first row provides ({list(self.modalities)})")
@@ -776,8 +791,10 @@ class ManifestDataset(torch.utils.data.Dataset):
             timing["video"] = time.perf_counter() - t
         if "audio" in self.modalities:
             t = time.perf_counter()
-            src = self._file(row["audio"] if "audio" in row else row["video"])
-            ex["audio"] = read_audio(src, cfg.sample_rate, start, end, cfg.max_audio_s, cfg.min_audio_samples)
+            own = "audio" not in row                      # the video's own sound track: the video's clock
+            src = self._file(row["video"] if own else row["audio"])
+            ex["audio"] = read_audio(src, cfg.sample_rate, start, end, cfg.max_audio_s, cfg.min_audio_samples,
+                                     video_clock=own)
             timing["audio"] = time.perf_counter() - t
         for k in LABEL_FIELDS:
             if k in row:

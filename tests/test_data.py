@@ -170,6 +170,29 @@ def test_audio_from_video_container(tmp_path):
         data.read_audio(_grey_clip(tmp_path / "mute.mp4", n=5), 16000)
 
 
+@pytest.mark.parametrize("fmt", ["mp4", "mpegts", "flv", "matroska"])
+def test_picture_and_sound_of_one_file_stay_in_sync(tmp_path, fmt):
+    """A click in the sound and a bright frame at the same moments (1, 2, 3 s) land at the same clip times,
+    whatever the container: MPEG-TS and FLV start the video 64 ms after the audio, so with each stream
+    measured from its own start the clicks came 64 ms late there (1.064 s; MP4 and Matroska 1.000 s)."""
+    sr = 16000
+    x = np.zeros(4 * sr, np.float32)
+    for c in (1.0, 2.0, 3.0):
+        x[int(c * sr):int(c * sr) + 64] = 0.8
+    frames = np.stack([np.full((48, 64, 3), 200 if f in (10, 20, 30) else 20, np.uint8) for f in range(40)])
+    path = str(tmp_path / f"sync.{fmt}")
+    data._write_mp4(path, frames, 10, x[None], sr, fmt=fmt)
+    manifest = tmp_path / "sync.jsonl"
+    manifest.write_text(json.dumps({"video": path, "start": 0.5, "end": 2.5}) + "\n")
+    y = data.ManifestDataset(str(manifest), data.TOY_DATA)[0]["audio"]          # the loader's own path
+    clicks = np.flatnonzero(np.abs(y) > 0.3)
+    first_click = 0.5 + clicks[0] / sr
+    v = data.read_video(path, 20, 32, start=0.5, end=2.5)          # frame centres 0.55, 0.65, ..., 2.45
+    bright = [0.5 + (i + 0.5) * 0.1 for i in range(20) if v[i].mean() > 100]
+    assert abs(first_click - 1.0) < 0.005, first_click             # measured: 1.000 in all four
+    assert abs(bright[0] - 1.05) < 1e-6, bright                    # the frame on display from 1.0 s
+
+
 # ----------------------------------------------------------------------------------------------------
 # Manifests, every field combination, collation
 
@@ -326,10 +349,11 @@ def bad_manifest(toy, tmp_path):
     rows = [g, {"video": "nothere.mp4", "text": "x"}, {"video": "corrupt.mp4", "text": "x"},
             {"video": "empty.mp4", "text": "x"}, {"video": "trunc.mp4", "text": "x"}, {"video": "good.mp4", "text": "  "},
             {"video": "good.mp4", "text": "x", "colour": "red"}, "{not json", {"video": "noaudio.mp4", "text": "x"},
-            {"video": "good.mp4", "text": "y", "start": 3.0, "end": 4.0}]
-    rows += [g] * 10
+            {"video": "good.mp4", "text": "y", "start": 3.0, "end": 4.0}, {"video": "good.mp4", "text": "z", "mute": "no"}]
+    rows += [g] * 9
     expected = {2: "missing file", 3: "undecodable video", 4: "empty file", 5: "undecodable video", 6: "empty text",
-                7: "unknown field", 8: "invalid JSON", 9: "no audio stream", 10: "clip starts"}
+                7: "unknown field", 8: "invalid JSON", 9: "no audio stream", 10: "clip starts",
+                11: "mute must be true or false"}
     return _write_manifest(tmp_path / "mixed.jsonl", rows), expected
 
 
@@ -340,8 +364,20 @@ def test_check_reports_each_bad_row(bad_manifest, tok):
     assert (rows, bad) == (20, len(expected))
     for line, reason in expected.items():
         assert any(m.startswith(f"{path}:{line}: {reason}") for m in lines), (line, reason, lines)
-    assert "20 rows, 9 bad" in lines[-1]
+    assert "20 rows, 10 bad" in lines[-1]
     assert data.main(["check", path]) == 1
+
+
+def test_a_mute_that_is_not_a_boolean_decides_nothing(toy, tmp_path):
+    """"mute": "false" (a string) is a bad row, and as a manifest's first row it does not decide the
+    modalities (it would have dropped the audio of every row: any non-empty string is truthy)."""
+    v = os.path.join(toy, "video", "000000.mp4")
+    path = _write_manifest(tmp_path / "mute.jsonl", [{"video": v, "text": "a", "mute": "false"}, {"video": v, "text": "b"}])
+    ds = data.ManifestDataset(path, CFG)
+    assert ds.modalities == ("video", "text", "audio")
+    with pytest.raises(data.BadExample, match="mute must be true or false, got 'false'"):
+        ds[0]
+    assert "audio" in ds[1]
 
 
 def test_loader_skips_and_counts_bad_rows(bad_manifest, tok):
@@ -353,7 +389,7 @@ def test_loader_skips_and_counts_bad_rows(bad_manifest, tok):
     seen = [line for _ in range(5) for _, line in next(it)["index"]]  # one epoch: 5 batches of 4 rows
     assert loader.tried_counts["mixed"] == 20
     skipped = 20 - len(seen)
-    assert skipped == len(expected) and sorted(seen) == [1] + list(range(11, 21))
+    assert skipped == len(expected) and sorted(seen) == [1] + list(range(12, 21))
     assert loader.bad_counts["mixed"] == skipped and not set(seen) & set(expected)
     assert sum(loader.bad_reasons["mixed"].values()) == skipped
     assert len(logs) == min(skipped, 5) and all("mixed.jsonl:" in m for m in logs)
@@ -364,7 +400,7 @@ def test_loader_skips_and_counts_bad_rows(bad_manifest, tok):
     # the default 10% share stops training with the manifest's name
     loader = data.make_loader([path], [1.0], CFG, tok, batch_size=4, seed=3, log=logs.append)
     with pytest.raises(data.TooManyBadExamples, match="mixed.jsonl"):
-        for _ in itertools.islice(loader, 50):  # 9 of 20 rows are bad: stops within the first epoch or two
+        for _ in itertools.islice(loader, 50):  # 10 of 20 rows are bad: stops within the first epoch or two
             pass
 
 
