@@ -223,8 +223,9 @@ def test_every_field_combination(toy, tok, row, mods):
     assert b["modalities"] == mods and b["source"] == "combo" and b["index"] == [("combo", 1), ("combo", 2)]
     if "video" in mods:
         assert b["video"].shape == (2, 3, CFG.frames, 64, 64) and b["video_mask"].shape == (2, CFG.frames, 4, 4)
-        pix = b["video"] * torch.tensor(CFG.std).view(1, 3, 1, 1, 1) + torch.tensor(CFG.mean).view(1, 3, 1, 1, 1)
-        assert pix.min() > -1e-4 and pix.max() < 1 + 1e-4
+        u8 = torch.from_numpy(ds[0]["video"]).permute(3, 0, 1, 2).float()         # [3, T, H, W] 0..255
+        want = (u8 / 255 - torch.tensor(CFG.mean).view(3, 1, 1, 1)) / torch.tensor(CFG.std).view(3, 1, 1, 1)
+        torch.testing.assert_close(b["video"][0], want, atol=1e-5, rtol=1e-5)   # ImageNet mean / std per channel
     if "audio" in mods:
         n = b["audio"].shape[1]
         want = int(round(((row.get("end") or 2.0) - (row.get("start") or 0.0)) * 16000))

@@ -27,6 +27,10 @@ def test_mask_tokens_ratio_and_80_10_10():
     rand = 1 - to_mask - kept
     # 80/10/10 of ~7.6k tokens; random ids coincide with the original 1/990 of the time.
     assert abs(to_mask - 0.8) < 0.025 and abs(kept - 0.1) < 0.02 and abs(rand - 0.1) < 0.02
+    # the random 10% are uniform ids over the vocabulary: mean (V - 1) / 2 = 499.5, std of the mean of ~770
+    # draws ~10.4 (5 sigma: 52), and hundreds of distinct ids (not one replacement id for all)
+    replaced = inputs[selected][(inputs[selected] != MASK) & (inputs[selected] != ids[selected])].float()
+    assert abs(replaced.mean().item() - (V - 1) / 2) < 52 and replaced.unique().numel() > 400
 
 
 def test_tube_mask_exact_count_length_and_contiguity():
@@ -55,14 +59,23 @@ def test_tube_mask_exact_count_length_and_contiguity():
 
 
 def test_tube_to_patch_mask_maps_grids():
-    g = torch.Generator().manual_seed(2)
-    m = tube_mask(8, 14, 14, generator=g)             # 224x224x8 frames: the token grid 8 x 14 x 14
-    p = tube_to_patch_mask(m)                         # Video Swin patch grid T/2 x H/4 x W/4 = 4 x 56 x 56
-    assert p.shape == (4, 56, 56)
-    for t in range(4):
-        for i in range(0, 56, 5):
-            for j in range(0, 56, 7):
-                assert p[t, i, j] == (m[2 * t, i // 4, j // 4] or m[2 * t + 1, i // 4, j // 4])
+    """A patch covering frames 2t and 2t+1 is masked if either is (so no pixel of a masked token is seen).
+    Several draws, so that tubes starting or ending inside a pair of frames occur (one draw whose tube is
+    aligned to the pairs cannot tell "either" from "both"; half the draws are aligned, and seed 2's first
+    eight all were)."""
+    g = torch.Generator().manual_seed(0)
+    straddling = 0
+    for _ in range(8):
+        m = tube_mask(8, 14, 14, generator=g)         # 224x224x8 frames: the token grid 8 x 14 x 14
+        p = tube_to_patch_mask(m)                     # Video Swin patch grid T/2 x H/4 x W/4 = 4 x 56 x 56
+        assert p.shape == (4, 56, 56)
+        frames = m.flatten(1).any(1)                  # [8] which frames the tube covers
+        straddling += int(any(frames[2 * t] != frames[2 * t + 1] for t in range(4)))
+        for t in range(4):
+            for i in range(0, 56, 5):
+                for j in range(0, 56, 7):
+                    assert p[t, i, j] == (m[2 * t, i // 4, j // 4] or m[2 * t + 1, i // 4, j // 4])
+    assert straddling > 0
 
 
 def test_span_mask_coverage_and_batch_lengths():
