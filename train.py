@@ -659,7 +659,8 @@ def main(argv=None):
             terms = train_step(objective, ddp, mbs, d, autocast, weights)
             total, _ = pretraining_loss(**{k: v for k, v in terms.items()}, **weights)
             finite = torch.isfinite(total).item()
-            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip) if finite else torch.tensor(float("nan"))
+            gnorm = (torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip) if finite
+                     else torch.tensor(float("nan")))
             # A finite loss can still have an inf / NaN gradient (an overflow in the backward): AdamW would write
             # it into every weight. The norm is the same on every rank (DDP averaged the gradients).
             finite = finite and torch.isfinite(gnorm).item()

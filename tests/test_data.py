@@ -350,7 +350,8 @@ def bad_manifest(toy, tmp_path):
     rows = [g, {"video": "nothere.mp4", "text": "x"}, {"video": "corrupt.mp4", "text": "x"},
             {"video": "empty.mp4", "text": "x"}, {"video": "trunc.mp4", "text": "x"}, {"video": "good.mp4", "text": "  "},
             {"video": "good.mp4", "text": "x", "colour": "red"}, "{not json", {"video": "noaudio.mp4", "text": "x"},
-            {"video": "good.mp4", "text": "y", "start": 3.0, "end": 4.0}, {"video": "good.mp4", "text": "z", "mute": "no"}]
+            {"video": "good.mp4", "text": "y", "start": 3.0, "end": 4.0},
+            {"video": "good.mp4", "text": "z", "mute": "no"}]
     rows += [g] * 9
     expected = {2: "missing file", 3: "undecodable video", 4: "empty file", 5: "undecodable video", 6: "empty text",
                 7: "unknown field", 8: "invalid JSON", 9: "no audio stream", 10: "clip starts",
@@ -373,7 +374,8 @@ def test_a_mute_that_is_not_a_boolean_decides_nothing(toy, tmp_path):
     """"mute": "false" (a string) is a bad row, and as a manifest's first row it does not decide the
     modalities (it would have dropped the audio of every row: any non-empty string is truthy)."""
     v = os.path.join(toy, "video", "000000.mp4")
-    path = _write_manifest(tmp_path / "mute.jsonl", [{"video": v, "text": "a", "mute": "false"}, {"video": v, "text": "b"}])
+    rows = [{"video": v, "text": "a", "mute": "false"}, {"video": v, "text": "b"}]
+    path = _write_manifest(tmp_path / "mute.jsonl", rows)
     ds = data.ManifestDataset(path, CFG)
     assert ds.modalities == ("video", "text", "audio")
     with pytest.raises(data.BadExample, match="mute must be true or false, got 'false'"):

@@ -157,6 +157,41 @@ def test_ffn_sharing_switch_and_param_counts():
     assert shared.layers[0].ffn["text"] is shared.layers[0].ffn["audio"]
 
 
+def test_merge_input_is_the_projections_plus_the_modality_embedding():
+    """Section 4.1: each modality's projected features plus its identification embedding (on every position),
+    concatenated in MODALITIES order, through the shared layers."""
+    f = make("merge")
+    feats, valids = inputs()
+    out = f(feats, valids)
+    xs = [f.proj[m](feats[m].flatten(1, 3) if m == "video" else feats[m]) + f.modality_embed[i]
+          for i, m in enumerate(MODALITIES)]
+    x = torch.cat(xs, 1)
+    valid = torch.cat([torch.ones(3, 8, dtype=torch.bool), valids["text"], valids["audio"]], 1)
+    for layer in f.layers:
+        x = layer(x, valid)
+    want = dict(zip(MODALITIES, x.split([8, 7, 9], 1)))
+    for m in MODALITIES:
+        torch.testing.assert_close(out[m], want[m])
+    assert f.modality_embed.abs().min() > 0               # the embeddings differ from zero (std 0.02 init)
+
+
+@pytest.mark.parametrize("mode", ["merge", "co"])
+def test_dropout_only_in_training(mode):
+    """Dropout 0.5 everywhere (attention probabilities, residual branches, FFN): in eval mode the network is
+    the same function as with dropout 0; in training mode it is not."""
+    f = make(mode)
+    f_drop = FusionNetwork(FusionConfig(**{**f.cfg.__dict__, "dropout": 0.5}), DIMS)
+    f_drop.load_state_dict(f.state_dict())
+    feats, valids = inputs()
+    want = f(feats, valids)
+    got = f_drop.eval()(feats, valids)
+    for m in MODALITIES:
+        torch.testing.assert_close(got[m], want[m])
+    torch.manual_seed(0)
+    train = f_drop.train()(feats, valids)
+    assert all(not torch.allclose(train[m], want[m]) for m in MODALITIES)
+
+
 def test_masked_mean_closed_form():
     x = torch.arange(12.0).view(1, 4, 3)
     valid = torch.tensor([[True, False, True, False]])

@@ -6,6 +6,7 @@ from dataclasses import asdict
 import pytest
 import torch
 
+import icode
 from icode import ICode, ICodeConfig, preset
 from losses import PAPER_WEIGHTS
 from model.fusion import MODALITIES, masked_mean
@@ -40,6 +41,10 @@ def test_encode_every_subset(model):
         # the joint representation is the mean of the per-modality means over valid tokens (section 5.2)
         means = [masked_mean(out.tokens[m], out.valid[m]) for m in subset]
         assert torch.allclose(out.joint, torch.stack(means).mean(0), atol=1e-6)
+        for m in subset:   # pooled: each row's mean over its own valid tokens, by hand (rows 1, 2 are padded)
+            v = out.valid[m] if out.valid[m] is not None else torch.ones(out.tokens[m].shape[:2], dtype=torch.bool)
+            want = torch.stack([out.tokens[m][i, v[i]].mean(0) for i in range(len(v))])
+            assert torch.allclose(out.pooled[m], want, atol=1e-6), m
         if "audio" in subset:
             assert out.valid["audio"][2].sum() < out.valid["audio"][0].sum()   # padding reaches the fusion
         assert torch.isfinite(out.joint).all()
@@ -93,6 +98,9 @@ def test_targets_from_tokenizers_when_no_cache(model):
     assert torch.equal(t["video"][b["video_mask"]], ids[b["video_mask"]])
     assert (t["video"][~b["video_mask"]] == -100).all()
     assert (t["audio"][~b["audio_mask"]] == -100).all()
+    speech = model.speech_tokenizer(icode.normalize_waveform(b["audio"], b["audio_attention"]))   # [B, T_s, G]
+    m = b["audio_mask"]
+    assert m.any() and torch.equal(t["audio"][m], speech[m])
 
 
 def test_a_cache_of_combined_speech_ids_keeps_its_layout():
@@ -157,6 +165,16 @@ def test_normalize_waveform_closed_form():
     assert torch.allclose(out[1, :600], (ref - ref.mean()) / torch.sqrt(ref.var(unbiased=False) + 1e-7), atol=1e-5)
 
 
+class _RunsCode:
+    """Unpickling calls open(path, "w"): what a malicious checkpoint would do, harmlessly."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
 def test_convert_legacy_bin_to_safetensors(tmp_path):
     """`python icode.py convert IN.bin OUT_DIR`: the one pickle read (weights_only=True), tensors preserved."""
     import icode
@@ -176,6 +194,12 @@ def test_convert_legacy_bin_to_safetensors(tmp_path):
     (src / "text.bin").write_text("not a pickle")
     with pytest.raises(ValueError, match="text.bin: not loadable"):
         icode.main(["convert", str(src / "text.bin"), str(tmp_path / "out2")])
+    # a pickle that runs code when unpickled (weights_only=False would run it): refused, nothing run
+    ran = tmp_path / "ran"
+    torch.save({"a.weight": _RunsCode(str(ran))}, src / "evil.bin")
+    with pytest.raises(ValueError, match="evil.bin: not loadable as tensors with weights_only=True"):
+        icode.main(["convert", str(src / "evil.bin"), str(tmp_path / "out3")])
+    assert not ran.exists()
     # a sharded legacy checkpoint: the index names every shard, all merged into one file
     shards = tmp_path / "sharded"
     shards.mkdir()

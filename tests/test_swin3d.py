@@ -269,12 +269,15 @@ def test_loading_errors_name_the_key(tmp_path):
     missing = dict(sd)
     del missing["features.0.1.norm2.weight"]
     save_swin3d_folder(tmp_path / "missing", missing, TINY)
-    with pytest.raises(KeyError, match=r"stages\.0\.blocks\.1\.norm2\.weight"):
+    named = re.escape(str(tmp_path / "missing")) + r": missing tensor\(s\) \[.*stages\.0\.blocks\.1\.norm2\.weight"
+    with pytest.raises(KeyError, match=named):
         load_video_swin(str(tmp_path / "missing"))
     wrong = dict(sd)
     wrong["features.1.reduction.weight"] = torch.zeros(32, 32)
     save_swin3d_folder(tmp_path / "wrong", wrong, TINY)
-    with pytest.raises(ValueError, match=r"stages\.0\.downsample\.reduction\.weight.*\(32, 32\)"):
+    named = (re.escape(str(tmp_path / "wrong")) +
+             r": tensor 'stages\.0\.downsample\.reduction\.weight' has shape \(32, 32\)")
+    with pytest.raises(ValueError, match=named):
         load_video_swin(str(tmp_path / "wrong"))
     # HF: a missing q/k/v is named by its checkpoint key
     save_hf_swin(tmp_path / "hf")
