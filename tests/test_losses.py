@@ -97,6 +97,10 @@ def test_pretraining_loss_weights_and_skips():
     assert set(terms) == set(t)
     total, terms = pretraining_loss(mlm=t["mlm"], ls=t["ls"], alpha=2.0, lam=0.5)
     assert set(terms) == {"mlm", "ls"} and abs(total.item() - (2 * 1 + 0.5 * 6)) < 1e-6
+    # six different weights: each term is paired with its own (the paper's gamma = lambda = 1 would hide a swap)
+    w = dict(alpha=0.1, beta=0.2, gamma=0.3, lam=0.05)
+    total, _ = pretraining_loss(**t, **w)
+    assert abs(total.item() - (0.1 * 1 + 0.2 * 2 + 0.3 * 3 + 0.05 * (4 + 5 + 6))) < 1e-6
     with pytest.raises(ValueError):
         pretraining_loss()
 

@@ -61,17 +61,20 @@ def assert_close(g1, g2, tol=2e-5):
     assert worst < tol, worst
 
 
-@pytest.mark.parametrize("mode,unmasked", [("merge", False), ("co", False), ("merge", True)])
-def test_gradient_cache_equals_one_pass(mode, unmasked):
+@pytest.mark.parametrize("mode,unmasked,lam", [("merge", False, 1.0), ("co", False, 1.0), ("merge", True, 1.0),
+                                              ("merge", False, 0.3)])
+def test_gradient_cache_equals_one_pass(mode, unmasked, lam):
     """No dropout: 2 micro-batches with gradient cache == the global batch in one pass (float32), with the
-    contrastive branch on the masked encoder outputs or on a separate unmasked pass."""
+    contrastive branch on the masked encoder outputs or on a separate unmasked pass, and with lambda != 1
+    (the cache carries lambda in its cached gradients)."""
     model = make_model(mode)
-    obj = PretrainObjective(model, WEIGHTS, unmasked_contrastive=unmasked)
+    weights = dict(WEIGHTS, lam=lam)
+    obj = PretrainObjective(model, weights, unmasked_contrastive=unmasked)
     batch = make_batch(model)
-    t_one = train_step(obj, obj, [batch], Dist(), NOCAST, WEIGHTS)
+    t_one = train_step(obj, obj, [batch], Dist(), NOCAST, weights)
     g_one = grads(model)
     model.zero_grad(set_to_none=True)
-    t_cache = train_step(obj, obj, split_batch(batch, 2), Dist(), NOCAST, WEIGHTS)
+    t_cache = train_step(obj, obj, split_batch(batch, 2), Dist(), NOCAST, weights)
     g_cache = grads(model)
     assert_close(g_cache, g_one)
     for k in t_one:
@@ -212,6 +215,40 @@ def test_weight_decay_spares_exactly_norms_biases_and_tables():
     assert spared == {n for n in tables if n in dict(model.named_parameters())}
     assert not train.no_decay("vision.patch_embed.proj.weight", model.vision.patch_embed.proj.weight)
     assert all(train.no_decay(n, p) for n, p in model.named_parameters() if p.dim() < 2)
+
+
+def test_learning_rates_warm_up_decay_and_groups():
+    """Section 4.2.2: linear warm-up, then cosine (or linear) decay to 0; two learning rates (encoders vs fusion
+    and heads); weight decay 0 exactly in the groups of `no_decay` parameters."""
+    assert [train.lr_factor(s, 4, 12) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    cos = [train.lr_factor(s, 4, 12) for s in (4, 8, 12, 20)]
+    assert cos == pytest.approx([1.0, 0.5, 0.0, 0.0], abs=1e-12)
+    assert train.lr_factor(6, 4, 12, "linear") == pytest.approx(0.75)
+    model = make_model()
+    opt = train.build_optimizer(model, lr_fusion=2e-5, lr_encoders=1e-5, weight_decay=0.01, fused=False)
+    names = {id(p): n for n, p in model.named_parameters()}
+    seen = set()
+    for g in opt.param_groups:
+        for p in g["params"]:
+            n = names[id(p)]
+            seen.add(n)
+            enc = n.split(".")[0] in ("text", "vision", "speech")
+            assert g["lr"] == g["base_lr"] == (1e-5 if enc else 2e-5), n
+            assert g["weight_decay"] == (0.0 if train.no_decay(n, p) else 0.01), n
+    assert seen == {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_logit_scales_are_clamped_after_every_step(toy_small, tmp_path, monkeypatch):
+    """CLIP's clamp at ln(100) runs in the training loop: scales that start at ln(500) end at ln(100) or just
+    below (an AdamW step after a clamp moves a scale by about the learning rate)."""
+    import math
+
+    import losses
+    monkeypatch.setattr(losses.LogitScales, "INIT", math.log(500.0))
+    _run(toy_small, tmp_path / "clamp", "--steps", "2")
+    sd = load_file(os.path.join(train.checkpoints(str(tmp_path / "clamp"))[-1], "model.safetensors"))
+    scales = [v.item() for k, v in sd.items() if k.startswith("logit_scales.")]
+    assert len(scales) == 3 and all(-1e-3 < s - math.log(100.0) <= 1e-6 for s in scales), scales
 
 
 def test_single_modality_batch_runs_no_unmasked_encoder_pass(monkeypatch):
@@ -370,6 +407,11 @@ def test_benchmark_json_and_profile_add_up(capsys):
         assert k in out
     assert out["samples_per_s"] == pytest.approx(2 / out["step_s_median"], rel=1e-2)
     assert out["tflop_per_step"] > 0 and {"text", "speech", "vision"} <= set(out["encoder_fwd_bwd_s"])
+    # units: the FLOPs of one step (counted again here), in TFLOP; achieved = those over the median step
+    obj = PretrainObjective(train.load_model(None, "tiny"), WEIGHTS)
+    b = synthetic_batch(obj.model.cfg, 2, device="cpu", **train.BENCH_SHAPES["tiny"])
+    assert out["tflop_per_step"] == pytest.approx(train.count_flops(obj, b, NOCAST) / 1e12, rel=2e-2, abs=1e-3)
+    assert out["achieved_tflops"] == pytest.approx(out["tflop_per_step"] / out["step_s_median"], rel=2e-2, abs=0.1)
     prof = lines[1]["profile"]
     assert sum(prof["by_kind_ms"].values()) == pytest.approx(prof["busy_ms"], abs=0.05 * len(prof["by_kind_ms"]))
     assert 0 < prof["busy_ms"] and prof["top"][0][1] <= prof["busy_ms"]
