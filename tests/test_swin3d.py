@@ -79,6 +79,22 @@ def test_inflated_matches_hf_image_swin_on_static_video(tmp_path, frames, tempor
     torch.testing.assert_close(out, ref[:, None].expand_as(out), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("h, w", [(36, 44), (36, 40)])
+def test_inflated_matches_hf_image_swin_on_odd_grids(tmp_path, h, w):
+    """9 x 11 and 9 x 10 patch grids: windows pad the grid and patch merging pads the odd row / column at
+    the bottom and right, as HF's image Swin does (a merge padded at the top or with H and W swapped differs)."""
+    hf = save_hf_swin(tmp_path)
+    model = inflate_image_swin(str(tmp_path), temporal_patch=2, temporal_window=8)
+    torch.manual_seed(1)
+    img = torch.randn(1, 3, h, w)
+    gh, gw = (h // 4 + 1) // 2, (w // 4 + 1) // 2                      # the merged grid, odd sides rounded up
+    with torch.no_grad():
+        ref = hf(pixel_values=img).last_hidden_state.view(1, gh, gw, 32)
+        out, _ = model(img[:, :, None].expand(-1, -1, 4, -1, -1))
+    assert out.shape == (1, 2, gh, gw, 32)
+    torch.testing.assert_close(out, ref[:, None].expand_as(out), atol=1e-5, rtol=0)
+
+
 def test_hf_conversion_accepts_prefix_and_current_names(tmp_path):
     save_hf_swin(tmp_path)
     sd = load_file(os.path.join(tmp_path, "model.safetensors"))

@@ -188,6 +188,28 @@ def test_frame_mask_replaces_masked_frames():
     torch.testing.assert_close(masked[frame_mask], expect.expand(int(frame_mask.sum()), -1), atol=1e-5, rtol=1e-5)
 
 
+def test_masked_frames_features_reach_nothing():
+    """The mask embedding replaces masked frames before the positional convolution and the Transformer, so
+    what the feature encoder made of those frames reaches no output (applied after the positional
+    convolution, it would leak into the neighbours through its 16-frame kernel)."""
+    torch.manual_seed(0)
+    cfg = SpeechConfig(**SMALL, num_buckets=16, max_bucket_distance=32, feat_extract_norm="layer",
+                       do_stable_layer_norm=True)
+    model = SpeechEncoder(cfg).eval()
+    wave = torch.randn(1, 4000)
+    t = conv_output_length(4000, cfg.conv_kernel, cfg.conv_stride)
+    frame_mask = torch.zeros(1, t, dtype=torch.bool)
+    frame_mask[0, 5:9] = True
+    noise = torch.zeros(1, t, cfg.hidden_size)
+    noise[frame_mask] = 10 * torch.randn(int(frame_mask.sum()), cfg.hidden_size)
+    with torch.no_grad():
+        a, _ = model(wave, None, frame_mask)
+        hook = model.feature_projection.register_forward_hook(lambda mod, inp, out: out + noise)
+        b, _ = model(wave, None, frame_mask)
+        hook.remove()
+    torch.testing.assert_close(b, a, atol=1e-6, rtol=0)
+
+
 def test_masked_spec_embed_gets_gradient():
     torch.manual_seed(0)
     cfg = SpeechConfig(**SMALL, num_buckets=16, max_bucket_distance=32)
