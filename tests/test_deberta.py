@@ -12,11 +12,11 @@ from transformers.models.deberta_v2.modeling_deberta_v2 import make_log_bucket_p
 from model.deberta import DEBERTA_V3_BASE, Deberta, config_from_hf, load_deberta, log_bucket_position
 
 
-def small_hf_config(position_buckets=32, **kw):
+def small_hf_config(position_buckets=32, max_position_embeddings=64, **kw):
     kw = dict(dict(relative_attention=True, pos_att_type=["p2c", "c2p"]), **kw)
     return DebertaV2Config(
         vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-        max_position_embeddings=64, position_buckets=position_buckets, norm_rel_ebd="layer_norm",
+        max_position_embeddings=max_position_embeddings, position_buckets=position_buckets, norm_rel_ebd="layer_norm",
         share_att_key=True, position_biased_input=False, max_relative_positions=-1, type_vocab_size=0,
         layer_norm_eps=1e-7, **kw)
 
@@ -60,8 +60,11 @@ def test_matches_hf_with_padding(tmp_path):
     torch.testing.assert_close(out, hf(input_ids=ids).last_hidden_state, atol=1e-5, rtol=1e-5)
 
 
-def test_longer_than_position_buckets(tmp_path):
-    hf = save_hf(tmp_path, position_buckets=8)
+@pytest.mark.parametrize("max_positions", [64, 16])
+def test_longer_than_position_buckets(tmp_path, max_positions):
+    """40 tokens in 8 log buckets; with max_position_embeddings 16 the distances pass the largest bucket and
+    the relative-position index is clamped to the table (as HF's)."""
+    hf = save_hf(tmp_path, position_buckets=8, max_position_embeddings=max_positions)
     ours = load_deberta(str(tmp_path))
     assert_matches_hf(hf, ours, *padded_batch(T=40, lengths=(40, 25)))
 
