@@ -169,6 +169,24 @@ def test_dropout_only_in_training():
         torch.testing.assert_close(model(ids, mask)[0], model(ids, mask)[0])
 
 
+def test_attention_dropout_acts_in_training_only():
+    """Attention-probability dropout alone (hidden dropout 0): in training it changes the output, in eval the
+    network is the one without dropout (and in training with the rate set to 0, too)."""
+    torch.manual_seed(0)
+    cfg = small_hf_config(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.5)
+    model = Deberta(config_from_hf(cfg.to_dict()))
+    ids, mask = padded_batch()
+    valid = mask.bool()
+    with torch.no_grad():
+        ref, _ = model.eval()(ids, mask)
+        train, _ = model.train()(ids, mask)
+        assert not torch.allclose(train[valid], ref[valid], atol=1e-3)
+        for m in model.modules():
+            if hasattr(m, "attn_dropout"):
+                m.attn_dropout = 0.0
+        torch.testing.assert_close(model.train()(ids, mask)[0], ref)
+
+
 def test_config_from_hf():
     d = small_hf_config().to_dict()
     d["pos_att_type"] = "p2c|c2p"

@@ -15,6 +15,7 @@ from transformers import SwinModel
 from model.swin3d import (SWIN_B_VIDEO, SWIN_T_VIDEO, SwinBlock3D, SwinConfig, VideoSwin, config_from_hf,
                           convert_torchvision_state_dict, get_window_size, inflate_image_swin, load_video_swin,
                           relative_position_index, shift_attention_mask, window_partition)
+from model.swin3d import drop_path
 
 TINY = SwinConfig(embed_dim=16, depths=(2, 2), num_heads=(2, 4), window_size=(2, 4, 4), drop_path_rate=0.0)
 
@@ -338,3 +339,17 @@ def test_patch_embedding_is_the_conv3d():
         params = [video] + list(embed.parameters())
         for a, b in zip(torch.autograd.grad(y, params, g), torch.autograd.grad(ref, params, g)):
             torch.testing.assert_close(a, b, atol=1e-5 * b.abs().max().item(), rtol=1e-4)
+
+
+def test_stochastic_depth_drops_whole_samples_and_keeps_the_expectation():
+    """drop_path(x, p): each sample's branch is zeroed with probability p and the rest scaled by 1 / (1 - p),
+    so its expectation is x (Huang et al. 2016); in eval mode it is the identity. 4000 samples at p = 0.3:
+    the mean's std is sqrt(p / (1 - p) / 4000) = 0.010, tolerance 5 sigma."""
+    torch.manual_seed(0)
+    x = torch.ones(4000, 2, 3, 3, 4)
+    y = drop_path(x, 0.3, True)
+    per_sample = y.flatten(1)
+    assert (per_sample == per_sample[:, :1]).all()                      # whole samples, one factor each
+    assert per_sample[:, 0].unique().tolist() == [0.0, pytest.approx(1 / 0.7)]
+    assert abs(y.mean().item() - 1.0) < 0.05
+    assert drop_path(x, 0.3, False) is x

@@ -188,6 +188,24 @@ def test_frame_mask_replaces_masked_frames():
     torch.testing.assert_close(masked[frame_mask], expect.expand(int(frame_mask.sum()), -1), atol=1e-5, rtol=1e-5)
 
 
+def test_attention_dropout_acts_in_training_only():
+    """Attention-probability dropout alone (hidden, activation and projection dropout 0): in training it
+    changes the output, in eval the network is the one without dropout."""
+    torch.manual_seed(0)
+    cfg = SpeechConfig(**SMALL, num_buckets=16, max_bucket_distance=32, hidden_dropout=0.0, attention_dropout=0.5,
+                       activation_dropout=0.0)
+    model = SpeechEncoder(cfg)
+    wave = torch.randn(2, 4000)
+    with torch.no_grad():
+        ref, _ = model.eval()(wave)
+        train, _ = model.train()(wave)
+        assert not torch.allclose(train, ref, atol=1e-3)
+        for m in model.modules():
+            if hasattr(m, "dropout") and isinstance(m.dropout, float):
+                m.dropout = 0.0
+        torch.testing.assert_close(model.train()(wave)[0], ref)
+
+
 def test_masked_frames_features_reach_nothing():
     """The mask embedding replaces masked frames before the positional convolution and the Transformer, so
     what the feature encoder made of those frames reaches no output (applied after the positional
