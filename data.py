@@ -708,8 +708,7 @@ class ManifestDataset(torch.utils.data.Dataset):
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.rows = read_manifest(self.path)
-        first = next((r for _, r in self.rows if isinstance(r, dict) and isinstance(r.get("mute", False), bool)
-                      and row_modalities(r)), None)
+        first = next((r for _, r in self.rows if isinstance(r, dict) and row_modalities(r)), None)
         if first is None:
             raise ValueError(f"{self.path}: no valid row to decide the modalities from ({len(self.rows)} rows)")
         self.modalities = row_modalities(first)

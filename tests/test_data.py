@@ -371,8 +371,8 @@ def test_check_reports_each_bad_row(bad_manifest, tok):
 
 
 def test_a_mute_that_is_not_a_boolean_decides_nothing(toy, tmp_path):
-    """"mute": "false" (a string) is a bad row, and as a manifest's first row it does not decide the
-    modalities (it would have dropped the audio of every row: any non-empty string is truthy)."""
+    """"mute": "false" (a string) is a bad row, and as a manifest's first row it does not mute the manifest
+    (it would have dropped the audio of every row: any non-empty string is truthy); only JSON true mutes."""
     v = os.path.join(toy, "video", "000000.mp4")
     rows = [{"video": v, "text": "a", "mute": "false"}, {"video": v, "text": "b"}]
     path = _write_manifest(tmp_path / "mute.jsonl", rows)

@@ -13,9 +13,8 @@ from transformers import SwinConfig as HFSwinConfig
 from transformers import SwinModel
 
 from model.swin3d import (SWIN_B_VIDEO, SWIN_T_VIDEO, SwinBlock3D, SwinConfig, VideoSwin, config_from_hf,
-                          convert_torchvision_state_dict, get_window_size, inflate_image_swin, load_video_swin,
-                          relative_position_index, shift_attention_mask, window_partition)
-from model.swin3d import drop_path
+                          convert_torchvision_state_dict, drop_path, get_window_size, inflate_image_swin,
+                          load_video_swin, relative_position_index, shift_attention_mask, window_partition)
 
 TINY = SwinConfig(embed_dim=16, depths=(2, 2), num_heads=(2, 4), window_size=(2, 4, 4), drop_path_rate=0.0)
 
