@@ -714,14 +714,14 @@ class ManifestDataset(torch.utils.data.Dataset):
         self.modalities = row_modalities(first)
         e = first.get("emotions")
         self.emotions_len = len(e) if isinstance(e, list) else None
-        self.targets = None
+        self.targets, self.targets_meta = None, None   # the cache's folder and its meta.json, when used
         tdir = targets_dir(self.path)
         meta_path = os.path.join(tdir, "meta.json")
         if use_targets and os.path.exists(meta_path):
             with open(meta_path) as f:
                 meta = json.load(f)
             if all(meta.get(k) == v for k, v in _cache_meta(cfg).items()):
-                self.targets = tdir
+                self.targets, self.targets_meta = tdir, meta
             else:
                 print(f"data: ignoring {tdir}: written for {meta}, not {_cache_meta(cfg)}", file=sys.stderr)
 
@@ -1355,12 +1355,15 @@ def make_toy(out_dir, seed=0, size="default", workers=None):
 def default_quantize(model_cfg, name="custom"):
     """The default target tokenizers of a model config (icode.default_tokenizers: frozen random
     projections, the ones ICode itself uses) as a callable batch -> {"video_targets": [B, T, H/16, W/16]
-    long, "audio_targets": [B, T_s, G] long}. Any callable of that form can go to `tokenize_manifest`."""
+    long, "audio_targets": [B, T_s, G] long}, with `.fingerprint` (`model.quantizers.fingerprint`). Any
+    callable of that form can go to `tokenize_manifest`."""
     from icode import default_tokenizers, tokenize_targets
+    from model.quantizers import fingerprint
     video_tok, speech_tok = default_tokenizers(model_cfg)
 
     def quantize(batch):
         return tokenize_targets(batch, model_cfg, video_tok, speech_tok)
+    quantize.fingerprint = fingerprint(video_tok, speech_tok)   # what train.py compares with its model's
     quantize.__name__ = (f"default tokenizers of the {name} model (seed {model_cfg.tokenizer_seed}, "
                          f"{model_cfg.video_codebook} video codes, {model_cfg.speech_groups} x "
                          f"{model_cfg.speech_vars} speech codes)")
@@ -1370,7 +1373,8 @@ def default_quantize(model_cfg, name="custom"):
 def tokenize_manifest(path, cfg, quantize, batch_size=16, name="custom", log=print):
     """Run `quantize(batch) -> {"video_targets", "audio_targets"}` over every good row of a manifest and
     write one safetensors file per line, carrying its row's key (`_row_key`); bad rows are skipped and
-    counted. A re-run replaces the whole cache. Returns (written, bad)."""
+    counted. meta.json records `quantize.fingerprint` (None if it has none; train.py then refuses the cache).
+    A re-run replaces the whole cache. Returns (written, bad)."""
     from safetensors.numpy import save_file
     ds = ManifestDataset(path, cfg, tokenizer=None, use_targets=False)
     out = targets_dir(ds.path)
@@ -1408,7 +1412,8 @@ def tokenize_manifest(path, cfg, quantize, batch_size=16, name="custom", log=pri
     if pending:
         flush()
     with open(os.path.join(out, "meta.json"), "w") as f:  # written last: a half-written cache is never read
-        json.dump({**_cache_meta(cfg), "quantizer": name, "rows": written}, f, indent=1)
+        json.dump({**_cache_meta(cfg), "quantizer": name, "tokenizers": getattr(quantize, "fingerprint", None),
+                   "rows": written}, f, indent=1)
     return written, bad
 
 

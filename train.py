@@ -39,6 +39,7 @@ from safetensors.torch import load_model as load_safetensors_into
 import data as D
 from icode import ICode, ICodeConfig, preset
 from losses import PAIR_NAMES, PAPER_WEIGHTS, masked_unit_loss, pretraining_loss
+from model.quantizers import fingerprint
 
 TERMS = ("mlm", "mvm", "msm", "vl", "vs", "ls")
 TOY_DIR = "toy"
@@ -286,16 +287,17 @@ def common_batch(batch, accum, d):
     return batch if n_all == n else batch_rows(batch, 0, n_all)
 
 
-def check_cached_targets(batch, cfg):
-    """Target ids from an offline cache (`data.py tokenize`) must fit the heads: a cache written for another
-    model config (the paper's 8192 video codes for the tiny model's 256, say) is an error naming the source."""
-    for key, n, field in (("video_targets", cfg.video_codebook, "video_codebook"),
-                          ("audio_targets", cfg.speech_vars, "speech_vars")):
-        ids = batch.get(key)
-        if ids is not None and ids.numel() and int(ids.max()) >= n:
-            raise ValueError(f"{batch.get('source')}: cached {key} go up to {int(ids.max())} but the model has "
-                             f"{field}={n}: the cache beside the manifest was written for another model; rerun "
-                             f"`python data.py tokenize` with the matching --preset, or delete the cache")
+def check_target_caches(datasets, model):
+    """Offline VQ targets (`data.py tokenize`) stand in for the model's own tokenizers (section 4.2.1), so
+    they must come from the same ones: a cache whose meta.json fingerprint (`model.quantizers.fingerprint`)
+    differs from the model's, e.g. written for another preset or tokenizer seed, or with none, is an error
+    naming the cache; otherwise one source's targets would come from another codebook than the rest's."""
+    own = fingerprint(model.video_tokenizer, model.speech_tokenizer)
+    for ds in datasets:
+        if ds.targets is not None and ds.targets_meta.get("tokenizers") != own:
+            raise ValueError(f"{ds.targets}: the target cache was written by tokenizers "
+                             f"{ds.targets_meta.get('tokenizers')} ({ds.targets_meta.get('quantizer')}), the model's "
+                             f"are {own}: rerun `python data.py tokenize` with the matching --preset, or delete the cache")
 
 
 def to_device(batch, device):
@@ -606,6 +608,7 @@ def main(argv=None):
     log = tqdm_write if d.is_main else None  # data messages above the progress bar
     loader = D.make_loader(manifests, args.data_weights or [1.0] * len(manifests), dcfg, tokenizer, batch_size=args.batch * args.accum,
                            rank=d.rank, world_size=d.world, seed=args.seed, num_workers=workers, log=log)
+    check_target_caches(loader.datasets, model)
     weights = dict(alpha=args.alpha, beta=args.beta, gamma=args.gamma, lam=args.lam)
     objective = PretrainObjective(model, weights, args.unmasked_contrastive)
     opt = build_optimizer(model, args.lr_fusion, args.lr_encoders, args.weight_decay)
@@ -644,7 +647,6 @@ def main(argv=None):
             if batch is None:
                 print0(f"step {step}: no rank-wide batch (bad rows beyond the spares), skipped on every rank")
                 continue
-            check_cached_targets(batch, cfg)
             batch = to_device(batch, d.device)
             n_step = batch_size(batch) * d.world          # global_batch, unless common_batch shortened it
             t_data = time.perf_counter() - t0
@@ -689,7 +691,9 @@ def main(argv=None):
             if d.device.type == "cuda":
                 rec["peak_mem_GiB"] = round(torch.cuda.max_memory_allocated(d.device) / 2 ** 30, 2)
                 peak = peak_flops(d.device)
-                if flops_per_sample and peak:
+                if flops_per_sample and peak:   # model FLOPs utilisation (PaLM, Chowdhery et al. 2022, app. B):
+                    # one forward + backward per sample; recomputation (the gradient cache's first pass with
+                    # --accum > 1, --checkpointing) is work the GPU does but MFU does not count
                     rec["mfu"] = round(flops_per_sample * n_step / dt / d.world / peak, 4)
             history.append({k: rec[k] for k in ("step", "loss", *terms.keys())})
             if bar is not None:

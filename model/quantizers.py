@@ -14,6 +14,7 @@ buffers, so `.to(device)` moves them) whose forward runs under `torch.no_grad()`
     load_quantizer(kind, path)        "wav2vec2" | "vqgan" from a Hugging Face-style folder
     build_default_quantizers(...)     the random-projection pair, the default when no weights are given
     combined_index(ids, vars)         fairseq's `to_codebook_index`: i0 * vars + i1 for G = 2
+    fingerprint(*tokenizers)          a short hash of what the tokenizers compute (offline target caches)
     nearest_code(z, codebook)         id of the closest code in squared Euclidean distance (float32)
 
 Speech frames: all speech tokenizers give exactly T_s = conv_output_length(N, (10,3,3,3,3,2,2),
@@ -32,6 +33,7 @@ group-norm conv encoder of wav2vec2-base normalises over the whole padded length
 Differences from the paper: the paper uses PeCo weights for visual tokens; when no weights are given we
 fall back to BEST-RQ random-projection tokens (Chiu et al. 2022) so that pretraining runs anywhere.
 """
+import hashlib
 import math
 from dataclasses import dataclass, fields
 
@@ -503,3 +505,18 @@ def build_default_quantizers(seed=0, video_codebook_size=8192, speech_codebook_s
     speech = RandomProjectionSpeechTokenizer(speech_codebook_size, speech_groups, seed + 1, dim=dim,
                                              features=speech_features)
     return video, speech
+
+
+def fingerprint(*tokenizers):
+    """A 16-hex-digit hash of tokenizers' classes, settings and every parameter and buffer: two tokenizer sets
+    with the same fingerprint compute the same ids. `data.py tokenize` writes it beside an offline target
+    cache and train.py compares it with the model's own, so targets of two tokenizers never mix."""
+    h = hashlib.sha256()
+    for tok in tokenizers:
+        h.update(type(tok).__qualname__.encode())
+        h.update(repr({k: v for k, v in sorted(vars(tok).items()) if not k.startswith("_") and k != "training"
+                       and isinstance(v, (bool, int, float, str, tuple))}).encode())
+        for name, t in sorted([*tok.named_parameters(), *tok.named_buffers()], key=lambda kv: kv[0]):
+            h.update(f"{name} {t.dtype} {tuple(t.shape)}".encode())
+            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]

@@ -626,6 +626,14 @@ def test_offline_targets_are_the_models_own(toy, tok, tmp_path):
     t_cached, t_fresh = model.targets(cached), model.targets(fresh)
     for k in ("video", "audio"):
         assert (t_fresh[k] != -100).any() and torch.equal(t_cached[k], t_fresh[k]), k
-    train.check_cached_targets(cached, model.cfg)
-    with pytest.raises(ValueError, match="v: cached video_targets go up to .* video_codebook=16"):
-        train.check_cached_targets(cached, data.dataclasses.replace(model.cfg, video_codebook=16))
+    train.check_target_caches([cached_ds, fresh_ds], model)
+    for other in (data.dataclasses.replace(model.cfg, tokenizer_seed=1),    # same codebook sizes, other codes
+                  data.dataclasses.replace(model.cfg, video_codebook=16)):
+        with pytest.raises(ValueError, match=r"v\.targets: the target cache was written by tokenizers [0-9a-f]{16} "
+                                             r"\(default tokenizers of the tiny model .*the model's are [0-9a-f]{16}"):
+            train.check_target_caches([cached_ds], ICode(other))
+    with open(tmp_path / "v.targets" / "meta.json") as f:   # a cache written by a callable without a fingerprint
+        meta = json.load(f)
+    cached_ds.targets_meta = dict(meta, tokenizers=None)
+    with pytest.raises(ValueError, match="written by tokenizers None"):
+        train.check_target_caches([cached_ds], model)

@@ -20,8 +20,8 @@ sys.path.insert(0, ROOT)
 
 from model.quantizers import (SPEECH_KERNELS, SPEECH_STRIDES, RandomProjectionSpeechTokenizer,  # noqa: E402
                               RandomProjectionVideoTokenizer, VQGANConfig, VQGANTokenizer, Wav2Vec2Quantizer,
-                              Wav2Vec2QuantizerConfig, build_default_quantizers, combined_index, load_quantizer,
-                              nearest_code)
+                              Wav2Vec2QuantizerConfig, build_default_quantizers, combined_index, fingerprint,
+                              load_quantizer, nearest_code)
 from model.wavlm import ConvFeatureEncoder, conv_output_length  # noqa: E402
 
 
@@ -327,6 +327,22 @@ def test_random_projection_frozen_and_device_ready():
         assert not m.training
     ids = v(pink_video(1, 2, 64, 64))
     assert ids.shape == (1, 2, 4, 4) and not ids.requires_grad
+
+
+def test_fingerprint_follows_what_the_tokenizers_compute():
+    """Two builds of the same tokenizers share a fingerprint; one changed code, a changed setting or the
+    pair's order gives another (the check train.py makes on offline target caches)."""
+    v, s = build_default_quantizers(seed=0, video_codebook_size=64)
+    fp = fingerprint(v, s)
+    assert re.fullmatch("[0-9a-f]{16}", fp) and fingerprint(*build_default_quantizers(0, 64)) == fp
+    assert fingerprint(s, v) != fp and fingerprint(v) != fp
+    kept = v.codebook[7, 3].item()
+    v.codebook[7, 3] += 1e-3                       # one coordinate of one code: ids of some patches move
+    assert fingerprint(v, s) != fp
+    v.codebook[7, 3] = kept
+    assert fingerprint(v, s) == fp
+    s.features = "other"                           # a setting outside the tensors
+    assert fingerprint(v, s) != fp
 
 
 def test_random_projection_video_ids_from_their_own_patch():

@@ -11,6 +11,7 @@ import torch.multiprocessing as mp
 import torch.utils.checkpoint
 from safetensors.torch import load_file, save_file
 
+import data as D
 import train
 from icode import ICode, preset
 from losses import PAPER_WEIGHTS, pretraining_loss
@@ -283,6 +284,19 @@ def test_resume_is_exact(toy_small, tmp_path, monkeypatch):
     wb = load_file(os.path.join(train.checkpoints(str(tmp_path / "b"))[-1], "model.safetensors"))
     assert wa.keys() == wb.keys()
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_a_target_cache_of_other_tokenizers_stops_the_run(tmp_path, monkeypatch):
+    """train.py trains on a cache `data.py tokenize` wrote for its model, and refuses one written by other
+    tokenizers (here: the same sizes, another seed) before the first step, naming the cache."""
+    toy = str(tmp_path / "toy")
+    D.make_toy(toy, size="tiny")
+    assert D.main(["tokenize", os.path.join(toy, "image_text.jsonl"), "--preset", "toy"]) == 0
+    assert _run(toy, tmp_path / "same", "--steps", "1")["step"] == 1
+    monkeypatch.setattr(train, "preset", lambda *a, **k: dataclasses.replace(preset(*a, **k), tokenizer_seed=1))
+    with pytest.raises(ValueError, match=r"image_text\.targets: the target cache was written by tokenizers"):
+        _run(toy, tmp_path / "other", "--steps", "1")
+    assert not os.path.exists(tmp_path / "other" / "metrics.jsonl")
 
 
 def test_end_to_end_losses_fall(toy_small, tmp_path):
