@@ -1,6 +1,7 @@
 """train.py: gradient cache, DDP equivalence (gloo, 2 processes), atomic checkpoints."""
 import contextlib
 import dataclasses
+import json
 import os
 import tempfile
 
@@ -297,6 +298,34 @@ def test_a_target_cache_of_other_tokenizers_stops_the_run(tmp_path, monkeypatch)
     with pytest.raises(ValueError, match=r"image_text\.targets: the target cache was written by tokenizers"):
         _run(toy, tmp_path / "other", "--steps", "1")
     assert not os.path.exists(tmp_path / "other" / "metrics.jsonl")
+
+
+def test_a_preempted_job_saves_its_step_and_resumes(toy_small, tmp_path):
+    """SIGTERM to the whole process group of `python train.py` (what Slurm's preemption, torchrun and
+    `kill -- -PGID` do) mid-run, DataLoader workers included: the trainer finishes its step, saves a checkpoint
+    at it and exits 0; `--resume` continues from that step."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    out = tmp_path / "pre"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, os.path.join(root, "train.py"), "--toy-dir", toy_small, "--out", str(out), "--batch", "4",
+           "--workers", "2", "--no-eval", "--steps", "1000", "--log-every", "1", "--save-every", "1000"]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    metrics, t0 = out / "metrics.jsonl", time.time()
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+        assert p.poll() is None and time.time() - t0 < 180, "no second step logged"
+        time.sleep(0.2)
+    os.killpg(p.pid, signal.SIGTERM)
+    log, _ = p.communicate(timeout=180)
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    k = steps[-1]
+    assert p.returncode == 0 and f"signal 15: checkpoint saved at step {k}, exiting" in log, log[-3000:]
+    assert steps == list(range(1, k + 1)) and k < 1000
+    assert [os.path.basename(c) for c in train.checkpoints(str(out))] == [f"ckpt_{k:07d}"]
+    res = _run(toy_small, out, "--steps", str(k + 1), "--resume")
+    assert res["step"] == k + 1 and [h["step"] for h in res["history"]] == list(range(1, k + 2))
 
 
 def test_end_to_end_losses_fall(toy_small, tmp_path):
