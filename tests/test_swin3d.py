@@ -340,6 +340,24 @@ def test_patch_embedding_is_the_conv3d():
             torch.testing.assert_close(a, b, atol=1e-5 * b.abs().max().item(), rtol=1e-4)
 
 
+def test_attention_dropout_acts_in_training_only():
+    """Attention-probability dropout alone (no hidden dropout, no stochastic depth), in both the plain and
+    the shifted-window blocks: in training it changes the output, in eval the network is the one without
+    dropout."""
+    torch.manual_seed(0)
+    model = VideoSwin(SwinConfig(embed_dim=16, depths=(2, 2), num_heads=(2, 4), window_size=(2, 4, 4),
+                                 drop_path_rate=0.0, attention_dropout=0.5))
+    x = torch.randn(2, 3, 4, 32, 32)
+    with torch.no_grad():
+        ref, _ = model.eval()(x)
+        train, _ = model.train()(x)
+        assert not torch.allclose(train, ref, atol=1e-3)
+        for m in model.modules():
+            if hasattr(m, "dropout") and isinstance(m.dropout, float):
+                m.dropout = 0.0
+        torch.testing.assert_close(model.train()(x)[0], ref)
+
+
 def test_stochastic_depth_drops_whole_samples_and_keeps_the_expectation():
     """drop_path(x, p): each sample's branch is zeroed with probability p and the rest scaled by 1 / (1 - p),
     so its expectation is x (Huang et al. 2016); in eval mode it is the identity. 4000 samples at p = 0.3:
