@@ -1005,14 +1005,14 @@ def report(args, d, dcfg):
 
 def report_markdown(res, args, splits, argv_line):
     n = {s: len(v) for s, v in splits.items()}
-    L = [f"# i-Code downstream evaluation on the toy world", "",
+    L = ["# i-Code downstream evaluation on the toy world", "",
          f"Command: `{argv_line}` ({res['seconds']:.0f} s, {args.seeds} fine-tuning seed(s) per row"
          f"{', mean±std' if args.seeds > 1 else ''}).", "",
          f"Downstream splits: {n['train']} train / {n['validation']} validation / {n['test']} test clips. "
          f"Pretrained checkpoint (D): `{res['ckpt'] or 'none'}`"
          + (f"; co-attention: `{res['ckpt_co']}`" if res["ckpt_co"] else "") + ". NP = no pretraining (fresh "
-         f"initialisation of encoders *and* fusion: unlike the paper's NP, whose encoders are pretrained "
-         f"single-modality models). M / C = merge- / co-attention fusion.", "",
+         "initialisation of encoders *and* fusion: unlike the paper's NP, whose encoders are pretrained "
+         "single-modality models). M / C = merge- / co-attention fusion.", "",
          f"Fine-tuning: up to {args.epochs} epochs, early stopping after {args.patience} epochs without a better "
          f"validation metric, test metrics at the best validation epoch; AdamW, LR {args.lr:g} (fusion + head), "
          + ("encoders frozen (their outputs computed once and cached; `--lr-encoders` > 0 fine-tunes them)"

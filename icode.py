@@ -18,8 +18,7 @@ Letters used in shape comments everywhere (docs/CONVENTIONS.md):
 """
 import argparse
 import dataclasses
-import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -334,7 +333,7 @@ def info(preset_name):
                      ("vision encoder (Video Swin)", count_params(m.vision), PAPER_COUNTS["vision"]),
                      ("speech encoder (WavLM)", count_params(m.speech), PAPER_COUNTS["audio"])]
         rows += [(f"fusion, {mode}-attention: projections + layers", fusion, None),
-                 (f"  + MLM/MVM/MSM heads", fusion + heads, PAPER_COUNTS[f"fusion_{mode}"])]
+                 ("  + MLM/MVM/MSM heads", fusion + heads, PAPER_COUNTS[f"fusion_{mode}"])]
     print(f"{'module':52s} {'this code':>12s} {'paper':>10s}")
     for name, n, paper in rows:
         print(f"{name:52s} {n / 1e6:11.1f}M {'' if paper is None else f'{paper / 1e6:9.0f}M':>10s}")

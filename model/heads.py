@@ -16,7 +16,6 @@ decoder. The vision head follows the deconvolution head of BEVT (Wang et al. 202
 cites. Differences from the paper: the paper does not say whether the MLM decoder is tied, nor the exact
 layers of DeConv; our choices are documented on each class.
 """
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 

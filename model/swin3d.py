@@ -22,7 +22,7 @@ Differences from the references:
 """
 import math
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn

@@ -9,6 +9,7 @@ from safetensors.torch import load_file, save_file
 from transformers import DebertaV2Config, DebertaV2ForMaskedLM, DebertaV2Model
 from transformers.models.deberta_v2.modeling_deberta_v2 import make_log_bucket_position
 
+from common import assert_attention_dropout_only_in_training
 from model.deberta import DEBERTA_V3_BASE, Deberta, config_from_hf, load_deberta, log_bucket_position
 
 
@@ -176,15 +177,7 @@ def test_attention_dropout_acts_in_training_only():
     cfg = small_hf_config(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.5)
     model = Deberta(config_from_hf(cfg.to_dict()))
     ids, mask = padded_batch()
-    valid = mask.bool()
-    with torch.no_grad():
-        ref, _ = model.eval()(ids, mask)
-        train, _ = model.train()(ids, mask)
-        assert not torch.allclose(train[valid], ref[valid], atol=1e-3)
-        for m in model.modules():
-            if hasattr(m, "attn_dropout"):
-                m.attn_dropout = 0.0
-        torch.testing.assert_close(model.train()(ids, mask)[0], ref)
+    assert_attention_dropout_only_in_training(model, lambda m: m(ids, mask)[0], "attn_dropout", where=mask.bool())
 
 
 def test_config_from_hf():

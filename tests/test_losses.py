@@ -1,7 +1,6 @@
 """Loss math: eqs. (1)-(3) against brute-force loops, and the 2-process gathered InfoNCE."""
 import math
 import os
-import socket
 import tempfile
 
 import pytest

@@ -7,11 +7,11 @@ import re
 
 import pytest
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from transformers import SwinConfig as HFSwinConfig
 from transformers import SwinModel
 
+from common import assert_attention_dropout_only_in_training
 from model.swin3d import (SWIN_B_VIDEO, SWIN_T_VIDEO, SwinBlock3D, SwinConfig, VideoSwin, config_from_hf,
                           convert_torchvision_state_dict, drop_path, get_window_size, inflate_image_swin,
                           load_video_swin, relative_position_index, shift_attention_mask, window_partition)
@@ -348,14 +348,7 @@ def test_attention_dropout_acts_in_training_only():
     model = VideoSwin(SwinConfig(embed_dim=16, depths=(2, 2), num_heads=(2, 4), window_size=(2, 4, 4),
                                  drop_path_rate=0.0, attention_dropout=0.5))
     x = torch.randn(2, 3, 4, 32, 32)
-    with torch.no_grad():
-        ref, _ = model.eval()(x)
-        train, _ = model.train()(x)
-        assert not torch.allclose(train, ref, atol=1e-3)
-        for m in model.modules():
-            if hasattr(m, "dropout") and isinstance(m.dropout, float):
-                m.dropout = 0.0
-        torch.testing.assert_close(model.train()(x)[0], ref)
+    assert_attention_dropout_only_in_training(model, lambda m: m(x)[0], "dropout")
 
 
 def test_stochastic_depth_drops_whole_samples_and_keeps_the_expectation():

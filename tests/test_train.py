@@ -213,7 +213,7 @@ def test_weight_decay_spares_exactly_norms_biases_and_tables():
     spared = {n for n, p in model.named_parameters() if p.dim() >= 2 and train.no_decay(n, p)}
     tables = {"text.embeddings.word_embeddings.weight", "text.encoder.rel_embeddings.weight", "fusion.modality_embed"}
     tables |= {f"vision.stages.{i}.blocks.{j}.attn.relative_position_bias_table" for i in range(4) for j in range(2)}
-    tables |= {f"speech.layers.0.attention.rel_attn_embed.weight"}
+    tables |= {"speech.layers.0.attention.rel_attn_embed.weight"}
     assert spared == {n for n in tables if n in dict(model.named_parameters())}
     assert not train.no_decay("vision.patch_embed.proj.weight", model.vision.patch_embed.proj.weight)
     assert all(train.no_decay(n, p) for n, p in model.named_parameters() if p.dim() < 2)

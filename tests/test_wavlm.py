@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from common import assert_attention_dropout_only_in_training
 from model.wavlm import (HUBERT_LARGE, WAVLM_LARGE, ConvFeatureEncoder, SpeechConfig, SpeechEncoder,
                          config_from_hf, conv_output_length, convert_hf_state_dict, load_speech_encoder)
 
@@ -196,14 +197,7 @@ def test_attention_dropout_acts_in_training_only():
                        activation_dropout=0.0)
     model = SpeechEncoder(cfg)
     wave = torch.randn(2, 4000)
-    with torch.no_grad():
-        ref, _ = model.eval()(wave)
-        train, _ = model.train()(wave)
-        assert not torch.allclose(train, ref, atol=1e-3)
-        for m in model.modules():
-            if hasattr(m, "dropout") and isinstance(m.dropout, float):
-                m.dropout = 0.0
-        torch.testing.assert_close(model.train()(wave)[0], ref)
+    assert_attention_dropout_only_in_training(model, lambda m: m(wave)[0], "dropout")
 
 
 def test_masked_frames_features_reach_nothing():
