@@ -90,6 +90,53 @@ def test_masked_unit_logits_and_targets_every_subset(model):
                 assert torch.allclose(logits["msm"][0], want, atol=1e-5)
 
 
+def test_pretraining_encoders_see_the_masked_inputs(model):
+    """Masked pass: DeBERTa gets the MLM-corrupted ids, Video Swin the patch mask of the masked tubes (masked
+    where the token grid is, section 4.2.1 / A.1), WavLM the span-masked frames. Unmasked pass (contrastive,
+    `unmasked_contrastive`): the clean ids and no masks."""
+    b = subset_batch(model, MODALITIES)
+    seen = {}
+    hooks = [enc.register_forward_pre_hook(lambda mod, args, kw, name=name: seen.__setitem__(name, (args, kw)),
+                                           with_kwargs=True)
+             for name, enc in (("text", model.text), ("vision", model.vision), ("speech", model.speech))]
+    try:
+        with torch.no_grad():
+            model.pretrain_features(b)
+            masked = dict(seen)
+            model.pretrain_features(b, masked=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    ids = masked["text"][0][0]
+    assert torch.equal(ids, b["text_ids"])
+    picked = b["text_labels"][[0, 2]] != -100                    # (row 1's labels are cut short by subset_batch)
+    corrupted = ids[[0, 2]] != b["text_ids_clean"][[0, 2]]
+    assert corrupted[picked].float().mean() > 0.8 and not corrupted[~picked].any()
+    patch = masked["vision"][1]["patch_mask"]                    # [B, T/2, H/4, W/4]
+    token = b["video_mask"]                                      # [B, T, H/16, W/16]
+    for i, t, y, x in itertools.product(range(3), range(patch.shape[1]), range(patch.shape[2]), range(patch.shape[3])):
+        assert patch[i, t, y, x] == (token[i, 2 * t, y // 4, x // 4] or token[i, 2 * t + 1, y // 4, x // 4])
+    assert 0 < patch.float().mean() < 1
+    assert torch.equal(masked["speech"][1]["frame_mask"], b["audio_mask"]) and b["audio_mask"].any()
+    assert torch.equal(seen["text"][0][0], b["text_ids_clean"])
+    assert seen["vision"][1]["patch_mask"] is None and seen["speech"][1]["frame_mask"] is None
+
+
+def test_contrastive_representations_fuse_each_modality_alone(model):
+    """Section 4.2.2: each modality goes through the fusion network individually: r_m is what `encode` pools
+    for m given alone, and not the pooled tokens of a joint pass over all three."""
+    b = subset_batch(model, MODALITIES)
+    inputs = {"video": b["video"], "text": b["text_ids_clean"], "audio": b["audio"]}
+    masks = dict(text_attention=b["text_attention"], audio_attention=b["audio_attention"])
+    with torch.no_grad():
+        r = model.contrastive_representations(*model.pretrain_features(b, masked=False))
+        joint = model.encode(**inputs, **masks).pooled
+        for m in MODALITIES:
+            alone = model.encode(**{m: inputs[m]}, **masks).pooled[m]
+            torch.testing.assert_close(r[m], alone, atol=1e-6, rtol=1e-5)
+            assert (r[m] - joint[m]).abs().max() > 0.05, m
+
+
 def test_targets_from_tokenizers_when_no_cache(model):
     b = subset_batch(model, ("video", "audio"))
     del b["video_targets"], b["audio_targets"]

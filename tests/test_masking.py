@@ -53,6 +53,13 @@ def test_tube_mask_exact_count_length_and_contiguity():
     # l is uniform over 5 values: each ~80 of 400 draws; allow wide bounds.
     counts = torch.bincount(torch.tensor(lengths))[4:]
     assert counts.min() > 45
+    # t uniform in [0, T - l]: for l = 4 (~80 draws) each of the 5 starts ~16 times; missing one has
+    # probability ~5 * 0.8^80 ~ 1e-7, and a start always at 0 (or never at the end) would fail here
+    starts4 = torch.bincount(torch.tensor([s for s, l in zip(starts, lengths) if l == 4]), minlength=5)
+    assert starts4.numel() == 5 and starts4.min() >= 4, starts4
+    # round, not floor: a 3 x 5 grid at 50% masks round(7.5) = 8 positions per frame (Python rounds halves to even)
+    m = tube_mask(4, 3, 5, ratio=0.5, generator=g)
+    assert {int(m[t].sum()) for t in range(4) if m[t].any()} == {8}
     # odd frame counts: l in [ceil(5/2), 5] = [3, 5]
     ls = {tube_mask(5, 4, 4, generator=g).flatten(1).any(1).sum().item() for _ in range(200)}
     assert ls == {3, 4, 5}
@@ -84,6 +91,11 @@ def test_span_mask_coverage_and_batch_lengths():
     cover = torch.stack([span_mask(L, p, span, g) for _ in range(50)]).float().mean().item()
     expect = 1 - (1 - p) ** span                      # ~0.566 for independent starts
     assert abs(cover - expect) < 0.02, (cover, expect)
+    # starts come from the whole sequence (clipped spans), so the last frame is covered as often as a middle
+    # one (fairseq's [0, L - span] would cover it only by a start at L - span: ~p * L / (L - span + 1) ~ 9%);
+    # 2000 draws of L = 100: each share's std ~0.011, the difference's ~0.016
+    m = torch.stack([span_mask(100, p, span, g) for _ in range(2000)]).float()
+    assert abs(m[:, -1].mean() - m[:, 50].mean()) < 0.07, (m[:, -1].mean(), m[:, 50].mean())
     # start count: int(p * L + U[0,1)) distinct starts, at least one
     short = span_mask(5, p, span, g)
     assert short.any()

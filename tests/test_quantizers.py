@@ -19,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from model.quantizers import (SPEECH_KERNELS, SPEECH_STRIDES, RandomProjectionSpeechTokenizer,  # noqa: E402
-                              RandomProjectionVideoTokenizer, VQGANConfig, VQGANTokenizer, Wav2Vec2Quantizer,
+                              VQGANConfig, VQGANTokenizer, Wav2Vec2Quantizer,
                               Wav2Vec2QuantizerConfig, build_default_quantizers, combined_index, fingerprint,
                               load_quantizer, nearest_code)
 from model.wavlm import ConvFeatureEncoder, conv_output_length  # noqa: E402
@@ -124,8 +124,10 @@ def test_nearest_code_bf16_inputs_use_float32():
 
 
 def test_combined_index():
-    ids = torch.tensor([[0, 0], [1, 2], [319, 319], [-100, -100]])
-    assert combined_index(ids, 320).tolist() == [0, 322, 320 * 320 - 1, -100]
+    ids = torch.tensor([[0, 0], [1, 2], [319, 319], [-100, -100], [5, -100], [-100, 7]])
+    assert combined_index(ids, 320).tolist() == [0, 322, 320 * 320 - 1, -100, -100, -100]   # -100 in any group
+    three = torch.tensor([[1, 2, 3], [1, -100, 3]])                                           # G = 3: base vars
+    assert combined_index(three, 10).tolist() == [123, -100]
 
 
 # ----------------------------------------------------------------------------------------------------
