@@ -1100,13 +1100,17 @@ class MixedLoader:
                 f"Run `python data.py check {ds.path}` for the full list.")
 
     def state_dict(self):
-        return {"sampler": dict(self._state), "bad": dict(self.bad_counts), "tried": dict(self.tried_counts)}
+        return {"sampler": dict(self._state), "bad": dict(self.bad_counts), "tried": dict(self.tried_counts),
+                "reasons": {k: dict(v) for k, v in self.bad_reasons.items()}}
 
     def load_state_dict(self, d):
         self._state = dict(d["sampler"])
         self.sampler.load_state_dict(self._state)
         self.bad_counts.update(d.get("bad", {}))
         self.tried_counts.update(d.get("tried", {}))
+        for name, reasons in d.get("reasons", {}).items():
+            if name in self.bad_reasons:
+                self.bad_reasons[name] = collections.Counter(reasons)
 
 
 def make_loader(manifests, weights, cfg, tokenizer, batch_size, rank=0, world_size=1, seed=0, num_workers=0, **kw):
@@ -1205,9 +1209,10 @@ def _toy_frames(rng, colour, shape, motion, n_frames):
 
 
 def _write_mp4(path, frames, fps, audio=None, sr=16000, rotation=0, keyint=10, pix_fmt="yuv420p", preset="ultrafast",
-               fmt="mp4"):
+               fmt="mp4", start_s=0.0):
     """H.264 MP4 (+ AAC audio [C, N] float32) written deterministically; rotation sets the display matrix.
-    frames: uint8 [T, H, W, 3]; odd H or W need pix_fmt="yuv444p". fmt: the container ("mpegts", "flv" in tests)."""
+    frames: uint8 [T, H, W, 3]; odd H or W need pix_fmt="yuv444p". fmt: the container ("mpegts", "flv" in tests).
+    start_s: both streams' first timestamp (a cut broadcast recording starts late; 0: timestamps from 0)."""
     with av.open(path, "w", format=fmt, options={"fflags": "+bitexact"}) as c:
         vs = c.add_stream("libx264", rate=fps, options={"preset": preset, "g": str(keyint), "threads": "1"})
         vs.height, vs.width = frames.shape[1:3]
@@ -1218,15 +1223,18 @@ def _write_mp4(path, frames, fps, audio=None, sr=16000, rotation=0, keyint=10, p
         if audio is not None:
             st = c.add_stream("aac", rate=sr, layout="mono" if audio.shape[0] == 1 else "stereo",
                               options={"aac_coder": "fast"})
-        for img in frames:
-            for p in vs.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")):
+        for i, img in enumerate(frames):
+            f = av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")
+            if start_s:
+                f.pts = round(start_s * fps) + i
+            for p in vs.encode(f):
                 c.mux(p)
         for p in vs.encode():
             c.mux(p)
         if audio is not None:
             a = av.AudioFrame.from_ndarray(np.ascontiguousarray(audio.T.reshape(1, -1)), format="flt",
                                            layout="mono" if audio.shape[0] == 1 else "stereo")
-            a.sample_rate, a.pts = sr, 0
+            a.sample_rate, a.pts = sr, round(start_s * sr)
             for p in st.encode(a):
                 c.mux(p)
             for p in st.encode(None):

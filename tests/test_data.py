@@ -57,11 +57,11 @@ def _frame_index(img):
                                          ("ultrafast", "flv")])
 def test_seek_matches_decoding_everything(tmp_path, preset, fmt):
     path = _grey_clip(tmp_path / "g.vid", n=40, fps=10, keyint=5, preset=preset, fmt=fmt)  # 4 s, keyframe every 0.5 s
-    for start, end in [(None, None), (1.3, 3.7), (2.95, 3.05), (0.0, 0.4), (3.0, 4.0)]:
+    for start, end in [(None, None), (1.3, 3.7), (2.95, 3.05), (0.0, 0.4), (3.0, 4.0), (2.0, 10.0)]:
         a = data.read_video(path, 4, 32, start, end, seek=True)
         b = data.read_video(path, 4, 32, start, end, seek=False)
         assert np.array_equal(a, b), (start, end)
-        s, e = start or 0.0, end or 4.0
+        s, e = start or 0.0, min(end or 4.0, 4.0)                 # an end past the file: the file's end
         want = [int((s + (i + 0.5) * (e - s) / 4) * 10 + 1e-6) for i in range(4)]  # frame on display at t
         assert [_frame_index(x) for x in a] == want, (start, end)
 
@@ -154,6 +154,21 @@ def test_resampling_keeps_duration_and_pitch(tmp_path, sr, channels, fmt):
     assert abs(len(cut) - 12000) <= 2
 
 
+@pytest.mark.parametrize("fmt", ["WAV", "FLAC"])
+def test_cut_and_mixdown_of_a_sound_file_are_exact(tmp_path, fmt):
+    """At 16 kHz nothing is resampled: [start, start + max_s) of the file, the mean of its two channels (two
+    different tones, so neither channel alone passes), also when start lies beyond max_s."""
+    sr = 16000
+    t = np.arange(10 * sr) / sr
+    x = 0.3 * np.stack([np.sin(2 * np.pi * 440 * t), np.sin(2 * np.pi * 1000 * t)], 1)
+    path = str(tmp_path / f"two.{fmt.lower()}")
+    soundfile.write(path, x, sr, format=fmt)
+    raw, _ = soundfile.read(path, dtype="float32")                           # [N, 2] as stored
+    y = data.read_audio(path, sr, start=5.0, end=9.0, max_s=2.0)
+    assert len(y) == 2 * sr
+    np.testing.assert_allclose(y, raw[5 * sr:7 * sr].mean(1), atol=1e-6)
+
+
 def test_audio_from_video_container(tmp_path):
     wave = _sine(48000, 2.0, 300, 2).T.copy()  # [2, N] stereo 48 kHz AAC
     path = _grey_clip(tmp_path / "av.mp4", n=20, audio=wave, sr=48000)
@@ -170,21 +185,24 @@ def test_audio_from_video_container(tmp_path):
         data.read_audio(_grey_clip(tmp_path / "mute.mp4", n=5), 16000)
 
 
-@pytest.mark.parametrize("fmt", ["mp4", "mpegts", "flv", "matroska"])
-def test_picture_and_sound_of_one_file_stay_in_sync(tmp_path, fmt):
+@pytest.mark.parametrize("fmt, start_s", [("mp4", 0.0), ("mpegts", 0.0), ("flv", 0.0), ("matroska", 0.0),
+                                          ("mpegts", 10.0)])
+def test_picture_and_sound_of_one_file_stay_in_sync(tmp_path, fmt, start_s):
     """A click in the sound and a bright frame at the same moments (1, 2, 3 s) land at the same clip times,
     whatever the container: MPEG-TS and FLV start the video 64 ms after the audio, so with each stream
-    measured from its own start the clicks came 64 ms late there (1.064 s; MP4 and Matroska 1.000 s)."""
+    measured from its own start the clicks came 64 ms late there (1.064 s; MP4 and Matroska 1.000 s). Also
+    when the file's timestamps start at 10 s (a cut recording): `start` / `end` count from the file's start."""
     sr = 16000
     x = np.zeros(4 * sr, np.float32)
     for c in (1.0, 2.0, 3.0):
         x[int(c * sr):int(c * sr) + 64] = 0.8
     frames = np.stack([np.full((48, 64, 3), 200 if f in (10, 20, 30) else 20, np.uint8) for f in range(40)])
     path = str(tmp_path / f"sync.{fmt}")
-    data._write_mp4(path, frames, 10, x[None], sr, fmt=fmt)
+    data._write_mp4(path, frames, 10, x[None], sr, fmt=fmt, start_s=start_s)
     manifest = tmp_path / "sync.jsonl"
     manifest.write_text(json.dumps({"video": path, "start": 0.5, "end": 2.5}) + "\n")
     y = data.ManifestDataset(str(manifest), data.TOY_DATA)[0]["audio"]          # the loader's own path
+    assert len(y) == 2 * sr
     clicks = np.flatnonzero(np.abs(y) > 0.3)
     first_click = 0.5 + clicks[0] / sr
     v = data.read_video(path, 20, 32, start=0.5, end=2.5)          # frame centres 0.55, 0.65, ..., 2.45
@@ -259,6 +277,51 @@ def test_collate_masks_respect_padding_and_specials(toy, tok):
     big = data.collate(exs * 10, CFG, tok, torch.Generator().manual_seed(2))
     sel = big["text_labels"] != -100
     assert sel.sum() >= 20 and (big["text_ids"][sel] == tok.mask_id).float().mean() >= 0.6
+
+
+def test_collate_draws_each_mask_with_its_own_setting(toy, tok):
+    """Ratios unlike the defaults and unlike each other, each visible in its own mask: MLM selects ~20% of the
+    eligible tokens; the tube masks round(0.75 * 16) = 12 of a frame's 16 cells; spans of 4 frames started
+    at 3% of the frames cover ~11% (~1 - 0.97^4; the defaults give ~57%)."""
+    cfg = data.dataclasses.replace(CFG, text_mask_ratio=0.2, tube_ratio=0.75, span_p=0.03, span_len=4)
+    ds = data.ManifestDataset(os.path.join(toy, "video.jsonl"), cfg, tok)
+    b = data.collate([ds[i] for i in range(len(ds))] * 20, cfg, tok, torch.Generator().manual_seed(0))
+    eligible = b["text_attention"] & ~torch.isin(b["text_ids_clean"], torch.tensor(tok.special_ids))
+    share = (b["text_labels"] != -100)[eligible].float().mean().item()
+    assert abs(share - 0.2) < 0.05, share                  # ~1,000 eligible tokens: std ~0.013
+    per_frame = b["video_mask"].flatten(2).sum(-1)          # [B, T] masked cells per frame
+    assert set(per_frame[per_frame > 0].tolist()) == {12}
+    cover = b["audio_mask"].float().mean().item()           # every clip 2 s: no padding
+    assert abs(cover - 0.11) < 0.03, cover
+
+
+def test_masks_differ_between_ranks_steps_and_examples(toy, tok):
+    """The collate generator is seeded by (seed, step, rank): two ranks at one step, or one rank at two steps,
+    mask the same rows differently; within a batch each example draws its own masks; and the same
+    (seed, step, rank) gives the same masks (what an exact resume needs)."""
+    ds = data.ManifestDataset(os.path.join(toy, "video.jsonl"), CFG, tok)
+
+    def batch(rank, step):
+        return data._BatchMaker([ds], CFG, tok, 4, seed=0, rank=rank)[(step, 0, [0, 1, 2, 3], [], None)]["batch"]
+    a, other_rank, next_step = batch(0, 5), batch(1, 5), batch(0, 6)
+    for k in ("video_mask", "audio_mask", "text_labels"):
+        assert not torch.equal(a[k], other_rank[k]) and not torch.equal(a[k], next_step[k]), k
+        assert torch.equal(a[k], batch(0, 5)[k]), k
+    assert len({m.numpy().tobytes() for m in a["video_mask"]}) == 4
+
+
+def test_caption_comes_first_and_the_transcript_is_cut(toy, tok, tmp_path):
+    """Section 4.2.2: [CLS] caption [SEP] transcript [SEP]; a text longer than max_text_len loses the tail of
+    the transcript, keeps the caption and ends with [SEP]."""
+    caption, transcript = "a blue square", " ".join(["red circle moving left"] * 20)
+    path = _write_manifest(tmp_path / "long.jsonl",
+                           [{"video": os.path.join(toy, "video", "000000.mp4"), "caption": caption, "text": transcript}])
+    ids = data.ManifestDataset(path, CFG, tok)[0]["text_ids"]
+    cap = tok.tokenizer.encode(caption, add_special_tokens=False).ids
+    words = tok.tokenizer.encode(transcript, add_special_tokens=False).ids
+    assert len(words) > CFG.max_text_len
+    n = CFG.max_text_len - len(cap) - 3
+    assert ids == [tok.cls_id] + cap + [tok.sep_id] + words[:n] + [tok.sep_id]
 
 
 def test_pad_to_max_fixes_the_shapes_and_keeps_the_content(toy, tok):
@@ -407,6 +470,33 @@ def test_loader_skips_and_counts_bad_rows(bad_manifest, tok):
             pass
 
 
+def test_loader_state_keeps_the_bad_row_accounts(bad_manifest, tok):
+    """A resumed run goes on counting bad rows where the first left off (the max_bad_share stop and the
+    final report see the whole run), through a JSON round trip as in a checkpoint."""
+    path, expected = bad_manifest
+    cfg = data.dataclasses.replace(CFG, max_bad_share=0.9)
+    loader = data.make_loader([path], [1.0], cfg, tok, batch_size=4, seed=3, spares=0, log=lambda m: None)
+    it = iter(loader)
+    for _ in range(3):
+        next(it)
+    assert loader.bad_counts["mixed"] > 0
+    again = data.make_loader([path], [1.0], cfg, tok, batch_size=4, seed=3, spares=0, log=lambda m: None)
+    again.load_state_dict(json.loads(json.dumps(loader.state_dict())))
+    assert again.bad_counts == loader.bad_counts and again.tried_counts == loader.tried_counts
+    assert again.bad_reasons == loader.bad_reasons
+
+
+def test_a_small_all_bad_source_stops_once_every_row_is_tried(tmp_path, tok):
+    """min_tried (50) is capped by the source's size: 6 rows, all bad, stop after the 6 tried (3 batches of 2),
+    not after 50 (25 batches)."""
+    path = _write_manifest(tmp_path / "allbad.jsonl", [{"video": "nothere.mp4", "text": "x"}] * 6)
+    loader = data.make_loader([path], [1.0], CFG, tok, batch_size=2, seed=0, spares=0, log=lambda m: None)
+    with pytest.raises(data.TooManyBadExamples, match="6 of 6 rows tried were bad"):
+        for _ in itertools.islice(loader, 30):
+            pass
+    assert loader.tried_counts["allbad"] == 6
+
+
 # ----------------------------------------------------------------------------------------------------
 # Mixing: same source on every rank, disjoint shards, exact resume
 
@@ -426,10 +516,15 @@ def test_sampler_same_source_disjoint_and_resumes():
             assert len(set(spares)) == len(spares) == min(2, sizes[plans[r][step][1]] // W - bs)
             assert all(sp not in plans[q][step][2] for q in range(W) for sp in spares)
     assert {p[1] for p in plans[0]} == {0, 1, 2}
-    for k, n in enumerate(sizes):  # within an epoch, all rows of all ranks are distinct
+    for k, n in enumerate(sizes):  # within every epoch, all rows of all ranks are distinct
         m = n // W // bs * bs  # rows per rank per epoch (an incomplete last batch is dropped)
-        first = [row for r in range(W) for row in per_source[k][r][:m]]
-        assert len(set(first)) == len(first) == m * W
+        epochs = len(per_source[k][0]) // m
+        assert epochs >= 2, (k, epochs)
+        for e in range(epochs):
+            rows = [row for r in range(W) for row in per_source[k][r][e * m:(e + 1) * m]]
+            assert len(set(rows)) == len(rows) == m * W, (k, e)
+        # reshuffled each epoch (seeded by the epoch): rank 0 does not walk the same rows every epoch
+        assert len({tuple(per_source[k][0][e * m:(e + 1) * m]) for e in range(epochs)}) > 1, k
     # resume: a fresh sampler loaded from a JSON round trip of step 25's state continues identically
     s = data.MixedBatchSampler(sizes, weights, bs, 1, W, seed=5, spares=2, names="abc")
     for _ in range(25):
@@ -438,6 +533,18 @@ def test_sampler_same_source_disjoint_and_resumes():
     s2 = data.MixedBatchSampler(sizes, weights, bs, 1, W, seed=5, spares=2, names="abc")
     s2.load_state_dict(state)
     assert [s2.next_plan() for _ in range(35)] == plans[1][25:]
+
+
+def test_sampler_follows_the_weights_and_refuses_what_it_cannot_do():
+    s = data.MixedBatchSampler([50, 50, 50], [0.8, 0.2, 0.0], 4, seed=1)
+    counts = np.bincount([s.source_at(k) for k in range(2000)], minlength=3)
+    assert abs(counts[0] / 2000 - 0.8) < 0.04 and counts[2] == 0, counts    # std of a share ~0.009
+    with pytest.raises(ValueError, match="source 0 has 10 rows, fewer than batch_size x world_size"):
+        data.MixedBatchSampler([10], [1], 4, rank=0, world_size=4)          # 2 rows per rank for batches of 4
+    state = data.MixedBatchSampler([40], [1], 2, rank=0, world_size=2, seed=3).state_dict()
+    for kw in (dict(world_size=4, seed=3), dict(world_size=2, seed=4)):     # other shards, other permutations
+        with pytest.raises(ValueError, match="cannot resume"):
+            data.MixedBatchSampler([40], [1], 2, rank=0, **kw).load_state_dict(state)
 
 
 @pytest.mark.parametrize("workers", [0, 2])

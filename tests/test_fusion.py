@@ -173,6 +173,16 @@ def test_merge_input_is_the_projections_plus_the_modality_embedding():
     for m in MODALITIES:
         torch.testing.assert_close(out[m], want[m])
     assert f.modality_embed.abs().min() > 0               # the embeddings differ from zero (std 0.02 init)
+    # any subset: each modality keeps its own embedding (its index in MODALITIES, not in the subset)
+    for subset in [s for k in (1, 2) for s in itertools.combinations(MODALITIES, k)]:
+        x = torch.cat([xs[MODALITIES.index(m)] for m in subset], 1)
+        valid = torch.cat([torch.ones(3, 8, dtype=torch.bool) if m == "video" else valids[m] for m in subset], 1)
+        for layer in f.layers:
+            x = layer(x, valid)
+        out = f({m: feats[m] for m in subset}, {m: valids[m] for m in subset if m in valids})
+        want = dict(zip(subset, x.split([{"video": 8, "text": 7, "audio": 9}[m] for m in subset], 1)))
+        for m in subset:
+            torch.testing.assert_close(out[m], want[m])
 
 
 @pytest.mark.parametrize("mode", ["merge", "co"])
@@ -190,6 +200,25 @@ def test_dropout_only_in_training(mode):
     torch.manual_seed(0)
     train = f_drop.train()(feats, valids)
     assert all(not torch.allclose(train[m], want[m]) for m in MODALITIES)
+
+
+@pytest.mark.parametrize("mode", ["merge", "co"])
+def test_every_residual_branch_has_dropout(mode):
+    """Dropout 1 in training zeroes every residual branch (attention, cross-attention, FFN), so a layer is its
+    LayerNorms alone: merge norm2(norm1(x)); co ffn_norm(cross_norm(self_norm(x))) (cross only with others)."""
+    f = FusionNetwork(FusionConfig(mode=mode, dim=16, layers=1, heads=4, dropout=1.0), DIMS).train()
+    feats, valids = inputs()
+    for subset in (MODALITIES, ("text",)):
+        out = f({m: feats[m] for m in subset}, valids)
+        layer = f.layers[0]
+        for m in subset:
+            x = f.proj[m](feats[m].flatten(1, 3) if m == "video" else feats[m])
+            if mode == "merge":
+                want = layer.norm2(layer.norm1(x + f.modality_embed[MODALITIES.index(m)]))
+            else:
+                x = layer.self_norm[m](x)
+                want = layer.ffn_norm[m](layer.cross_norm[m](x) if len(subset) > 1 else x)
+            torch.testing.assert_close(out[m], want)
 
 
 def test_masked_mean_closed_form():

@@ -33,6 +33,16 @@ def test_mask_tokens_ratio_and_80_10_10():
     assert abs(replaced.mean().item() - (V - 1) / 2) < 52 and replaced.unique().numel() > 400
 
 
+def test_mask_tokens_random_ids_cover_the_whole_vocabulary():
+    """A 5-id vocabulary, every token selected and all ids 0: the random 10% are uniform over all of [0, 5),
+    the last id included (each ~2,000 of 100,000 positions: std ~44; 0 also holds the kept 10%)."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.zeros(1, 100_000, dtype=torch.long)
+    inputs, _ = mask_tokens(ids, torch.zeros_like(ids, dtype=torch.bool), 99, 5, ratio=1.0, generator=g)
+    counts = torch.bincount(inputs[inputs != 99], minlength=5)
+    assert counts.numel() == 5 and (counts[1:] - 2000).abs().max() < 250, counts
+
+
 def test_tube_mask_exact_count_length_and_contiguity():
     g = torch.Generator().manual_seed(1)
     T, H, W = 8, 14, 14
@@ -96,7 +106,10 @@ def test_span_mask_coverage_and_batch_lengths():
     # 2000 draws of L = 100: each share's std ~0.011, the difference's ~0.016
     m = torch.stack([span_mask(100, p, span, g) for _ in range(2000)]).float()
     assert abs(m[:, -1].mean() - m[:, 50].mean()) < 0.07, (m[:, -1].mean(), m[:, 50].mean())
-    # start count: int(p * L + U[0,1)) distinct starts, at least one
+    # start count: int(p * L + U[0,1)) distinct starts, at least one; with span 1 the mask counts them:
+    # p * L = 2.5 gives 2 or 3 (mean 2.5; 4000 draws: std of the mean ~0.008), never fewer (no repeats)
+    n = torch.stack([span_mask(25, 0.1, 1, g) for _ in range(4000)]).sum(1).float()
+    assert set(n.tolist()) == {2.0, 3.0} and abs(n.mean().item() - 2.5) < 0.04, n.mean()
     short = span_mask(5, p, span, g)
     assert short.any()
     lengths = [30, 100, 7, 0]
