@@ -259,6 +259,12 @@ TASKS = ("sentiment", "emotion", "binary", "mc", "glue")
 SELECT = {"sentiment": ("mae", True), "emotion": ("f1", False), "binary": ("acc", False), "mc": ("acc", False)}
 
 
+def selection_metric(task, glue_task=None):
+    """(metric, lower is better) that picks the best epoch on the validation split: SELECT; for GLUE the
+    task's first metric (GLUE_METRICS: F1 for MRPC and QQP, Pearson for STS-B)."""
+    return SELECT.get(task, (GLUE_METRICS.get(glue_task, ("acc",))[0], False))
+
+
 def parse_modalities(s):
     """'V,L,S' (any non-empty subset, any order; names 'video,text,audio' work too) -> modality names in
     MODALITIES order."""
@@ -622,7 +628,7 @@ def finetune(task, splits, *, ckpt, fusion, modalities, seed, dcfg, tokenizer, d
     opt.add_param_group({"params": list(ft.head.parameters()), "lr": lr, "base_lr": lr,
                          "weight_decay": weight_decay, "name": "head"})
     ddp = T.wrap_ddp(ft, d)
-    select, lower = SELECT.get(task, (GLUE_METRICS.get(glue_task, ("acc",))[0], False))
+    select, lower = selection_metric(task, glue_task)
     best, best_state, best_epoch, stale, epoch = None, None, -1, 0, 0
     g = torch.Generator().manual_seed(seed)
     for epoch in range(epochs):

@@ -174,9 +174,100 @@ def test_finetune_is_the_same_with_a_filled_feature_cache(toy, tok):
     a = E.finetune("sentiment", splits, feature_cache=cache, **kw)
     b = E.finetune("sentiment", splits, feature_cache=cache, **kw)
     assert a["test"] == b["test"]
+    # a fresh initialisation's features depend on its seed: seed 1 beside seed 0's cache = seed 1 alone
+    c = E.finetune("sentiment", splits, feature_cache=cache, **dict(kw, seed=1))
+    assert c["test"] == E.finetune("sentiment", splits, feature_cache={}, **dict(kw, seed=1))["test"] != a["test"]
+    # an ablation uses only its modalities, whatever else the cache holds (text features from the runs above):
+    # V+S on examples with text = V+S on the same examples without it
+    vs = dict(kw, modalities=("video", "audio"))
+    no_text = {s: [dict(e, modalities=("video", "audio")) for e in v] for s, v in splits.items()}
+    assert E.finetune("sentiment", splits, feature_cache=cache, **vs)["test"] == \
+        E.finetune("sentiment", no_text, feature_cache={}, **vs)["test"]
+    # encoders with a learning rate are trained (no cache): another result than frozen encoders
+    assert E.finetune("sentiment", splits, lr_encoders=1e-2, **kw)["test"] != a["test"]
     mute = {s: [dict(e, modalities=("video", "text")) for e in v] for s, v in splits.items()}
     with pytest.raises(ValueError, match=r"no \['audio'\]"):
         E.finetune("sentiment", mute, **kw)
+
+
+def _splits(toy, tok):
+    return {s: E.load_split(os.path.join(toy, f"downstream_{s}.jsonl"), D.TOY_DATA, tok)
+            for s in ("train", "validation", "test")}
+
+
+def _finetune_kw(tok, **kw):
+    return dict(dict(ckpt=None, fusion="merge", modalities=("video", "text", "audio"), seed=0, dcfg=D.TOY_DATA,
+                     tokenizer=tok, d=E.T.setup_distributed("cpu"), epochs=2, batch_size=4, log=lambda m: None), **kw)
+
+
+@pytest.mark.parametrize("task, scores, patience, best, run", [
+    ("sentiment", [1.0, 1.1, 0.9, 1.0, 0.8, 0.7], 2, 6, 6),  # MAE, lower is better; an improvement resets patience
+    ("sentiment", [1.0, 1.0, 1.2, 1.3, 0.1], 2, 1, 3),       # a tie is no improvement; stop after `patience` stale
+    ("emotion", [0.6, 0.3, 0.4], 5, 1, 3),                   # F1 (accuracy, scripted 1 - F1, would pick epoch 2)
+])
+def test_model_selection_and_early_stopping_by_hand(toy, tok, monkeypatch, task, scores, patience, best, run):
+    """With the validation metric scripted epoch by epoch: selection runs on the validation split only, the
+    best epoch (1-based), the epochs run and the reported validation metrics follow SELECT and `patience`,
+    and the test split is evaluated with the best epoch's weights, restored."""
+    select, _ = E.selection_metric(task)
+    real, val, weights, test_weights = E.evaluate, [], [], []
+
+    def scripted(ft, items, *a, **k):
+        source = items[0]["ex"]["source"]                        # cached feature items carry their example
+        snapshot = {n: p.detach().clone() for n, p in ft.named_parameters() if p.requires_grad}
+        if source == "downstream_test":
+            test_weights.append(snapshot)
+            return real(ft, items, *a, **k)
+        assert source == "downstream_validation", source         # never the train or test split
+        out = dict(real(ft, items, *a, **k), **{select: scores[len(val)]})
+        if task == "emotion":
+            out["accuracy"] = 1 - scores[len(val)]
+        val.append(out)
+        weights.append(snapshot)
+        return out
+    monkeypatch.setattr(E, "evaluate", scripted)
+    r = E.finetune(task, _splits(toy, tok), **_finetune_kw(tok, epochs=len(scores), patience=patience))
+    assert (r["best_epoch"], r["epochs_run"]) == (best, run) and len(val) == run and len(test_weights) == 1
+    assert r["val"] == val[best - 1]
+    assert all(torch.equal(test_weights[0][n], w) for n, w in weights[best - 1].items())
+    if best != run:   # the restore has something to undo: training moved the weights after the best epoch
+        assert any(not torch.equal(weights[run - 1][n], w) for n, w in weights[best - 1].items())
+
+
+def test_selection_metric_and_mean_std():
+    assert E.selection_metric("sentiment") == ("mae", True) and E.selection_metric("emotion") == ("f1", False)
+    assert E.selection_metric("glue", "MRPC") == ("f1", False) and E.selection_metric("glue", "STS-B") == ("pearson", False)
+    assert E.selection_metric("glue", "CoLA") == ("mcc", False)
+    # mean and sample standard deviation (ddof 1): [0, 0, 0.9] -> 0.3, sqrt((0.09 + 0.09 + 0.36) / 2)
+    (m, s), = E.mean_std([{"a": 0.0}, {"a": 0.0}, {"a": 0.9}]).values()
+    assert m == pytest.approx(0.3) and s == pytest.approx(math.sqrt(0.27))
+    assert E.mean_std([{"a": 0.5}]) == {"a": (0.5, 0.0)}
+
+
+def test_cached_multiple_choice_rows_belong_to_their_question(toy, tok):
+    """encode_examples batches K candidate rows per question: question j's cached rows are those of
+    encoding question j alone."""
+    icode = tiny_icode(tok.vocab_size)
+    examples = _splits(toy, tok)["train"][:3]
+    batch = E.encode_examples(icode, examples, "mc", ("text",), D.TOY_DATA, tok, "cpu")
+    for j, ex in enumerate(examples):
+        alone = E.encode_examples(icode, [ex], "mc", ("text",), D.TOY_DATA, tok, "cpu")[0]["text"]
+        assert len(batch[j]["text"]) == len(ex["answers"]) == len(alone)
+        for got, want in zip(batch[j]["text"], alone):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_run_seeds_uses_consecutive_seeds(monkeypatch):
+    """Appendix A.2: mean and std over fine-tuning seeds seed, seed + 1, ..."""
+    import argparse
+    seeds = []
+    monkeypatch.setattr(E, "finetune", lambda task, splits, **kw: seeds.append(kw["seed"]) or
+                        {"test": {"a": float(kw["seed"])}, "val": {"a": 0.0}})
+    args = argparse.Namespace(seeds=3, seed=5, preset="tiny", lr=1e-3, lr_encoders=0.0, weight_decay=0.0, epochs=1,
+                              patience=1, batch=4, clip=1.0, glue_task=None)
+    res = E.run_seeds("sentiment", {}, args, E.T.setup_distributed("cpu"), None, "merge", ("text",), D.TOY_DATA,
+                      None, {})
+    assert seeds == [5, 6, 7] and res["test"]["a"] == (6.0, 1.0)
 
 
 def test_read_glue_tsv(tmp_path):

@@ -38,6 +38,8 @@ def test_pearson_by_hand_and_constant():
     assert pearson([1, 2, 3], [-1, -2, -3]) == pytest.approx(-1.0)
     assert pearson([0.5, 0.5, 0.5], [1, 2, 3]) == 0.0          # constant predictor: 0, not NaN
     assert pearson([1.0], [2.0]) == 0.0
+    assert pearson([1, 2], [3, 5]) == pytest.approx(1.0)        # two points lie on a line
+    assert pearson([1, 2], [5, 3]) == pytest.approx(-1.0)
 
 
 def test_rankdata_and_spearman_with_ties():
@@ -76,6 +78,15 @@ def test_matthews():
     # three classes (Gorodkin): c = 2 correct of s = 3; true counts t = [1,1,1], predicted p = [1,2,0]
     # -> (c s - t.p) / sqrt((s^2 - p.p)(s^2 - t.t)) = (6 - 3) / sqrt((9 - 5)(9 - 3)) = 3 / sqrt(24)
     assert matthews_corrcoef([0, 1, 1], [0, 1, 2]) == pytest.approx(3 / math.sqrt(24))
+    # predicted and true class counts differ: TP 1, TN 1, FP 0, FN 2 -> (1 - 0) / sqrt(1 * 3 * 1 * 3) = 1/3
+    assert matthews_corrcoef([1, 0, 0, 0], [1, 1, 1, 0]) == pytest.approx(1 / 3)
+    rng = np.random.default_rng(0)                               # and the 2-class closed form on random labels
+    for _ in range(20):
+        p, t = rng.integers(0, 2, 15), rng.integers(0, 2, 15)
+        tp, tn = np.sum((p == 1) & (t == 1)), np.sum((p == 0) & (t == 0))
+        fp, fn = np.sum((p == 1) & (t == 0)), np.sum((p == 0) & (t == 1))
+        den = math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+        assert matthews_corrcoef(p, t) == pytest.approx((tp * tn - fp * fn) / den if den else 0.0)
 
 
 def test_regression_metrics_by_hand():
@@ -94,6 +105,9 @@ def test_regression_metrics_by_hand():
     # rounded pred [-2, 1, 0, 2, -0, 3] vs target [-3, 1, 0, -1, 0, 3]: rows 1, 2, 4, 5 agree
     assert m["acc7"] == pytest.approx(4 / 6)
     assert m["corr"] == pytest.approx(np.corrcoef(pred, target)[0, 1])
+    # a prediction of exactly 0 on a non-zero target counts as negative: pred>0 [F,F,T,F] = target>0 [F,F,T,F]
+    m = regression_metrics([0.0, 0.0, 1.0, -1.0], [-1.0, -2.0, 2.0, -1.0])
+    assert m["acc2_pos"] == 1.0 and m["f1_pos"] == 1.0
 
 
 def test_acc7_rounding_and_clipping():
