@@ -1,5 +1,9 @@
-"""Checks shared by several test files (imported as `from common import ...`: pytest puts tests/ on the path)."""
+"""Checks and configs shared by several test files (imported as `from common import ...`: pytest puts tests/ on the path)."""
+import dataclasses
+
 import torch
+
+from icode import preset
 
 
 def assert_attention_dropout_only_in_training(model, run, rate_attr, where=slice(None)):
@@ -15,3 +19,16 @@ def assert_attention_dropout_only_in_training(model, run, rate_attr, where=slice
         for m in modules:
             setattr(m, rate_attr, 0.0)
         torch.testing.assert_close(run(model.train()), ref)
+
+
+def with_dropout(name, *a, dropout=0.1, **k):
+    """icode.preset with every dropout and stochastic depth the paper preset has (attention, hidden and
+    activation dropout in the encoders and the fusion network, Swin's drop path) at `dropout`; the tiny
+    preset has none, so tests of what restoring an RNG state buys turn them on."""
+    cfg = preset(name, *a, **k)
+    r = dataclasses.replace
+    cfg.text = r(cfg.text, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+    cfg.speech = r(cfg.speech, hidden_dropout=dropout, attention_dropout=dropout, activation_dropout=dropout)
+    cfg.vision = r(cfg.vision, drop_path_rate=dropout)
+    cfg.fusion = r(cfg.fusion, dropout=dropout)
+    return cfg

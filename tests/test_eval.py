@@ -9,6 +9,7 @@ import torch
 
 import data as D
 import eval as E
+from common import with_dropout
 from icode import ICode, preset
 
 
@@ -255,6 +256,25 @@ def test_cached_multiple_choice_rows_belong_to_their_question(toy, tok):
         assert len(batch[j]["text"]) == len(ex["answers"]) == len(alone)
         for got, want in zip(batch[j]["text"], alone):
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_cached_features_are_the_eval_mode_encoders(toy, tok):
+    """With dropout in the encoders (the paper preset has it) and the model left in training mode, the
+    cached features are the deterministic eval-mode ones that evaluation without a cache would see."""
+    torch.manual_seed(0)
+    icode = ICode(with_dropout("tiny", text_vocab=tok.vocab_size)).train()
+    examples = _splits(toy, tok)["train"][:2]
+    mods = ("video", "text", "audio")
+    got = E.encode_examples(icode, examples, "sentiment", mods, D.TOY_DATA, tok, "cpu")
+    inputs, _, _ = E.make_inputs(examples, "sentiment", mods, D.TOY_DATA, tok)
+    with torch.no_grad():
+        feats, valids = E.FineTuner(icode.eval(), "sentiment", 1, mods).encode(inputs)
+        noisy, _ = E.FineTuner(icode.train(), "sentiment", 1, mods).encode(inputs)
+    assert not torch.allclose(noisy["text"], feats["text"])                 # dropout is on in training
+    for m in mods:
+        want = E._rows(feats[m], valids[m])
+        for j in range(2):
+            torch.testing.assert_close(got[j][m][0] if m == "text" else got[j][m], want[j], atol=1e-6, rtol=1e-5)
 
 
 def test_run_seeds_uses_consecutive_seeds(monkeypatch):

@@ -14,25 +14,13 @@ from safetensors.torch import load_file, save_file
 
 import data as D
 import train
+from common import with_dropout
 from icode import ICode, preset
 from losses import PAPER_WEIGHTS, pretraining_loss
 from train import Dist, PretrainObjective, count_targets, split_batch, synthetic_batch, train_step
 
 WEIGHTS = PAPER_WEIGHTS
 NOCAST = contextlib.nullcontext
-
-
-def with_dropout(name, *a, dropout=0.1, **k):
-    """icode.preset with every dropout and stochastic depth the paper preset has (attention, hidden and
-    activation dropout in the encoders and the fusion network, Swin's drop path) at `dropout`; the tiny
-    preset has none, so tests of what restoring an RNG state buys turn them on."""
-    cfg = preset(name, *a, **k)
-    r = dataclasses.replace
-    cfg.text = r(cfg.text, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
-    cfg.speech = r(cfg.speech, hidden_dropout=dropout, attention_dropout=dropout, activation_dropout=dropout)
-    cfg.vision = r(cfg.vision, drop_path_rate=dropout)
-    cfg.fusion = r(cfg.fusion, dropout=dropout)
-    return cfg
 
 
 def make_model(mode="merge", train_mode=False, dropout=0.0):
