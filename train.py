@@ -682,19 +682,15 @@ def main(argv=None):
                 torch.cuda.synchronize()
             dt = time.perf_counter() - t0
             step += 1
+            peak = peak_flops(d.device) if d.device.type == "cuda" else None
             rec = {"step": step, "loss": total.item(), **{k: round(v.item(), 5) for k, v in terms.items()},
                    "grad_norm": round(float(gnorm), 4),
                    **{f"logit_scale_{k}": round(p.exp().item(), 3) for k, p in model.logit_scales.scale.items()},
                    **{f"lr_{g['name']}": g["lr"] for g in opt.param_groups},
-                   "samples_per_s": round(n_step / dt, 2), "samples_per_s_per_device": round(n_step / dt / d.world, 2),
+                   **step_rates(n_step, dt, d.world, flops_per_sample, peak),
                    "data_s": round(t_data, 4), "compute_s": round(dt - t_data, 4), "source": batch.get("source")}
             if d.device.type == "cuda":
                 rec["peak_mem_GiB"] = round(torch.cuda.max_memory_allocated(d.device) / 2 ** 30, 2)
-                peak = peak_flops(d.device)
-                if flops_per_sample and peak:   # model FLOPs utilisation (PaLM, Chowdhery et al. 2022, app. B):
-                    # one forward + backward per sample; recomputation (the gradient cache's first pass with
-                    # --accum > 1, --checkpointing) is work the GPU does but MFU does not count
-                    rec["mfu"] = round(flops_per_sample * n_step / dt / d.world / peak, 4)
             history.append({k: rec[k] for k in ("step", "loss", *terms.keys())})
             if bar is not None:
                 bar.update(1)
@@ -732,6 +728,17 @@ def main(argv=None):
     if dist.is_initialized():
         dist.barrier()
     return result
+
+
+def step_rates(n_step, dt, world, flops_per_sample=None, peak=None):
+    """One step's throughput: n_step samples over all `world` ranks in dt seconds -> global samples/s, per
+    device, and (given the FLOPs of one sample's forward + backward and one device's peak FLOP/s) the model
+    FLOPs utilisation (PaLM, Chowdhery et al. 2022, app. B): recomputation (the gradient cache's first pass
+    with --accum > 1, --checkpointing) is work the GPU does but MFU does not count."""
+    out = {"samples_per_s": round(n_step / dt, 2), "samples_per_s_per_device": round(n_step / dt / world, 2)}
+    if flops_per_sample and peak:
+        out["mfu"] = round(flops_per_sample * n_step / dt / world / peak, 4)
+    return out
 
 
 def transformer_blocks(model):

@@ -2,6 +2,7 @@
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import tempfile
 
@@ -69,6 +70,53 @@ def test_gradient_cache_equals_one_pass(mode, unmasked, lam):
     assert_close(g_cache, g_one)
     for k in t_one:
         assert torch.allclose(t_one[k], t_cache[k], atol=1e-5), k
+
+
+def test_objective_terms_are_the_plain_means_on_one_batch(monkeypatch):
+    """World 1, one micro-batch: each masked-unit term is the mean cross-entropy over its own masked positions
+    (eq. (6)); the normalisers by hand (text, video and audio counts all differ; MSM per group counts
+    (frame, group) entries, combined ids one per masked frame). Contrastive inputs: the masked encoder
+    outputs, or with unmasked_contrastive a separate unmasked pass first."""
+    from losses import masked_unit_loss
+    model = make_model()
+    b = make_batch(model)
+    targets = model.targets(b)
+    norms = count_targets(targets, False)
+    want = [int((targets[k] != -100).sum()) for k in ("text", "video", "audio")]
+    assert norms.tolist() == want and len(set(want)) == 3
+    assert count_targets(targets, True)[2] == (targets["audio"] != -100).any(-1).sum() < want[2]
+    _, terms = PretrainObjective(model, WEIGHTS)(b, targets, norms, 1)
+    logits = model.masked_unit_logits(*model.pretrain_features(b), targets)
+    for k, (lg, tg) in logits.items():
+        torch.testing.assert_close(terms[k], masked_unit_loss(lg, tg))
+    calls, real = [], model.pretrain_features
+    monkeypatch.setattr(model, "pretrain_features", lambda batch, masked=True: calls.append(masked) or real(batch, masked))
+    for unmasked, flags in ((False, [True]), (True, [False, True])):
+        calls.clear()
+        PretrainObjective(model, WEIGHTS, unmasked_contrastive=unmasked)(b, targets, norms, 1)
+        assert calls == flags, unmasked
+
+
+def test_absent_modalities_are_left_alone():
+    """A step without audio: the speech encoder, its head and the pairs' scales with speech get no gradient
+    (None, not zero), so AdamW moves none of them although an earlier full step gave them momentum."""
+    model = make_model(train_mode=True)
+    obj = PretrainObjective(model, WEIGHTS)
+    opt = train.build_optimizer(model, 1e-3, 1e-3, 0.01)
+    full = make_batch(model)
+    train_step(obj, obj, [full], Dist(), NOCAST, WEIGHTS)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    unused = model.unused_parameters(("video", "text"))
+    ids = {id(p) for p in unused}
+    assert all(id(p) in ids for p in [*model.speech.parameters(), model.logit_scales.scale["vs"],
+                                      model.logit_scales.scale["ls"]])
+    before = [p.detach().clone() for p in unused]
+    train_step(obj, obj, [dict(full, modalities=("video", "text"))], Dist(), NOCAST, WEIGHTS)
+    assert all(p.grad is None for p in unused)
+    assert all(p.grad is not None for p in model.text.parameters() if p.requires_grad)
+    opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(unused, before))
 
 
 def test_gradient_cache_with_dropout_equals_full_graph():
@@ -345,6 +393,70 @@ def test_activation_checkpointing_gives_the_same_gradients():
     train_step(obj, obj, [batch], Dist(), NOCAST, WEIGHTS)
     assert_close(grads(model), g_plain, tol=1e-6)
     assert set(model.state_dict()) == set(make_model().state_dict())     # parameter names unchanged
+
+
+def test_the_loop_applies_schedule_clipping_and_skips(toy_small, tmp_path, monkeypatch):
+    """What main does around train_step, step by step: the LR of step k is base * lr_factor(k - 1) with the
+    chosen decay; gradients are clipped to --clip; an inf gradient on steps 2 and 4 skips those steps only
+    (never two in a row, so --max-bad-steps 2 never stops the run); a checkpoint of one process cannot be
+    resumed by two."""
+    real_step, real_clip, calls, clips = train.train_step, torch.nn.utils.clip_grad_norm_, [], []
+
+    def poisoned(objective, *a, **k):
+        terms = real_step(objective, *a, **k)
+        calls.append(1)
+        if len(calls) in (2, 4):
+            next(p for p in objective.model.parameters() if p.grad is not None).grad.fill_(float("inf"))
+        return terms
+    monkeypatch.setattr(train, "train_step", poisoned)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda ps, max_norm: clips.append(max_norm) or
+                        real_clip(ps, max_norm))
+    out = tmp_path / "loop"
+    res = _run(toy_small, out, "--steps", "6", "--warmup", "2", "--decay", "linear", "--clip", "0.5",
+               "--max-bad-steps", "2", "--log-every", "1", "--lr-fusion", "1e-3", "--save-every", "6")
+    assert res["step"] == 6 and clips == [0.5] * 6
+    recs = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [r["step"] for r in recs] == list(range(1, 7))
+    assert [math.isfinite(r["grad_norm"]) for r in recs] == [True, False, True, False, True, True]
+    for r in recs:
+        assert r["lr_fusion"] == pytest.approx(1e-3 * train.lr_factor(r["step"] - 1, 2, 6, "linear")), r["step"]
+    assert len({r["lr_fusion"] for r in recs}) == 4      # warm-up 0.5, 1, then linear decay 0.75, 0.5, 0.25
+    model = train.load_model(None, "tiny")
+    opt = train.build_optimizer(model, 1e-3, 1e-3, 0.01)
+    with pytest.raises(ValueError, match="written by 1 processes, this run has 2"):
+        train.restore_checkpoint(train.checkpoints(str(out))[-1], model, opt, None, Dist(0, 0, 2))
+
+
+def test_each_rank_seeds_its_own_stream_and_torchrun_devices(toy_small, monkeypatch):
+    """Rank r seeds torch with seed + r (different dropout masks per rank); under torchrun the device is the
+    node-local GPU (LOCAL_RANK), not the global rank, and the backend nccl (gloo on CPUs)."""
+    seeds, real_seed, setup = [], torch.manual_seed, train.setup_distributed
+    monkeypatch.setattr(torch, "manual_seed", lambda s: seeds.append(s) or real_seed(s))
+    monkeypatch.setattr(train, "setup_distributed", lambda device=None: Dist(rank=1, local_rank=1, world=1))
+    with pytest.raises(ValueError, match="rank 1 outside world size 1"):   # the loader stops this odd world
+        train.main(["--toy-dir", toy_small, "--seed", "7", "--no-eval", "--steps", "1", "--workers", "0",
+                    "--out", "/nonexistent/never-written"])
+    assert seeds[0] == 8
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    backends, devices = [], []
+    monkeypatch.setattr(dist, "init_process_group", lambda backend: backends.append(backend))
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: devices.append(i))
+    for k, v in dict(RANK="9", LOCAL_RANK="1", WORLD_SIZE="16").items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    d = setup()
+    assert (d.rank, d.local_rank, d.world, d.device, d.is_main) == (9, 1, 16, torch.device("cuda:1"), False)
+    assert backends == ["nccl"] and devices == [1]
+    d = setup("cpu")
+    assert d.device == torch.device("cpu") and backends == ["nccl", "gloo"]
+
+
+def test_step_rates_by_hand():
+    """8 ranks, 4 micro-batches of 12 (384 samples a step) in 2 s; 1 TFLOP per sample's forward + backward
+    on a 989 TFLOP/s device: 192 samples/s, 24 per device, MFU 1e12 * 384 / 2 / 8 / 989e12 = 0.0243."""
+    r = train.step_rates(384, 2.0, 8, 1e12, 989e12)
+    assert r == {"samples_per_s": 192.0, "samples_per_s_per_device": 24.0, "mfu": round(384e12 / 2 / 8 / 989e12, 4)}
+    assert train.step_rates(384, 2.0, 8) == {"samples_per_s": 192.0, "samples_per_s_per_device": 24.0}
 
 
 def test_non_finite_steps_are_skipped_then_stop_with_the_last_good_checkpoint(toy_small, tmp_path):
