@@ -206,3 +206,22 @@ def test_msm_label_errors():
         head(torch.randn(1, 5, 8), torch.zeros(1, 5, 3, dtype=torch.long))
     with pytest.raises(ValueError, match="per-group"):
         head(torch.randn(1, 5, 8), torch.zeros(1, 5, dtype=torch.long))
+
+
+def test_heads_refuse_labels_of_another_length():
+    """Features and labels must cover the same positions: a mismatch is an error, never a silent crop."""
+    with pytest.raises(ValueError):
+        MLMHead(8, 11)(torch.randn(2, 5, 8), torch.zeros(2, 4, dtype=torch.long))
+    with pytest.raises(ValueError):
+        MSMHead(8, groups=2, vars=5)(torch.randn(2, 6, 8), torch.zeros(2, 4, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match="embedding_weight has shape"):
+        MLMHead(8, 11, embedding_weight=torch.nn.Parameter(torch.randn(8, 11)))   # [D, V], transposed
+
+
+def test_msm_keeps_a_frame_with_any_group_masked():
+    """Per-group MSM: a frame with one group's id and the other ignored still counts for that group
+    (frames 0, 1 and 3 selected; frame 2 has no target)."""
+    h = MSMHead(8, groups=2, vars=5)
+    x = torch.randn(1, 4, 8)
+    logits, t = h(x, torch.tensor([[[1, 2], [-100, 3], [-100, -100], [4, 0]]]))
+    assert t.tolist() == [1, 2, -100, 3, 4, 0] and logits.shape == (6, 5)

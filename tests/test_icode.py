@@ -197,6 +197,65 @@ def test_config_round_trip():
         ICodeConfig.from_dict({"bogus": 1})
 
 
+def test_the_speech_encoder_gets_the_normalised_waveform(model, monkeypatch):
+    """normalize_audio: WavLM's input is each row normalised over its own valid samples, padding 0."""
+    from icode import normalize_waveform
+    b = subset_batch(model, ("audio",))
+    b["audio"][2] += 3.0                                   # an offset that only the normalisation removes
+    seen = []
+    h = model.speech.register_forward_pre_hook(lambda mod, args: seen.append(args[0].clone()))
+    try:
+        with torch.no_grad():
+            model.pretrain_features(b)
+    finally:
+        h.remove()
+    assert model.cfg.normalize_audio
+    torch.testing.assert_close(seen[0], normalize_waveform(b["audio"], b["audio_attention"]))
+    assert (seen[0][2, 5000:] == 0).all() and abs(seen[0][2, :5000].mean().item()) < 1e-4
+
+
+def test_default_tokenizers_follow_the_config_and_masks_may_run_longer(model):
+    """ICode's tokenizers are those its config's tokenizer_seed implies; an audio mask longer than the
+    tokenizer's frames (collate pads to the batch) is cropped to them."""
+    from dataclasses import replace
+    m = ICode(replace(preset("tiny"), tokenizer_seed=7))
+    assert (m.video_tokenizer.seed, m.speech_tokenizer.seed) == (7, 8)
+    b = subset_batch(model, ("audio",))
+    t = model.targets(b)["audio"]
+    longer = dict(b, audio_mask=torch.cat([b["audio_mask"], torch.ones(3, 2, dtype=torch.bool)], 1))
+    assert torch.equal(model.targets(longer)["audio"], t)
+
+
+def test_tied_mlm_decoder_and_pretrained_tokenizer_checks():
+    """tie_mlm: the MLM decoder is the text encoder's word-embedding Parameter itself. set_tokenizers refuses
+    tokenizers whose vocabularies do not fit the heads."""
+    from dataclasses import replace
+    from model.quantizers import build_default_quantizers
+    m = ICode(replace(preset("tiny"), tie_mlm=True))
+    assert m.mlm_head.decoder.weight is m.text.word_embeddings.weight
+    assert sum(p is m.text.word_embeddings.weight for p in m.parameters()) == 1
+    v, s = build_default_quantizers(seed=0, video_codebook_size=m.cfg.video_codebook + 1,
+                                    speech_codebook_size=m.cfg.speech_vars + 1)
+    with pytest.raises(ValueError, match="video tokenizer has"):
+        m.set_tokenizers(video=v)
+    with pytest.raises(ValueError, match="speech tokenizer has"):
+        m.set_tokenizers(speech=s)
+
+
+def test_strict_loading_and_shard_index_by_hand(tmp_path):
+    """load_state_strict returns the unused tensors except the ignored prefixes; a shard index naming a
+    tensor no shard holds is an error naming it."""
+    from safetensors.torch import load_file, save_file
+    from model.weights import _load_shards, load_state_strict
+    lin = torch.nn.Linear(2, 3)
+    sd = {**{k: v.clone() for k, v in lin.state_dict().items()}, "decoder.w": torch.ones(1), "extra.w": torch.ones(1)}
+    assert load_state_strict(lin, sd, ignore_prefixes=("decoder.",)) == ["extra.w"]
+    save_file({"a": torch.ones(2)}, str(tmp_path / "s1.safetensors"))
+    (tmp_path / "m.index.json").write_text(json.dumps({"weight_map": {"a": "s1.safetensors", "b": "s1.safetensors"}}))
+    with pytest.raises(KeyError, match=r"\['b'\]"):
+        _load_shards(str(tmp_path / "m.index.json"), load_file)
+
+
 def test_normalize_waveform_closed_form():
     from icode import normalize_waveform
     torch.manual_seed(3)
@@ -210,6 +269,8 @@ def test_normalize_waveform_closed_form():
     assert (out[1, 600:] == 0).all()
     ref = wave[1, :600]
     assert torch.allclose(out[1, :600], (ref - ref.mean()) / torch.sqrt(ref.var(unbiased=False) + 1e-7), atol=1e-5)
+    empty = normalize_waveform(wave, torch.zeros_like(att))            # a row with no valid sample: zeros, not NaN
+    assert torch.equal(empty, torch.zeros_like(wave))
 
 
 class _RunsCode:

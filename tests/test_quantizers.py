@@ -331,6 +331,58 @@ def test_random_projection_frozen_and_device_ready():
     assert ids.shape == (1, 2, 4, 4) and not ids.requires_grad
 
 
+def test_random_projection_speech_ids_against_numpy():
+    """The log-mel BEST-RQ speech tokenizer as its docstring describes it, in float64 numpy: periodic Hann
+    400, hop 160, power spectrum, 80 HTK mel bands over 0-8 kHz, log, mel frames 2t and 2t+1 stacked,
+    standardised, projected per group, L2-normalised, nearest code of that group's codebook by explicit
+    distances. At most one id of ~800 may differ (a float32 near-tie); a missing log, a wrong window, band
+    edge, normalisation axis or codebook moves 1-55% of them."""
+    _, s = build_default_quantizers(seed=3, speech_codebook_size=64)
+    wave = speech_like(1, 4.0, seed=2).float()
+    ids = s(wave)[0].numpy()                                             # [T_s, G]
+    T_s, G = ids.shape
+    x = np.pad(wave[0].double().numpy(), (0, 160))
+    win = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(400) / 400)
+    power = np.abs(np.fft.rfft(np.stack([x[160 * j:160 * j + 400] * win for j in range(2 * T_s)]), axis=1)) ** 2
+    mel = lambda f: 2595 * np.log10(1 + f / 700)
+    edges = 700 * (10 ** (np.linspace(mel(0), mel(8000), 82) / 2595) - 1)
+    freqs = np.linspace(0, 8000, 201)
+    bank = np.stack([np.clip(np.minimum((freqs - lo) / (mid - lo), (hi - freqs) / (hi - mid)), 0, None)
+                     for lo, mid, hi in zip(edges, edges[1:], edges[2:])], 1)   # [201, 80]
+    feats = np.log(np.maximum(power @ bank, 1e-10)).reshape(T_s, 160)
+    feats = (feats - feats.mean(1, keepdims=True)) / np.sqrt(feats.var(1, keepdims=True) + 1e-5)
+    want = np.zeros_like(ids)
+    for g in range(G):
+        z = feats @ s.proj[g].double().numpy()
+        z /= np.linalg.norm(z, axis=1, keepdims=True)
+        c = s.codebook[g].double().numpy()
+        want[:, g] = (((z[:, None, :] - c[None]) ** 2).sum(-1)).argmin(1)
+    assert T_s == 199 and (ids != want).sum() <= 1, (ids != want).sum()
+
+
+def test_random_projection_draws():
+    """BEST-RQ 3.1: Xavier-uniform projections on [-b, b], b = sqrt(6 / (d_in + d_out)), zero mean; unit
+    Gaussian codes. The speech tokenizer draws with seed + 1, the video one with seed: no shared draws."""
+    from model.quantizers import _random_projection
+    proj, codes = _random_projection(0, 160, 16, 320, groups=2)
+    b = math.sqrt(6 / (160 + 16))
+    assert proj.abs().max() <= b and proj.min() < -0.99 * b and proj.max() > 0.99 * b
+    assert abs(proj.mean().item()) < 0.02 * b                   # 5120 draws: std of the mean ~0.008 b
+    assert torch.allclose(codes.norm(dim=-1), torch.ones(2, 320))
+    v, s = build_default_quantizers(seed=4)
+    assert (v.seed, s.seed) == (4, 5)
+    assert not torch.equal(s.proj[0, :16].flatten()[:48], v.proj.flatten()[:48])
+
+
+def test_tokenizers_ignore_the_callers_autocast():
+    """train.py computes targets inside bf16 autocast: the ids are those of float32."""
+    v, s = build_default_quantizers(seed=0, video_codebook_size=256)
+    video, wave = pink_video(1, 2, 64, 64), speech_like(2, 2.0).float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = v(video), s(wave)
+    assert torch.equal(low[0], v(video)) and torch.equal(low[1], s(wave))
+
+
 def test_fingerprint_follows_what_the_tokenizers_compute():
     """Two builds of the same tokenizers share a fingerprint; one changed code, a changed setting or the
     pair's order gives another (the check train.py makes on offline target caches)."""

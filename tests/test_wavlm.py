@@ -66,6 +66,18 @@ def test_layer_norm_stable_matches_hf_with_padding(kind, tmp_path):
     torch.testing.assert_close(out[valid], ref[valid], atol=1e-5, rtol=1e-5)
 
 
+def test_load_encoder_checks_the_kind_against_the_folder(tmp_path):
+    """A HuBERT folder asked for as WavLM (or the other way round) is an error naming both."""
+    from model.weights import load_encoder
+    hf_model("hubert", "group", False).save_pretrained(tmp_path / "hubert")
+    hf_model("wavlm", "group", False).save_pretrained(tmp_path / "wavlm")
+    assert not load_encoder("hubert", str(tmp_path / "hubert")).config.gated_relative_position_bias
+    with pytest.raises(ValueError, match="kind 'wavlm' but config.json describes a HuBERT model"):
+        load_encoder("wavlm", str(tmp_path / "hubert"))
+    with pytest.raises(ValueError, match="kind 'hubert' but config.json describes a WavLM model"):
+        load_encoder("hubert", str(tmp_path / "wavlm"))
+
+
 @pytest.mark.parametrize("kind", ["wavlm", "hubert"])
 def test_group_norm_post_ln_matches_hf_without_mask(kind, tmp_path):
     hf = hf_model(kind, "group", False)
