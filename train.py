@@ -636,6 +636,7 @@ def main(argv=None):
         from tqdm import tqdm
         bar = tqdm(total=args.steps, initial=step, dynamic_ncols=True, file=sys.stdout)
     flops_per_sample, bad_in_row = None, 0
+    peak = peak_flops(d.device) if d.device.type == "cuda" else None   # one device's bf16 FLOP/s, for MFU
     first_batch = None
     it = iter(loader)
     try:
@@ -682,7 +683,6 @@ def main(argv=None):
                 torch.cuda.synchronize()
             dt = time.perf_counter() - t0
             step += 1
-            peak = peak_flops(d.device) if d.device.type == "cuda" else None
             rec = {"step": step, "loss": total.item(), **{k: round(v.item(), 5) for k, v in terms.items()},
                    "grad_norm": round(float(gnorm), 4),
                    **{f"logit_scale_{k}": round(p.exp().item(), 3) for k, p in model.logit_scales.scale.items()},

@@ -163,14 +163,20 @@ def test_targets_and_candidate_counts_are_checked():
         E.collate_features(items, "mc", ("text",))
 
 
+def _splits(toy, tok):
+    return {s: E.load_split(os.path.join(toy, f"downstream_{s}.jsonl"), D.TOY_DATA, tok)
+            for s in ("train", "validation", "test")}
+
+
+def _finetune_kw(tok, **kw):
+    return dict(dict(ckpt=None, fusion="merge", modalities=("video", "text", "audio"), seed=0, dcfg=D.TOY_DATA,
+                     tokenizer=tok, d=E.T.setup_distributed("cpu"), epochs=2, batch_size=4, log=lambda m: None), **kw)
+
+
 def test_finetune_is_the_same_with_a_filled_feature_cache(toy, tok):
     """The second run finds the encoder outputs cached (no encoding, no random draws for it) and must still
     train exactly like the first; and modalities the manifests lack are an error, not a silent subset."""
-    splits = {s: E.load_split(os.path.join(toy, f"downstream_{s}.jsonl"), D.TOY_DATA, tok)
-              for s in ("train", "validation", "test")}
-    d = E.T.setup_distributed("cpu")
-    kw = dict(ckpt=None, fusion="merge", modalities=("video", "text", "audio"), seed=0, dcfg=D.TOY_DATA,
-              tokenizer=tok, d=d, epochs=2, batch_size=4, log=lambda m: None)
+    splits, kw = _splits(toy, tok), _finetune_kw(tok)
     cache = {}
     a = E.finetune("sentiment", splits, feature_cache=cache, **kw)
     b = E.finetune("sentiment", splits, feature_cache=cache, **kw)
@@ -189,16 +195,6 @@ def test_finetune_is_the_same_with_a_filled_feature_cache(toy, tok):
     mute = {s: [dict(e, modalities=("video", "text")) for e in v] for s, v in splits.items()}
     with pytest.raises(ValueError, match=r"no \['audio'\]"):
         E.finetune("sentiment", mute, **kw)
-
-
-def _splits(toy, tok):
-    return {s: E.load_split(os.path.join(toy, f"downstream_{s}.jsonl"), D.TOY_DATA, tok)
-            for s in ("train", "validation", "test")}
-
-
-def _finetune_kw(tok, **kw):
-    return dict(dict(ckpt=None, fusion="merge", modalities=("video", "text", "audio"), seed=0, dcfg=D.TOY_DATA,
-                     tokenizer=tok, d=E.T.setup_distributed("cpu"), epochs=2, batch_size=4, log=lambda m: None), **kw)
 
 
 @pytest.mark.parametrize("task, scores, patience, best, run", [

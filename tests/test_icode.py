@@ -1,7 +1,7 @@
 """ICode assembly (section 4.1): every subset in both fusion modes, targets and heads, unused parameters."""
 import itertools
 import json
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import pytest
 import torch
@@ -217,7 +217,6 @@ def test_the_speech_encoder_gets_the_normalised_waveform(model, monkeypatch):
 def test_default_tokenizers_follow_the_config_and_masks_may_run_longer(model):
     """ICode's tokenizers are those its config's tokenizer_seed implies; an audio mask longer than the
     tokenizer's frames (collate pads to the batch) is cropped to them."""
-    from dataclasses import replace
     m = ICode(replace(preset("tiny"), tokenizer_seed=7))
     assert (m.video_tokenizer.seed, m.speech_tokenizer.seed) == (7, 8)
     b = subset_batch(model, ("audio",))
@@ -229,7 +228,6 @@ def test_default_tokenizers_follow_the_config_and_masks_may_run_longer(model):
 def test_tied_mlm_decoder_and_pretrained_tokenizer_checks():
     """tie_mlm: the MLM decoder is the text encoder's word-embedding Parameter itself. set_tokenizers refuses
     tokenizers whose vocabularies do not fit the heads."""
-    from dataclasses import replace
     from model.quantizers import build_default_quantizers
     m = ICode(replace(preset("tiny"), tie_mlm=True))
     assert m.mlm_head.decoder.weight is m.text.word_embeddings.weight

@@ -279,8 +279,6 @@ def test_learning_rates_warm_up_decay_and_groups():
 def test_logit_scales_are_clamped_after_every_step(toy_small, tmp_path, monkeypatch):
     """CLIP's clamp at ln(100) runs in the training loop: scales that start at ln(500) end at ln(100) or just
     below (an AdamW step after a clamp moves a scale by about the learning rate)."""
-    import math
-
     import losses
     monkeypatch.setattr(losses.LogitScales, "INIT", math.log(500.0))
     _run(toy_small, tmp_path / "clamp", "--steps", "2")
@@ -395,20 +393,28 @@ def test_activation_checkpointing_gives_the_same_gradients():
     assert set(model.state_dict()) == set(make_model().state_dict())     # parameter names unchanged
 
 
+def _overflow_gradients(monkeypatch, on_calls=None):
+    """Patch train.train_step so that after its backward one fusion gradient entry is inf (an overflow with a
+    finite loss) on the given calls (1-based; None: every call). Returns the models it saw, one per call."""
+    real_step, models = train.train_step, []
+
+    def overflowing_step(objective, *a, **k):
+        models.append(objective.model)
+        terms = real_step(objective, *a, **k)
+        if on_calls is None or len(models) in on_calls:
+            next(p.grad for p in objective.model.fusion.parameters() if p.grad is not None).view(-1)[0] = float("inf")
+        return terms
+    monkeypatch.setattr(train, "train_step", overflowing_step)
+    return models
+
+
 def test_the_loop_applies_schedule_clipping_and_skips(toy_small, tmp_path, monkeypatch):
     """What main does around train_step, step by step: the LR of step k is base * lr_factor(k - 1) with the
     chosen decay; gradients are clipped to --clip; an inf gradient on steps 2 and 4 skips those steps only
     (never two in a row, so --max-bad-steps 2 never stops the run); a checkpoint of one process cannot be
     resumed by two."""
-    real_step, real_clip, calls, clips = train.train_step, torch.nn.utils.clip_grad_norm_, [], []
-
-    def poisoned(objective, *a, **k):
-        terms = real_step(objective, *a, **k)
-        calls.append(1)
-        if len(calls) in (2, 4):
-            next(p for p in objective.model.parameters() if p.grad is not None).grad.fill_(float("inf"))
-        return terms
-    monkeypatch.setattr(train, "train_step", poisoned)
+    real_clip, clips = torch.nn.utils.clip_grad_norm_, []
+    _overflow_gradients(monkeypatch, on_calls=(2, 4))
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda ps, max_norm: clips.append(max_norm) or
                         real_clip(ps, max_norm))
     out = tmp_path / "loop"
@@ -479,17 +485,7 @@ def test_a_finite_loss_with_an_inf_gradient_is_skipped_too(toy_small, tmp_path, 
     out = tmp_path / "inf"
     _run(toy_small, out, "--steps", "2", "--save-every", "2")
     before = load_file(os.path.join(train.checkpoints(str(out))[-1], "model.safetensors"))
-    real_step = train.train_step
-    models = []
-
-    def overflowing_step(objective, *a, **k):
-        models.append(objective.model)
-        terms = real_step(objective, *a, **k)
-        g = next(p.grad for p in objective.model.fusion.parameters() if p.grad is not None)
-        g.view(-1)[0] = float("inf")
-        return terms
-
-    monkeypatch.setattr(train, "train_step", overflowing_step)
+    models = _overflow_gradients(monkeypatch)
     with pytest.raises(RuntimeError, match="non-finite steps in a row"):
         _run(toy_small, out, "--steps", "10", "--resume", "--max-bad-steps", "2")
     after = models[-1].state_dict()               # the weights in memory when the run stopped
