@@ -1032,7 +1032,10 @@ class MixedLoader:
 
     .state_dict() / .load_state_dict(d): the position after the last batch handed out (plus the bad-row
     counters); a new iterator continues with the exact next batch. .bad_counts {source: rows skipped},
-    .tried_counts {source: rows tried}, .bad_reasons {source: Counter of reasons}. Iterates forever.
+    .tried_counts {source: rows tried}, .bad_reasons {source: Counter of reasons}, all of this rank's rows
+    (each rank reads its own); .bad_report() sums them up. Iterates forever, or until more than
+    `max_bad_share` of a source's rows tried since the loader was made or restored (at least `min_tried` of
+    them, or the whole source) are bad: TooManyBadExamples, with the counters as after the last batch.
     """
 
     def __init__(self, datasets, weights, cfg, tokenizer, batch_size, rank=0, world_size=1, seed=0,
@@ -1047,6 +1050,7 @@ class MixedLoader:
         self.bad_counts = {d.name: 0 for d in datasets}
         self.tried_counts = {d.name: 0 for d in datasets}
         self.bad_reasons = {d.name: collections.Counter() for d in datasets}
+        self.since_start = {d.name: (0, 0) for d in datasets}  # (bad, tried) since made or restored: the stop rule
         self.timing = collections.Counter()  # seconds per stage, summed over the batches handed out
         self.stale_reported = set()          # sources whose stale target cache has been reported
         self._state = self.sampler.state_dict()
@@ -1080,24 +1084,37 @@ class MixedLoader:
     def _account(self, out):
         ds = self.datasets[out["source"]]
         name = ds.name
-        self.tried_counts[name] += out["tried"]
         self.timing.update(out["timing"])
         if out["stale"] and name not in self.stale_reported:
             self.stale_reported.add(name)
             self.log(f"data: {ds.path}:{out['stale'][0]}: the target cache {ds.targets} was written for another "
                      f"row on this line (manifest edited?); such rows get their targets on the device; "
                      f"re-run `python data.py tokenize`")
-        for src, line, reason in out["skipped"]:
-            self.bad_counts[name] += 1
-            self.bad_reasons[name][reason_kind(reason)] += 1
-            if sum(self.bad_counts.values()) <= self.report_first:
+        reported = sum(self.bad_counts.values())
+        for i, (_, line, reason) in enumerate(out["skipped"]):
+            if reported + i < self.report_first:
                 self.log(f"data: skipped {ds.path}:{line}: {reason}")
-        bad, tried = self.bad_counts[name], self.tried_counts[name]
+        reasons = self.bad_reasons[name] + collections.Counter(reason_kind(r) for _, _, r in out["skipped"])
+        # The share is judged on the rows this loader tried since it was made or restored (a run resumed on
+        # repaired rows judges them as they are now); the whole run's counts go on in the state and the report.
+        bad, tried = (a + b for a, b in zip(self.since_start[name], (len(out["skipped"]), out["tried"])))
         if tried >= min(self.min_tried, len(ds)) and bad > self.cfg.max_bad_share * tried:
+            # All counters stay as after the last batch handed out, those of a checkpoint saved at this stop.
             raise TooManyBadExamples(
-                f"{ds.path}: {bad} of {tried} rows tried were bad ({bad / tried:.0%} > max_bad_share "
-                f"{self.cfg.max_bad_share:.0%}); reasons {dict(self.bad_reasons[name].most_common(5))}. "
+                f"{ds.path}: {bad} of the {tried} rows tried since this run started or resumed were bad "
+                f"({bad / tried:.0%} > max_bad_share {self.cfg.max_bad_share:.0%}); reasons "
+                f"{dict(reasons.most_common(5))}. "
                 f"Run `python data.py check {ds.path}` for the full list.")
+        self.since_start[name] = (bad, tried)
+        self.bad_counts[name] += len(out["skipped"])
+        self.tried_counts[name] += out["tried"]
+        self.bad_reasons[name] = reasons
+
+    def bad_report(self):
+        """One line per source with bad rows: how many of the rows tried, and the reasons ("" if none)."""
+        return "\n".join(f"data: {ds.path}: {self.bad_counts[ds.name]} of {self.tried_counts[ds.name]} rows tried "
+                         f"were bad and skipped; reasons {dict(self.bad_reasons[ds.name].most_common(5))}"
+                         for ds in self.datasets if self.bad_counts[ds.name])
 
     def state_dict(self):
         return {"sampler": dict(self._state), "bad": dict(self.bad_counts), "tried": dict(self.tried_counts),
@@ -1111,6 +1128,7 @@ class MixedLoader:
         for name, reasons in d.get("reasons", {}).items():
             if name in self.bad_reasons:
                 self.bad_reasons[name] = collections.Counter(reasons)
+        self.since_start = {name: (0, 0) for name in self.since_start}
 
 
 def make_loader(manifests, weights, cfg, tokenizer, batch_size, rank=0, world_size=1, seed=0, num_workers=0, **kw):

@@ -278,9 +278,16 @@ def common_batch(batch, accum, d):
     is empty ({"empty": True}) when all are (data.py). DDP and the gathered contrastive loss need the same
     batch on every rank, so every rank keeps its first n examples, n = the smallest batch over the ranks
     rounded down to a multiple of accum; with n = 0 every rank skips the step (not one alone, which would
-    leave the others waiting in DDP's all-reduce)."""
-    n = 0 if batch.get("empty") else batch_size(batch)
+    leave the others waiting in DDP's all-reduce).
+
+    A rank whose loader stopped on too many bad rows brings {"stop": its message} instead of a batch, and the
+    same all-reduce carries that (as -1 - rank) to the others: every rank raises D.TooManyBadExamples
+    together, so that train.main saves a checkpoint on all of them rather than one rank exiting alone."""
+    n = -1 - d.rank if "stop" in batch else 0 if batch.get("empty") else batch_size(batch)
     n_all = int(all_reduce_(torch.tensor([n], device=d.device), dist.ReduceOp.MIN).item())
+    if n_all < 0:
+        raise D.TooManyBadExamples(batch.get("stop") or f"rank {-1 - n_all} stopped on too many bad rows "
+                                                        f"(its message names the manifest)")
     n_all -= n_all % accum
     if n_all == 0:
         return None
@@ -419,7 +426,8 @@ def checkpoints(out_dir):
 
 
 def save_checkpoint(out_dir, step, model, opt, loader, cfg, args, d, keep=3, history=None):
-    """Every rank writes its RNG state, rank 0 the rest, into ckpt_XXXXXXX.tmp, then rank 0 renames it."""
+    """Every rank writes its RNG state and its loader's state (position and its own bad-row counters), rank 0
+    the rest, into ckpt_XXXXXXX.tmp, then rank 0 renames it."""
     final = os.path.join(out_dir, f"ckpt_{step:07d}")
     tmp = final + ".tmp"
     if d.is_main:
@@ -434,11 +442,13 @@ def save_checkpoint(out_dir, step, model, opt, loader, cfg, args, d, keep=3, his
     rng["numpy"] = torch.from_numpy(np.asarray(np.random.get_state()[1], dtype=np.int64))
     save_file(rng, os.path.join(tmp, f"rng_rank{d.rank}.safetensors"),
               metadata={"numpy_pos": str(np.random.get_state()[2]), "python": json.dumps(random.getstate())})
+    if loader is not None:
+        with open(os.path.join(tmp, f"loader_rank{d.rank}.json"), "w") as f:
+            json.dump(loader.state_dict(), f)
     if d.is_main:
         save_model(unwrap(model), os.path.join(tmp, "model.safetensors"))
         save_file(optimizer_tensors(opt, unwrap(model)), os.path.join(tmp, "optimizer.safetensors"))
-        state = {"step": step, "config": asdict(cfg), "args": vars(args), "world": d.world,
-                 "loader": loader.state_dict() if loader is not None else None, "history": history or []}
+        state = {"step": step, "config": asdict(cfg), "args": vars(args), "world": d.world, "history": history or []}
         with open(os.path.join(tmp, "state.json"), "w") as f:
             json.dump(state, f)
     if dist.is_initialized():
@@ -462,8 +472,12 @@ def restore_checkpoint(ckpt, model, opt, loader, d):
                          "the data order and RNG streams would not continue exactly")
     load_safetensors_into(unwrap(model), os.path.join(ckpt, "model.safetensors"))
     load_optimizer_tensors(opt, unwrap(model), load_file(os.path.join(ckpt, "optimizer.safetensors")))
-    if loader is not None and state["loader"] is not None:
-        loader.load_state_dict(state["loader"])
+    if loader is not None:
+        path = os.path.join(ckpt, f"loader_rank{d.rank}.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path} is missing: --resume continues rank {d.rank}'s data order from it")
+        with open(path) as f:
+            loader.load_state_dict(json.load(f))
     from safetensors import safe_open
     path = os.path.join(ckpt, f"rng_rank{d.rank}.safetensors")
     with safe_open(path, "pt") as f:
@@ -620,6 +634,7 @@ def main(argv=None):
         ckpt = existing[-1]
         step, history = restore_checkpoint(ckpt, model, opt, loader, d)
         print0(f"resumed from {ckpt} at step {step}")
+    saved_at = step  # the step of the latest checkpoint (0: none)
     if d.is_main:
         os.makedirs(args.out, exist_ok=True)
     stop = {"signal": 0}
@@ -642,9 +657,21 @@ def main(argv=None):
     try:
         while step < args.steps:
             t0 = time.perf_counter()
-            batch = first_batch if (args.overfit_batch and first_batch is not None) else next(it)
+            try:
+                batch = first_batch if (args.overfit_batch and first_batch is not None) else next(it)
+            except D.TooManyBadExamples as e:  # common_batch stops every rank with this one
+                batch = {"stop": str(e)}
             first_batch = first_batch or (batch if args.overfit_batch and not batch.get("empty") else None)
-            batch = common_batch(batch, args.accum, d)
+            try:
+                batch = common_batch(batch, args.accum, d)
+            except D.TooManyBadExamples as e:  # save what was trained, then stop (the data needs fixing)
+                if step > saved_at:
+                    save_checkpoint(args.out, step, objective.model, opt, loader, cfg, args, d, args.keep, history)
+                    where, saved_at = f"Checkpoint saved at step {step}", step
+                else:
+                    where = f"The latest checkpoint is at step {saved_at}" if step else "No step trained"
+                raise D.TooManyBadExamples(f"{e} {where}; repair or replace those rows (same line count), "
+                                           f"then --resume") from None
             if batch is None:
                 print0(f"step {step}: no rank-wide batch (bad rows beyond the spares), skipped on every rank")
                 continue
@@ -702,6 +729,7 @@ def main(argv=None):
             flag = flag or step == args.stop_at_step
             if step % args.save_every == 0 or step == args.steps or flag:
                 save_checkpoint(args.out, step, objective.model, opt, loader, cfg, args, d, args.keep, history)
+                saved_at = step
             if flag:
                 why = f"signal {int(flag)}" if step != args.stop_at_step else f"--stop-at-step {step}"
                 print0(f"\n{why}: checkpoint saved at step {step}, exiting")
@@ -711,11 +739,9 @@ def main(argv=None):
             bar.close()
         for s, h in old_handlers.items():
             signal.signal(s, h)
-        bad = getattr(loader, "bad_report", None)
-        if d.is_main and bad is not None:
-            report = bad()
-            if report:
-                print0(report)
+        report = loader.bad_report()  # each rank its own rows, on stderr
+        if report:
+            print(report if d.world == 1 else re.sub("^", f"rank {d.rank}: ", report, flags=re.M), file=sys.stderr)
     if d.is_main:
         plot_history(history, os.path.join(args.out, "loss.png"))
     result = {"step": step, "history": history}

@@ -459,6 +459,7 @@ def test_loader_skips_and_counts_bad_rows(bad_manifest, tok):
     assert loader.bad_counts["mixed"] == skipped and not set(seen) & set(expected)
     assert sum(loader.bad_reasons["mixed"].values()) == skipped
     assert len(logs) == min(skipped, 5) and all("mixed.jsonl:" in m for m in logs)
+    assert loader.bad_report().startswith(f"data: {path}: {skipped} of 20 rows tried were bad and skipped; reasons {{")
     # spares fill the batch in place of bad rows
     loader = data.make_loader([path], [1.0], cfg, tok, batch_size=4, seed=3, spares=6, log=logs.append)
     sizes = [len(next(iter(loader))["index"])]
@@ -471,8 +472,8 @@ def test_loader_skips_and_counts_bad_rows(bad_manifest, tok):
 
 
 def test_loader_state_keeps_the_bad_row_accounts(bad_manifest, tok):
-    """A resumed run goes on counting bad rows where the first left off (the max_bad_share stop and the
-    final report see the whole run), through a JSON round trip as in a checkpoint."""
+    """A resumed run goes on counting bad rows where the first left off (the final report sees the whole run),
+    through a JSON round trip as in a checkpoint; its max_bad_share stop judges the rows tried since the resume."""
     path, expected = bad_manifest
     cfg = data.dataclasses.replace(CFG, max_bad_share=0.9)
     loader = data.make_loader([path], [1.0], cfg, tok, batch_size=4, seed=3, spares=0, log=lambda m: None)
@@ -484,6 +485,8 @@ def test_loader_state_keeps_the_bad_row_accounts(bad_manifest, tok):
     again.load_state_dict(json.loads(json.dumps(loader.state_dict())))
     assert again.bad_counts == loader.bad_counts and again.tried_counts == loader.tried_counts
     assert again.bad_reasons == loader.bad_reasons
+    assert loader.since_start["mixed"] == (loader.bad_counts["mixed"], loader.tried_counts["mixed"])
+    assert again.since_start == {"mixed": (0, 0)}
 
 
 def test_a_small_all_bad_source_stops_once_every_row_is_tried(tmp_path, tok):
@@ -491,10 +494,16 @@ def test_a_small_all_bad_source_stops_once_every_row_is_tried(tmp_path, tok):
     not after 50 (25 batches)."""
     path = _write_manifest(tmp_path / "allbad.jsonl", [{"video": "nothere.mp4", "text": "x"}] * 6)
     loader = data.make_loader([path], [1.0], CFG, tok, batch_size=2, seed=0, spares=0, log=lambda m: None)
-    with pytest.raises(data.TooManyBadExamples, match="6 of 6 rows tried were bad"):
+    batches = 0
+    with pytest.raises(data.TooManyBadExamples, match="6 of the 6 rows tried since this run started or resumed were bad"):
         for _ in itertools.islice(loader, 30):
-            pass
-    assert loader.tried_counts["allbad"] == 6
+            batches += 1
+    # the stopping batch is not counted: the counters (and a checkpoint saved at the stop) are those after the
+    # last batch handed out, so a run resumed on repaired rows does not start beyond the limit
+    assert batches == 2 and loader.tried_counts["allbad"] == loader.bad_counts["allbad"] == 4
+    assert loader.state_dict()["sampler"]["step"] == 2
+    assert loader.bad_report() == (f"data: {path}: 4 of 4 rows tried were bad and skipped; "
+                                   f"reasons {{'missing file': 4}}")
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -217,6 +217,42 @@ def test_ddp_two_processes_equal_one_process(accum):
             assert torch.allclose(res[r][f"term.{k}"], v.reshape(1), atol=1e-5), (k, res[r][f"term.{k}"], v)
 
 
+def _loader_checkpoint_worker(rank, world, init_file, manifest, tok_path, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    d, tok = Dist(rank, rank, world), D.load_tokenizer(tok_path)
+
+    def loader():
+        return D.make_loader([manifest], [1.0], D.TOY_DATA, tok, batch_size=2, rank=rank, world_size=world,
+                             spares=0, log=lambda m: None)
+    first, model = loader(), make_model()
+    opt = train.build_optimizer(model, 1e-3, 1e-3, 0.01)
+    it = iter(first)
+    for _ in range(3):
+        next(it)
+    ckpt = train.save_checkpoint(os.path.join(out_dir, "run"), 3, model, opt, first, model.cfg,
+                                 train.parse_args([]), d)
+    again = loader()
+    train.restore_checkpoint(ckpt, model, opt, again, d)
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump({"saved": first.state_dict(), "restored": again.state_dict()}, f)
+    dist.destroy_process_group()
+
+
+def test_each_rank_resumes_its_own_loader_state(toy_small, tmp_path):
+    """Each rank reads its own rows, so its bad-row counts are its own: a checkpoint keeps every rank's loader
+    state, and each rank gets its own back (not rank 0's)."""
+    rows = [json.loads(line) for line in open(os.path.join(toy_small, "image_text.jsonl"))][:12]
+    with open(tmp_path / "pairs.jsonl", "w") as f:
+        for i, r in enumerate(rows):  # lines 1-4 bad: the ranks' shuffled shares hold different numbers of them
+            f.write(json.dumps({**r, "image": os.path.join(toy_small if i >= 4 else str(tmp_path), r["image"])}) + "\n")
+    mp.spawn(_loader_checkpoint_worker, nprocs=2, join=True,
+             args=(2, str(tmp_path / "init"), str(tmp_path / "pairs.jsonl"), os.path.join(toy_small, "tokenizer.json"),
+                   str(tmp_path)))
+    res = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert res[0]["saved"]["bad"] != res[1]["saved"]["bad"]   # else this test could not tell the ranks apart
+    assert all(r["restored"] == r["saved"] for r in res)
+
+
 def test_checkpoint_killed_mid_write_keeps_last_good(tmp_path, monkeypatch):
     model = make_model()
     opt = train.build_optimizer(model, 1e-3, 1e-3, 0.01)
@@ -360,6 +396,44 @@ def test_a_preempted_job_saves_its_step_and_resumes(toy_small, tmp_path):
     assert [os.path.basename(c) for c in train.checkpoints(str(out))] == [f"ckpt_{k:07d}"]
     res = _run(toy_small, out, "--steps", str(k + 1), "--resume")
     assert res["step"] == k + 1 and [h["step"] for h in res["history"]] == list(range(1, k + 2))
+
+
+def test_too_many_bad_rows_save_the_last_step_then_resume_once_repaired(toy_small, tmp_path, capsys):
+    """A source with 25% bad rows stops the run past max_bad_share (10%) with the manifest's name; the steps
+    trained are kept in a checkpoint. --resume on the same rows stops again once as many rows were tried
+    (here with a checkpoint every step: the latest is the stop's), on repaired rows (same line count) it goes
+    on from the saved step, however many bad rows the run counted before."""
+    rows = [json.loads(line) for line in open(os.path.join(toy_small, "image_text.jsonl"))][:30]
+    for r in rows:
+        r["image"] = os.path.join(toy_small, r["image"])
+    gone = {"image": str(tmp_path / "gone.jpg"), "text": "a red circle"}
+    manifest = tmp_path / "pairs.jsonl"
+
+    def write(bad):
+        with open(manifest, "w") as f:
+            for i in range(40):  # every fourth line bad: 10 of 40
+                f.write(json.dumps(bad if i % 4 == 0 else rows[i - i // 4 - 1]) + "\n")
+    write(gone)
+    out = tmp_path / "run"
+    args = ["--data", str(manifest), "--tokenizer", os.path.join(toy_small, "tokenizer.json"), "--out", str(out),
+            "--batch", "4", "--workers", "0", "--no-eval", "--log-every", "1", "--save-every", "100"]
+    with pytest.raises(D.TooManyBadExamples, match=r"pairs\.jsonl: \d+ of the \d+ rows tried since") as e:
+        train.main(args + ["--steps", "40"])
+    k = len((out / "metrics.jsonl").read_text().splitlines())
+    assert k >= 3 and str(e.value).endswith(f"Checkpoint saved at step {k}; repair or replace those rows "
+                                            f"(same line count), then --resume")
+    assert [os.path.basename(c) for c in train.checkpoints(str(out))] == [f"ckpt_{k:07d}"]
+    saved = json.loads((out / f"ckpt_{k:07d}" / "loader_rank0.json").read_text())
+    bad, tried = saved["bad"]["pairs"], saved["tried"]["pairs"]
+    assert saved["sampler"]["step"] == k and 0 < bad and (bad <= 0.1 * tried or tried < 40), saved  # not beyond
+    assert f"data: {manifest}: {bad} of {tried} rows tried were bad and skipped" in capsys.readouterr().err
+    with pytest.raises(D.TooManyBadExamples, match=r"The latest checkpoint is at step \d+; repair"):
+        train.main(args + ["--steps", "40", "--resume", "--save-every", "1", "--keep", "1"])
+    j = len((out / "metrics.jsonl").read_text().splitlines())
+    assert j > k + 2 and [os.path.basename(c) for c in train.checkpoints(str(out))] == [f"ckpt_{j:07d}"]
+    write(rows[-1])
+    res = train.main(args + ["--steps", str(j + 2), "--resume"])
+    assert res["step"] == j + 2 and [h["step"] for h in res["history"]] == list(range(1, j + 3))
 
 
 def test_end_to_end_losses_fall(toy_small, tmp_path):
@@ -595,8 +669,14 @@ def test_kernel_kinds(name, kind):
 def _common_batch_worker(rank, world, init_file, sizes, accum, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     n = sizes[rank]
-    batch = {"empty": True} if n == 0 else {"text_ids": torch.arange(n)[:, None], "index": list(range(n)), "source": "s"}
-    out = train.common_batch(batch, accum, Dist(rank, rank, world))
+    batch = ({"stop": f"rank {rank}'s source"} if n == "stop" else {"empty": True} if n == 0 else
+             {"text_ids": torch.arange(n)[:, None], "index": list(range(n)), "source": "s"})
+    try:
+        out = train.common_batch(batch, accum, Dist(rank, rank, world))
+    except D.TooManyBadExamples as e:
+        with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
+            f.write(str(e))
+        return dist.destroy_process_group()
     kept = torch.tensor([-1]) if out is None else out["text_ids"][:, 0]
     assert out is None or out["index"] == kept.tolist()
     save_file({"kept": kept}, os.path.join(out_dir, f"rank{rank}.safetensors"))
@@ -616,6 +696,20 @@ def test_common_batch_is_the_smallest_over_ranks(sizes, accum, kept):
     # one process: its own batch, rounded down to a multiple of accum
     assert train.common_batch({"empty": True}, 1, Dist()) is None
     assert len(train.common_batch({"audio": torch.zeros(5, 3)}, 2, Dist())["audio"]) == 4
+
+
+@pytest.mark.parametrize("sizes", [(4, "stop"), ("stop", 0), ("stop", "stop")])
+def test_a_rank_stopped_by_bad_rows_stops_every_rank(sizes):
+    """A rank whose loader raised TooManyBadExamples stops every rank at the same step (none is left waiting
+    in a collective): each raises, with its own message where it has one, else naming the rank that stopped."""
+    with tempfile.TemporaryDirectory() as d:
+        mp.spawn(_common_batch_worker, args=(2, os.path.join(d, "init"), sizes, 1, d), nprocs=2, join=True)
+        msgs = [open(os.path.join(d, f"rank{r}.txt")).read() for r in range(2)]
+    last = max(r for r in range(2) if sizes[r] == "stop")
+    assert msgs == [f"rank {r}'s source" if sizes[r] == "stop" else f"rank {last} stopped on too many bad rows "
+                    "(its message names the manifest)" for r in range(2)]
+    with pytest.raises(D.TooManyBadExamples, match="^one$"):
+        train.common_batch({"stop": "one"}, 1, Dist())
 
 
 def test_device_time_counts_kernels_once():
