@@ -1562,7 +1562,7 @@ def main(argv=None):
     p.add_argument("out_dir", help="folder to write into")
     p.add_argument("--seed", type=int, default=0, help="everything written is a function of the seed and size")
     p.add_argument("--size", default="default", choices=sorted(TOY_SIZES), help="rows per source (see TOY_SIZES)")
-    p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    p.add_argument("--workers", type=int, default=None, help="processes (default: the cores, at most 8)")
     p = sub.add_parser("check", help="read every row of manifests; report each bad one with its line and reason")
     p.add_argument("manifests", nargs="+", help="JSON Lines manifests")
     p.add_argument("--preset", default="toy", choices=["toy", "paper"], help="decode at this DataConfig")

@@ -5,7 +5,7 @@ tables in miniature on the toy world.
     python eval.py                                   # the toy world's report: runs/eval/report.md + report.png
     python eval.py --task sentiment --train tr.jsonl --val va.jsonl --test te.jsonl --ckpt runs/x --seeds 5
     python eval.py --task emotion ... --modalities L,S       # any subset of V, L, S (section 6's ablation)
-    python eval.py --task glue --glue_task CoLA --glue_dir glue_data/CoLA --ckpt runs/x
+    python eval.py --task glue --glue-task CoLA --glue-dir glue_data/CoLA --ckpt runs/x
     python eval.py --task retrieval --test te.jsonl --ckpt runs/x          # zero-shot, no fine-tuning
 
 Tasks (`--task`) and what the paper reports for them:
@@ -844,8 +844,10 @@ def parse_args(argv=None):
                    "'none' = no pretraining; default: runs/toy when it holds a checkpoint")
     p.add_argument("--ckpt-co", default=None, help="report: a co-attention pretraining run (default runs/toy_co)")
     p.add_argument("--preset", default="tiny", choices=["tiny", "paper"], help="model size without a checkpoint")
-    p.add_argument("--fusion", default="merge", choices=["merge", "co"], help="fusion without a checkpoint")
-    p.add_argument("--modalities", default="V,L,S", help="modalities at fine-tuning and test time, e.g. L,S")
+    p.add_argument("--fusion", default=None, choices=["merge", "co"],
+                   help="fusion without a checkpoint (default merge; a checkpoint has its own)")
+    p.add_argument("--modalities", default=None,
+                   help="one task: modalities at fine-tuning and test time, e.g. L,S (default V,L,S)")
     p.add_argument("--epochs", type=int, default=None, help="maximum fine-tuning epochs (default 10; report 6)")
     p.add_argument("--patience", type=int, default=3, help="stop after this many epochs without a better val")
     p.add_argument("--batch", type=int, default=32, help="batch size per process")
@@ -869,6 +871,10 @@ def parse_args(argv=None):
     a.lr_encoders = a.lr_encoders if a.lr_encoders is not None else (0.0 if a.preset == "tiny" else 1e-5)
     if a.task == "glue" and (a.glue_task is None or a.glue_dir is None):
         p.error("--task glue needs --glue-task and --glue-dir")
+    if a.task == "report" and (a.modalities or a.fusion):
+        p.error(f"the report runs Table 8's seven modality subsets and both fusion modes itself: --modalities "
+                f"{a.modalities} / --fusion {a.fusion} apply to one --task (sentiment, emotion, ...)")
+    a.modalities = a.modalities or "V,L,S"
     return a
 
 
@@ -910,7 +916,11 @@ def main(argv=None):
     tokenizer = D.load_tokenizer(tok_path)
     ckpt = resolve_ckpt(args.ckpt if args.ckpt is not None else
                         (os.path.join("runs", "toy") if T.checkpoints(os.path.join("runs", "toy")) else None))
-    fusion = ckpt_fusion(ckpt) if ckpt else args.fusion
+    fusion = ckpt_fusion(ckpt) if ckpt else (args.fusion or "merge")
+    if ckpt:
+        T.check_preset(ckpt, args.preset)
+        if args.fusion not in (None, fusion):
+            raise ValueError(f"{ckpt} was pretrained with {fusion} fusion, not --fusion {args.fusion}")
     if args.task == "retrieval":
         model = T.load_model(ckpt, args.preset, fusion, tokenizer.vocab_size).to(d.device)
         res = zero_shot_retrieval(model, paths["test"], dcfg, tokenizer, d.device, args.batch)
@@ -958,6 +968,9 @@ def report(args, d, dcfg):
     ckpt = resolve_ckpt(args.ckpt if args.ckpt is not None else (run_dir if T.checkpoints(run_dir) else None))
     co_dir = args.ckpt_co or os.path.join("runs", "toy_co")
     ckpt_co = resolve_ckpt(co_dir) if (args.ckpt_co or T.checkpoints(co_dir)) else None
+    for c in (ckpt, ckpt_co):
+        if c:
+            T.check_preset(c, args.preset)
     if ckpt is None:
         print("eval: no pretraining checkpoint (run `python train.py` first, it writes runs/toy/ckpt_*): "
               "only the no-pretraining rows are run", flush=True)

@@ -158,6 +158,16 @@ def load_model(ckpt=None, preset_name="tiny", fusion="merge", text_vocab=None):
     return model
 
 
+def check_preset(ckpt, preset_name):
+    """A checkpoint's model goes with the data settings (clip shape) and learning rates of the preset it was
+    pretrained with: refuse another --preset rather than feed a paper model toy clips, or the reverse."""
+    with open(os.path.join(ckpt, "state.json")) as f:
+        trained = json.load(f)["args"]["preset"]
+    if trained != preset_name:
+        raise ValueError(f"{ckpt} was pretrained with --preset {trained}, this run has --preset {preset_name}: "
+                         f"give --preset {trained} (it sets the clip shape and the learning rates)")
+
+
 def no_decay(name, p):
     """No weight decay on norms, biases (1-D tensors) and embedding tables (token, relative-position,
     modality, mask, position-bias tables, logit scales), following BERT / CLIP practice. Projections named
@@ -543,7 +553,9 @@ def parse_args(argv=None):
                    help="act as if preempted at this step: checkpoint and exit (tests exact resume)")
     p.add_argument("--no-eval", action="store_true", help="skip the zero-shot retrieval at the end")
     p.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
-    p.add_argument("--benchmark", action="store_true", help="time the step on synthetic tensors, print JSON")
+    p.add_argument("--benchmark", action="store_true",
+                   help="time the step on synthetic tensors of the --preset's shapes, print JSON (a fresh model; "
+                        "the LR stays at its base values)")
     p.add_argument("--bench-steps", type=int, default=10, help="timed steps in --benchmark")
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="--benchmark: then profile N more steps, print where the device time goes (JSON)")
@@ -564,6 +576,7 @@ def parse_args(argv=None):
 
 def build_from_args(args, text_vocab):
     if args.init:
+        check_preset(args.init, args.preset)
         return load_model(args.init)
     if args.text_encoder or args.speech_encoder or args.vision_encoder:
         from model import load_encoder
@@ -657,6 +670,7 @@ def main(argv=None):
     try:
         while step < args.steps:
             t0 = time.perf_counter()
+            rewind = loader.state_dict()  # the loader before this step's batch: where a stop below leaves it
             try:
                 batch = first_batch if (args.overfit_batch and first_batch is not None) else next(it)
             except D.TooManyBadExamples as e:  # common_batch stops every rank with this one
@@ -665,6 +679,7 @@ def main(argv=None):
             try:
                 batch = common_batch(batch, args.accum, d)
             except D.TooManyBadExamples as e:  # save what was trained, then stop (the data needs fixing)
+                loader.load_state_dict(rewind)     # the other ranks took this step's batch already: put it back
                 if step > saved_at:
                     save_checkpoint(args.out, step, objective.model, opt, loader, cfg, args, d, args.keep, history)
                     where, saved_at = f"Checkpoint saved at step {step}", step
@@ -885,7 +900,8 @@ BENCH_SHAPES = {"paper": dict(text_len=128, seconds=7.8, frames=8, res=224),
 
 
 def benchmark(args, d):
-    """Time the real training step (train_step + AdamW) and print one JSON line with the reference's fields."""
+    """Time the real training step (train_step over --accum micro-batches of --batch, clipping, AdamW with the
+    run's settings) and print one JSON line with the reference's fields."""
     paper = args.preset == "paper"
     torch.manual_seed(0)
     cuda = d.device.type == "cuda"
@@ -894,21 +910,25 @@ def benchmark(args, d):
         enable_checkpointing(model)
     autocast = precision(args.bf16, d.device)
     weights = dict(alpha=args.alpha, beta=args.beta, gamma=args.gamma, lam=args.lam)
-    objective = PretrainObjective(model, weights)
-    runner = compile_step(objective, args.compile_mode) if args.compile else objective
-    opt = build_optimizer(model, 2e-5, 1e-5, 0.01)
-    batch = synthetic_batch(model.cfg, args.batch, device=d.device, **BENCH_SHAPES[args.preset])
+    objective = PretrainObjective(model, weights, args.unmasked_contrastive)
+    runner = compile_step(objective, args.compile_mode, eager_random=args.accum > 1) if args.compile else objective
+    opt = build_optimizer(model, args.lr_fusion, args.lr_encoders, args.weight_decay)
+    n = args.batch * args.accum                     # samples a step
+    batch = synthetic_batch(model.cfg, n, device=d.device, **BENCH_SHAPES[args.preset])
+    mbs = split_batch(batch, args.accum)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
 
     def step():
-        terms = train_step(objective, runner, [batch], d, autocast, weights)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        terms = train_step(objective, runner, mbs, d, autocast, weights)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
         opt.step()
         model.logit_scales.clamp_()
         opt.zero_grad(set_to_none=True)
         return terms
 
     step()                                          # warm-up (and compilation)
+    # one forward + backward over the whole batch: with --accum > 1 the gradient cache's extra forward of the
+    # contrastive representations is not counted (the MFU of train.main counts the same way)
     flops, flops_fwd = count_flops(objective, batch, autocast, by_part=True)
     for _ in range(2):
         step()
@@ -928,12 +948,12 @@ def benchmark(args, d):
     total, _ = pretraining_loss(**terms, **weights)
     parts = encoder_breakdown(model, batch, autocast, sync)
     out = {"impl": "icode-from-scratch", "size": "full" if paper else "tiny", "batch": args.batch,
-           "compile": args.compile, "compile_mode": args.compile_mode if args.compile else None,
-           "checkpointing": args.checkpointing,
+           "accum": args.accum, "contrastive_inputs": args.contrastive_inputs, "compile": args.compile,
+           "compile_mode": args.compile_mode if args.compile else None, "checkpointing": args.checkpointing,
            "device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
            "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
            "step_s_median": round(med, 4), "step_s_min": round(times[0], 4),
-           "samples_per_s": round(args.batch / med, 2), "tflop_per_step": round(flops / 1e12, 3),
+           "samples_per_s": round(n / med, 2), "tflop_per_step": round(flops / 1e12, 3),
            "tflop_fwd_by_part": {k: round(v / 1e12, 3) for k, v in flops_fwd.items()},
            "achieved_tflops": round(flops / med / 1e12, 1),
            "matmul_peak_tflops": round(peak / 1e12, 1) if peak else None,

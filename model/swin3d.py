@@ -370,7 +370,8 @@ def convert_hf_image_state_dict(sd, cfg):
 def inflate_image_swin(path, temporal_patch=2, temporal_window=8):
     """VideoSwin (eval mode) inflated from a Hugging Face image Swin folder (config.json + model.safetensors).
 
-    The window is `temporal_window` x the image window; image checkpoints have no mask token, so it keeps its init.
+    The window is `temporal_window` x the image window. Image classification checkpoints have no mask token
+    (it keeps its init); a SwinForMaskedImageModeling one brings its own.
     """
     cfg, sd = read_hf_folder(path, lambda c: config_from_hf(c, temporal_patch, temporal_window))
     model = VideoSwin(cfg)

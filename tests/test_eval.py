@@ -386,3 +386,24 @@ def test_report_on_the_tiny_toy_world(toy, tmp_path):
         assert title in md
     assert os.path.getsize(os.path.join(out, "report.png")) > 0
     assert len(res["subsets"]["emotion"]) == 7 and "nan" not in md.lower()
+
+
+def test_flags_that_would_be_ignored_are_refused(toy, tok, tmp_path):
+    """A checkpoint brings its preset (clip shape, LRs) and fusion mode: another --preset or --fusion is an
+    error, not a silent switch; the report runs every subset and fusion mode itself, so --modalities /
+    --fusion there are errors too. train.py --init checks the preset the same way."""
+    import train as T
+    model = tiny_icode(tok.vocab_size)
+    ckpt = T.save_checkpoint(str(tmp_path / "run"), 1, model, T.build_optimizer(model, 1e-3, 1e-3, 0.0), None,
+                             model.cfg, T.parse_args([]), T.Dist())
+    common = ["--task", "sentiment", "--toy-dir", toy, "--ckpt", ckpt, "--out", str(tmp_path), "--device", "cpu"]
+    with pytest.raises(ValueError, match="pretrained with --preset tiny, this run has --preset paper: give --preset tiny"):
+        E.main(common + ["--preset", "paper"])
+    with pytest.raises(ValueError, match="pretrained with merge fusion, not --fusion co"):
+        E.main(common + ["--fusion", "co"])
+    for flag in (["--modalities", "L,S"], ["--fusion", "co"]):
+        with pytest.raises(SystemExit):
+            E.parse_args(flag)
+    assert E.parse_args(["--task", "emotion"]).modalities == "V,L,S"
+    with pytest.raises(ValueError, match="give --preset tiny"):
+        T.main(["--init", ckpt, "--preset", "paper", "--toy-dir", toy, "--out", str(tmp_path / "init")])

@@ -436,6 +436,62 @@ def test_too_many_bad_rows_save_the_last_step_then_resume_once_repaired(toy_smal
     assert res["step"] == j + 2 and [h["step"] for h in res["history"]] == list(range(1, j + 3))
 
 
+def _main_worker(rank, world, port, argv, out_dir):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    try:
+        res = train.main(argv)
+        msg = f"step {res['step']}"
+    except D.TooManyBadExamples as e:
+        msg = str(e)
+    with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
+        f.write(msg)
+    dist.destroy_process_group()
+
+
+def test_two_ranks_stop_on_bad_rows_together_and_resume_in_step(toy_small, tmp_path):
+    """torchrun-style, 2 processes (gloo): one rank's source passes max_bad_share first; both stop at the same
+    step, the checkpoint holds both loaders as before that step (the rank that did not stop had taken its
+    batch already), and --resume on repaired rows runs both on from there, in step."""
+    import socket
+    rows = [json.loads(line) for line in open(os.path.join(toy_small, "image_text.jsonl"))][:36]
+    for r in rows:
+        r["image"] = os.path.join(toy_small, r["image"])
+    manifest = tmp_path / "pairs.jsonl"
+
+    # Bad rows only where rank 0 reads in each of the first two epochs (the sampler's own plans: 9 steps of 2
+    # rows per rank and epoch), so rank 1 never meets one there and only rank 0's loader stops.
+    plans = [D.MixedBatchSampler([36], [1.0], 2, rank=r, world_size=2, seed=0, spares=0) for r in range(2)]
+    epochs = [[set(sum((plans[r].next_plan()[2] for _ in range(9)), [])) for _ in range(2)] for r in range(2)]
+    bad = sorted(epochs[0][0] & epochs[0][1])[:6]
+    assert len(bad) == 6 and not set(bad) & (epochs[1][0] | epochs[1][1])
+
+    def write(repaired):
+        with open(manifest, "w") as f:
+            for i, r in enumerate(rows):
+                f.write(json.dumps(r if repaired or i not in bad else {**r, "image": str(tmp_path / "gone.jpg")}) + "\n")
+
+    def run(*extra):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        argv = ["--data", str(manifest), "--tokenizer", os.path.join(toy_small, "tokenizer.json"), "--out",
+                str(tmp_path / "run"), "--batch", "2", "--workers", "0", "--no-eval", "--log-every", "1", *extra]
+        mp.spawn(_main_worker, args=(2, port, argv, str(tmp_path)), nprocs=2, join=True)
+        return [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
+    write(repaired=False)
+    msgs = run("--steps", "40")
+    k = len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+    assert k >= 2 and "pairs.jsonl: " in msgs[0] and msgs[1].startswith("rank 0 stopped on too many bad rows")
+    assert all(m.endswith(f"Checkpoint saved at step {k}; repair or replace those rows (same line count), "
+                          f"then --resume") for m in msgs), msgs
+    ckpt = tmp_path / "run" / f"ckpt_{k:07d}"
+    saved = [json.loads((ckpt / f"loader_rank{r}.json").read_text()) for r in range(2)]
+    assert saved[0]["sampler"] == saved[1]["sampler"] and saved[0]["bad"] != saved[1]["bad"], saved
+    write(repaired=True)
+    assert run("--steps", str(k + 2), "--resume") == [f"step {k + 2}"] * 2
+
+
 def test_end_to_end_losses_fall(toy_small, tmp_path):
     """A short run of the real job on the toy world: every loss term falls."""
     res = _run(toy_small, tmp_path / "e2e", "--steps", "40", "--batch", "8", "--warmup", "5")
@@ -609,19 +665,20 @@ def test_compiled_objective_is_one_graph_whatever_is_masked():
 
 
 def test_benchmark_json_and_profile_add_up(capsys):
-    """--benchmark --profile on the tiny preset (CPU): the reference's fields, samples/s = batch / median step,
-    and the profile's kinds add up to its busy time."""
+    """--benchmark --profile on the tiny preset (CPU), with the run's --accum and --contrastive-inputs: the
+    reference's fields, samples/s = batch x accum / median step, and the profile's kinds add up to its busy time."""
     import json
-    out = train.main(["--benchmark", "--preset", "tiny", "--batch", "2", "--bench-steps", "3", "--profile", "1",
-                      "--device", "cpu"])
+    out = train.main(["--benchmark", "--preset", "tiny", "--batch", "1", "--accum", "2", "--bench-steps", "3",
+                      "--profile", "1", "--device", "cpu"])
     lines = [json.loads(l) for l in capsys.readouterr().out.splitlines() if l.startswith("{")]
-    assert lines[0] == out
+    assert lines[0] == out and (out["accum"], out["contrastive_inputs"]) == (2, "unmasked")  # the tiny default
     for k in ("samples_per_s", "step_s_median", "tflop_per_step", "peak_mem_GiB", "encoder_fwd_bwd_s"):
         assert k in out
     assert out["samples_per_s"] == pytest.approx(2 / out["step_s_median"], rel=1e-2)
     assert out["tflop_per_step"] > 0 and {"text", "speech", "vision"} <= set(out["encoder_fwd_bwd_s"])
-    # units: the FLOPs of one step (counted again here), in TFLOP; achieved = those over the median step
-    obj = PretrainObjective(train.load_model(None, "tiny"), WEIGHTS)
+    # units: the FLOPs of one step (counted again here, the unmasked pass included), in TFLOP; achieved =
+    # those over the median step
+    obj = PretrainObjective(train.load_model(None, "tiny"), WEIGHTS, unmasked_contrastive=True)
     b = synthetic_batch(obj.model.cfg, 2, device="cpu", **train.BENCH_SHAPES["tiny"])
     assert out["tflop_per_step"] == pytest.approx(train.count_flops(obj, b, NOCAST) / 1e12, rel=2e-2, abs=1e-3)
     assert out["achieved_tflops"] == pytest.approx(out["tflop_per_step"] / out["step_s_median"], rel=2e-2, abs=0.1)
