@@ -992,16 +992,11 @@ class _BatchMaker:
             if ex.get("stale_targets"):
                 stale.append(ds.line(i))
         g = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, step, self.rank]).generate_state(1)[0]))
-        t = time.perf_counter()
         batch = collate(good, self.cfg, self.tokenizer, g) if good else None
-        timing = collections.Counter()
-        for e in good:
-            timing.update(e["timing"])
-        timing["collate"] = time.perf_counter() - t
         if batch is not None:
             batch["step"] = step
         return {"batch": batch, "step": step, "source": s, "skipped": skipped, "tried": tried, "state": state,
-                "timing": dict(timing), "stale": stale}
+                "stale": stale}
 
 
 def _identity(x):
@@ -1051,7 +1046,6 @@ class MixedLoader:
         self.tried_counts = {d.name: 0 for d in datasets}
         self.bad_reasons = {d.name: collections.Counter() for d in datasets}
         self.since_start = {d.name: (0, 0) for d in datasets}  # (bad, tried) since made or restored: the stop rule
-        self.timing = collections.Counter()  # seconds per stage, summed over the batches handed out
         self.stale_reported = set()          # sources whose stale target cache has been reported
         self._state = self.sampler.state_dict()
 
@@ -1084,7 +1078,6 @@ class MixedLoader:
     def _account(self, out):
         ds = self.datasets[out["source"]]
         name = ds.name
-        self.timing.update(out["timing"])
         if out["stale"] and name not in self.stale_reported:
             self.stale_reported.add(name)
             self.log(f"data: {ds.path}:{out['stale'][0]}: the target cache {ds.targets} was written for another "
@@ -1378,21 +1371,22 @@ def make_toy(out_dir, seed=0, size="default", workers=None):
 # ----------------------------------------------------------------------------------------------------
 # Offline VQ targets (`python data.py tokenize`): <manifest>.targets/{line:08d}.safetensors + meta.json
 
-def default_quantize(model_cfg, name="custom"):
-    """The default target tokenizers of a model config (icode.default_tokenizers: frozen random
-    projections, the ones ICode itself uses) as a callable batch -> {"video_targets": [B, T, H/16, W/16]
-    long, "audio_targets": [B, T_s, G] long}, with `.fingerprint` (`model.quantizers.fingerprint`). Any
-    callable of that form can go to `tokenize_manifest`."""
-    from icode import default_tokenizers, tokenize_targets
+def target_quantize(model_cfg, name="custom"):
+    """The target tokenizers of a model config (icode.target_tokenizers: the ones ICode itself uses,
+    pretrained where the config names their folders, random projections otherwise) as a callable batch ->
+    {"video_targets": [B, T, H/16, W/16] long, "audio_targets": [B, T_s, G] long}, with `.fingerprint`
+    (`model.quantizers.fingerprint`). Any callable of that form can go to `tokenize_manifest`."""
+    from icode import target_tokenizers, tokenize_targets
     from model.quantizers import fingerprint
-    video_tok, speech_tok = default_tokenizers(model_cfg)
+    video_tok, speech_tok = target_tokenizers(model_cfg)
 
     def quantize(batch):
         return tokenize_targets(batch, model_cfg, video_tok, speech_tok)
     quantize.fingerprint = fingerprint(video_tok, speech_tok)   # what train.py compares with its model's
-    quantize.__name__ = (f"default tokenizers of the {name} model (seed {model_cfg.tokenizer_seed}, "
-                         f"{model_cfg.video_codebook} video codes, {model_cfg.speech_groups} x "
-                         f"{model_cfg.speech_vars} speech codes)")
+    c, rp = model_cfg, "random projection"
+    quantize.__name__ = (f"target tokenizers of the {name} model (video: {c.video_tokenizer or rp}, "
+                         f"{c.video_codebook} codes; speech: {c.speech_tokenizer or rp}, "
+                         f"{c.speech_groups} x {c.speech_vars} codes; tokenizer seed {c.tokenizer_seed})")
     return quantize
 
 
@@ -1579,6 +1573,8 @@ def main(argv=None):
     p.add_argument("--preset", default="toy", choices=["toy", "paper"],
                    help="the data and model presets the targets are for (toy: train.py's tiny model)")
     p.add_argument("--batch-size", type=int, default=16, help="examples per quantizer call")
+    p.add_argument("--video-tokenizer", default=None, help="a pretrained VQGAN folder (as train.py's flag)")
+    p.add_argument("--speech-tokenizer", default=None, help="a Wav2Vec2ForPreTraining folder (as train.py's flag)")
     args = ap.parse_args(argv)
 
     if args.cmd == "make-toy":
@@ -1617,10 +1613,11 @@ def main(argv=None):
                   f"{math.ceil(need / rate)} workers (cores) at this rate")
         return 0
     if args.cmd == "tokenize":
-        from icode import preset
+        from icode import preset, target_fields
         cfg = _preset(args.preset)
         model = {"toy": "tiny", "paper": "paper"}[args.preset]     # the model preset trained on that data
-        q = default_quantize(preset(model), model)
+        q = target_quantize(dataclasses.replace(preset(model), **target_fields(args.video_tokenizer,
+                                                                               args.speech_tokenizer)), model)
         for m in args.manifests:
             written, bad = tokenize_manifest(m, cfg, q, args.batch_size, name=q.__name__)
             print(f"{m}: wrote {written} target files to {targets_dir(m)} ({bad} bad rows skipped)")

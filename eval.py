@@ -918,9 +918,7 @@ def main(argv=None):
                         (os.path.join("runs", "toy") if T.checkpoints(os.path.join("runs", "toy")) else None))
     fusion = ckpt_fusion(ckpt) if ckpt else (args.fusion or "merge")
     if ckpt:
-        T.check_preset(ckpt, args.preset)
-        if args.fusion not in (None, fusion):
-            raise ValueError(f"{ckpt} was pretrained with {fusion} fusion, not --fusion {args.fusion}")
+        T.check_preset(ckpt, args.preset, args.fusion)
     if args.task == "retrieval":
         model = T.load_model(ckpt, args.preset, fusion, tokenizer.vocab_size).to(d.device)
         res = zero_shot_retrieval(model, paths["test"], dcfg, tokenizer, d.device, args.batch)

@@ -18,6 +18,7 @@ Letters used in shape comments everywhere (docs/CONVENTIONS.md):
 """
 import argparse
 import dataclasses
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -28,7 +29,7 @@ from losses import PAIR_NAMES, LogitScales
 from model.deberta import DEBERTA_V3_BASE, Deberta, DebertaConfig
 from model.fusion import MODALITIES, FusionConfig, FusionNetwork, joint_representation, masked_mean
 from model.heads import MLMHead, MSMHead, MVMHead
-from model.quantizers import build_default_quantizers
+from model.quantizers import build_default_quantizers, load_quantizer
 from model.swin3d import SWIN_B_VIDEO, SwinConfig, VideoSwin
 from model.wavlm import WAVLM_LARGE, SpeechConfig, SpeechEncoder
 
@@ -45,6 +46,10 @@ class ICodeConfig:
     msm_combined: bool = False     # MSM predicts the combined id i0*V+i1 (V^G classes) instead of per group
     tie_mlm: bool = False          # tie the MLM decoder to the text encoder's word embeddings (needs C_l == D)
     tokenizer_seed: int = 0        # seed of the default random-projection (BEST-RQ) target tokenizers
+    video_tokenizer: str = ""      # folder of a pretrained VQGAN tokenizer (PeCo's family) for the MVM targets;
+                                   # "" = the random projection (set with `target_fields`)
+    speech_tokenizer: str = ""     # folder of a Wav2Vec2ForPreTraining checkpoint whose quantizer gives the MSM
+                                   # targets (section 4.2.1); "" = the random projection
     speech_tokenizer_features: str = "logmel"  # BEST-RQ speech input: "logmel" or "wave"
     normalize_audio: bool = True   # zero mean, unit variance per utterance before the speech encoder, as the
                                    # WavLM-large / HuBERT-large feature extractors do (do_normalize=True)
@@ -68,11 +73,43 @@ class ICodeConfig:
         return ICodeConfig(**d)
 
 
-def default_tokenizers(cfg: ICodeConfig):
-    """The frozen random-projection (BEST-RQ) target tokenizers a config implies: (video, speech). ICode's
-    own, and those `data.py tokenize` writes offline caches with, so the two always agree."""
-    return build_default_quantizers(cfg.tokenizer_seed, cfg.video_codebook, cfg.speech_vars, cfg.speech_groups,
-                                    speech_features=cfg.speech_tokenizer_features)
+def target_tokenizers(cfg: ICodeConfig):
+    """The frozen target tokenizers of section 4.2.1 a config names: (video, speech). A folder in
+    cfg.video_tokenizer / cfg.speech_tokenizer loads a pretrained one (`model.load_quantizer`: a VQGAN, the
+    family of the paper's PeCo; a wav2vec 2.0 quantizer, the paper's own), otherwise the random projections
+    (BEST-RQ; README, "Differences from the paper"). ICode's own, and those `data.py tokenize` writes offline
+    caches with, so the two always agree. Their codebooks must fit the heads and their grids the model's."""
+    video, speech = build_default_quantizers(cfg.tokenizer_seed, cfg.video_codebook, cfg.speech_vars,
+                                             cfg.speech_groups, speech_features=cfg.speech_tokenizer_features)
+    if cfg.video_tokenizer:
+        video = load_quantizer("vqgan", cfg.video_tokenizer)
+        if video.codebook_size != cfg.video_codebook or video.patch != 16:
+            raise ValueError(f"video tokenizer {cfg.video_tokenizer}: {video.codebook_size} codes on "
+                             f"{video.patch}-pixel patches, the MVM head predicts {cfg.video_codebook} codes on "
+                             f"16-pixel patches (icode.target_fields sizes the head)")
+    if cfg.speech_tokenizer:
+        speech = load_quantizer("wav2vec2", cfg.speech_tokenizer)
+        frames = (tuple(speech.config.conv_kernel), tuple(speech.config.conv_stride))
+        if (speech.groups, speech.vars) != (cfg.speech_groups, cfg.speech_vars) or \
+                frames != (tuple(cfg.speech.conv_kernel), tuple(cfg.speech.conv_stride)):
+            raise ValueError(f"speech tokenizer {cfg.speech_tokenizer}: {speech.groups} x {speech.vars} codes on "
+                             f"frames of kernels / strides {frames}, the MSM head predicts {cfg.speech_groups} x "
+                             f"{cfg.speech_vars} codes on the speech encoder's frames "
+                             f"{(tuple(cfg.speech.conv_kernel), tuple(cfg.speech.conv_stride))}")
+    return video, speech
+
+
+def target_fields(video=None, speech=None):
+    """ICodeConfig fields for pretrained target tokenizers (folders, or None for the random projection): the
+    folder and the MVM / MSM head sizes its codebook needs. `dataclasses.replace(cfg, **target_fields(v, s))`."""
+    out = {}
+    if video:
+        tok = load_quantizer("vqgan", video)
+        out.update(video_tokenizer=os.path.abspath(video), video_codebook=tok.codebook_size)
+    if speech:
+        tok = load_quantizer("wav2vec2", speech)
+        out.update(speech_tokenizer=os.path.abspath(speech), speech_groups=tok.groups, speech_vars=tok.vars)
+    return out
 
 
 def tokenize_targets(batch, cfg: ICodeConfig, video_tokenizer, speech_tokenizer):
@@ -159,9 +196,9 @@ class ICode(nn.Module):
         self.mvm_head = MVMHead(D, cfg.video_codebook)
         self.msm_head = MSMHead(D, groups=cfg.speech_groups, vars=cfg.speech_vars, combined=cfg.msm_combined)
         self.logit_scales = LogitScales()
-        # Frozen target tokenizers (section 4.2.1). Default: BEST-RQ random projections (README,
-        # "Differences from the paper"); `set_tokenizers` swaps in PeCo-style VQGAN / wav2vec 2.0 ones.
-        self.video_tokenizer, self.speech_tokenizer = default_tokenizers(cfg)
+        # Frozen target tokenizers (section 4.2.1): pretrained ones where the config names their folders, BEST-RQ
+        # random projections otherwise (README, "Differences from the paper").
+        self.video_tokenizer, self.speech_tokenizer = target_tokenizers(cfg)
 
     @classmethod
     def from_encoders(cls, text, vision, speech, fusion=None, **kw):
@@ -169,18 +206,6 @@ class ICode(nn.Module):
         cfg = ICodeConfig(text=text.config, vision=vision.config, speech=speech.config,
                           fusion=fusion or FusionConfig(), **kw)
         return cls(cfg, text=text, vision=vision, speech=speech).train()
-
-    def set_tokenizers(self, video=None, speech=None):
-        """Use pretrained target tokenizers (`model.load_quantizer`); their vocabularies must fit the heads."""
-        if video is not None:
-            if video.codebook_size != self.cfg.video_codebook:
-                raise ValueError(f"video tokenizer has {video.codebook_size} codes, MVM head {self.cfg.video_codebook}")
-            self.video_tokenizer = video
-        if speech is not None:
-            if (speech.groups, speech.vars) != (self.cfg.speech_groups, self.cfg.speech_vars):
-                raise ValueError(f"speech tokenizer has {speech.groups}x{speech.vars} codes, MSM head "
-                                 f"{self.cfg.speech_groups}x{self.cfg.speech_vars}")
-            self.speech_tokenizer = speech
 
     # ---- the four modules of section 4.1 ----
 

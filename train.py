@@ -37,7 +37,7 @@ from safetensors.torch import load_file, save_file, save_model
 from safetensors.torch import load_model as load_safetensors_into
 
 import data as D
-from icode import ICode, ICodeConfig, preset
+from icode import ICode, ICodeConfig, preset, target_fields
 from losses import PAIR_NAMES, PAPER_WEIGHTS, masked_unit_loss, pretraining_loss
 from model.quantizers import fingerprint
 
@@ -158,14 +158,18 @@ def load_model(ckpt=None, preset_name="tiny", fusion="merge", text_vocab=None):
     return model
 
 
-def check_preset(ckpt, preset_name):
+def check_preset(ckpt, preset_name, fusion=None):
     """A checkpoint's model goes with the data settings (clip shape) and learning rates of the preset it was
-    pretrained with: refuse another --preset rather than feed a paper model toy clips, or the reverse."""
+    pretrained with: refuse another --preset rather than feed a paper model toy clips, or the reverse; and
+    another --fusion (given) than the model's, rather than ignore it."""
     with open(os.path.join(ckpt, "state.json")) as f:
-        trained = json.load(f)["args"]["preset"]
+        state = json.load(f)
+    trained, mode = state["args"]["preset"], state["config"]["fusion"]["mode"]
     if trained != preset_name:
         raise ValueError(f"{ckpt} was pretrained with --preset {trained}, this run has --preset {preset_name}: "
                          f"give --preset {trained} (it sets the clip shape and the learning rates)")
+    if fusion not in (None, mode):
+        raise ValueError(f"{ckpt} was pretrained with {mode} fusion, not --fusion {fusion}")
 
 
 def no_decay(name, p):
@@ -307,14 +311,16 @@ def common_batch(batch, accum, d):
 def check_target_caches(datasets, model):
     """Offline VQ targets (`data.py tokenize`) stand in for the model's own tokenizers (section 4.2.1), so
     they must come from the same ones: a cache whose meta.json fingerprint (`model.quantizers.fingerprint`)
-    differs from the model's, e.g. written for another preset or tokenizer seed, or with none, is an error
-    naming the cache; otherwise one source's targets would come from another codebook than the rest's."""
+    differs from the model's, e.g. written with another tokenizer seed or other pretrained tokenizers, or with
+    none, is an error naming the cache; otherwise one source's targets would come from another codebook than
+    the rest's. (A cache written for another clip shape never gets here: the loader does not use it.)"""
     own = fingerprint(model.video_tokenizer, model.speech_tokenizer)
     for ds in datasets:
         if ds.targets is not None and ds.targets_meta.get("tokenizers") != own:
             raise ValueError(f"{ds.targets}: the target cache was written by tokenizers "
                              f"{ds.targets_meta.get('tokenizers')} ({ds.targets_meta.get('quantizer')}), the model's "
-                             f"are {own}: rerun `python data.py tokenize` with the matching --preset, or delete the cache")
+                             f"are {own}: rerun `python data.py tokenize` with the run's --preset, --video-tokenizer "
+                             f"and --speech-tokenizer, or delete the cache")
 
 
 def to_device(batch, device):
@@ -473,6 +479,18 @@ def save_checkpoint(out_dir, step, model, opt, loader, cfg, args, d, keep=3, his
     return final
 
 
+def config_differences(a, b, prefix=""):
+    """Where two configs (JSON dicts) differ: ["fusion.mode: 'merge' (checkpoint) != 'co' (this run)", ...]."""
+    out = []
+    for k in sorted(set(a) | set(b)):
+        x, y = a.get(k), b.get(k)
+        if isinstance(x, dict) and isinstance(y, dict):
+            out += config_differences(x, y, f"{prefix}{k}.")
+        elif x != y:
+            out.append(f"{prefix}{k}: {x!r} (checkpoint) != {y!r} (this run)")
+    return out
+
+
 def restore_checkpoint(ckpt, model, opt, loader, d):
     """Load weights, optimiser, loader position and this rank's RNG state. Returns (step, history)."""
     with open(os.path.join(ckpt, "state.json")) as f:
@@ -480,6 +498,11 @@ def restore_checkpoint(ckpt, model, opt, loader, d):
     if state["world"] != d.world:
         raise ValueError(f"{ckpt} was written by {state['world']} processes, this run has {d.world}: "
                          "the data order and RNG streams would not continue exactly")
+    own = json.loads(json.dumps(asdict(unwrap(model).cfg)))
+    if state["config"] != own:
+        diff = "; ".join(config_differences(state["config"], own)[:5])
+        raise ValueError(f"{ckpt} holds a model of other settings ({diff}): --resume with the flags the run started "
+                         f"with (--preset, --fusion, the encoders, --video-tokenizer / --speech-tokenizer)")
     load_safetensors_into(unwrap(model), os.path.join(ckpt, "model.safetensors"))
     load_optimizer_tensors(opt, unwrap(model), load_file(os.path.join(ckpt, "optimizer.safetensors")))
     if loader is not None:
@@ -512,6 +535,12 @@ def parse_args(argv=None):
     p.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the toy world's)")
     p.add_argument("--toy-dir", default=TOY_DIR, help="where the toy world lives (made if missing)")
     p.add_argument("--out", default=None, help="run folder (checkpoints, metrics.jsonl, loss.png)")
+    p.add_argument("--video-tokenizer", default=None,
+                   help="MVM targets from a pretrained VQGAN folder (PeCo's family; model.load_quantizer); "
+                        "default: a frozen random projection")
+    p.add_argument("--speech-tokenizer", default=None,
+                   help="MSM targets from a Wav2Vec2ForPreTraining folder's quantizer (the paper's); default: a "
+                        "frozen random projection")
     p.add_argument("--init", default=None, help="start from this checkpoint folder's weights (not its state)")
     p.add_argument("--text-encoder", default=None, help="pretrained DeBERTa-V3 folder (model.load_encoder)")
     p.add_argument("--speech-encoder", default=None, help="pretrained WavLM or HuBERT folder")
@@ -575,8 +604,12 @@ def parse_args(argv=None):
 
 
 def build_from_args(args, text_vocab):
+    targets = target_fields(args.video_tokenizer, args.speech_tokenizer)   # {} for the random projections
     if args.init:
-        check_preset(args.init, args.preset)
+        if targets:
+            raise ValueError(f"--init {args.init} brings its own target tokenizers (its config): drop "
+                             f"--video-tokenizer / --speech-tokenizer")
+        check_preset(args.init, args.preset, args.fusion)
         return load_model(args.init)
     if args.text_encoder or args.speech_encoder or args.vision_encoder:
         from model import load_encoder
@@ -586,8 +619,8 @@ def build_from_args(args, text_vocab):
         speech_kind = "wavlm" if "wavlm" in args.speech_encoder.lower() else "hubert"
         return ICode.from_encoders(load_encoder("deberta-v3", args.text_encoder),
                                    load_encoder("swin", args.vision_encoder),
-                                   load_encoder(speech_kind, args.speech_encoder), fusion=cfg.fusion)
-    return load_model(None, args.preset, args.fusion, text_vocab)
+                                   load_encoder(speech_kind, args.speech_encoder), fusion=cfg.fusion, **targets)
+    return ICode(replace(preset(args.preset, args.fusion, text_vocab), **targets))
 
 
 def main(argv=None):

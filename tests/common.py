@@ -1,9 +1,17 @@
 """Checks and configs shared by several test files (imported as `from common import ...`: pytest puts tests/ on the path)."""
 import dataclasses
+import json
+import os
 
 import torch
+from safetensors.torch import save_file
 
 from icode import preset
+from model.quantizers import SPEECH_KERNELS, SPEECH_STRIDES, VQGANConfig, VQGANTokenizer
+
+# A small VQGAN (16-pixel patches, 128 codes) for tests of the tokenizer and of the model around it.
+SMALL_VQ = VQGANConfig(ch=32, ch_mult=(1, 1, 2, 2, 2), num_res_blocks=1, attn_resolutions=(16,), resolution=64,
+                       z_channels=16, n_embed=128, embed_dim=8)
 
 
 def assert_attention_dropout_only_in_training(model, run, rate_attr, where=slice(None)):
@@ -32,3 +40,40 @@ def with_dropout(name, *a, dropout=0.1, **k):
     cfg.vision = r(cfg.vision, drop_path_rate=dropout)
     cfg.fusion = r(cfg.fusion, dropout=dropout)
     return cfg
+
+
+def save_vq(path, tok, sd=None, nested=True):
+    """A VQGAN tokenizer folder: config.json (taming-transformers' nested layout, or flat) + model.safetensors."""
+    os.makedirs(path, exist_ok=True)
+    c = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(tok.config).items()}
+    cfg = {"embed_dim": c.pop("embed_dim"), "n_embed": c.pop("n_embed"), "ddconfig": c} if nested else c
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    sd = dict(tok.state_dict()) if sd is None else sd
+    save_file({k: v.contiguous() for k, v in sd.items()}, os.path.join(path, "model.safetensors"))
+    return str(path)
+
+
+def save_vqgan_folder(path, config=SMALL_VQ, seed=0):
+    """A randomly initialised VQGAN tokenizer written as a pretrained folder; returns its path."""
+    torch.manual_seed(seed)
+    return save_vq(path, VQGANTokenizer(config))
+
+
+def hf_wav2vec2_config(norm="group", bias=False):
+    """A tiny transformers Wav2Vec2Config: the real frame arithmetic (400-sample window, 320 stride), 2 x 40 codes."""
+    from transformers import Wav2Vec2Config
+    return Wav2Vec2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37,
+                          conv_dim=(16, 16, 16, 16, 16, 16, 24), conv_kernel=SPEECH_KERNELS,
+                          conv_stride=SPEECH_STRIDES, conv_bias=bias, feat_extract_norm=norm,
+                          do_stable_layer_norm=(norm == "layer"), num_conv_pos_embeddings=16,
+                          num_conv_pos_embedding_groups=2, num_codevector_groups=2, num_codevectors_per_group=40,
+                          codevector_dim=16, proj_codevector_dim=16, vocab_size=12)
+
+
+def save_wav2vec2_folder(path, seed=0, **kw):
+    """A randomly initialised transformers Wav2Vec2ForPreTraining saved as a Hugging Face folder."""
+    from transformers import Wav2Vec2ForPreTraining
+    torch.manual_seed(seed)
+    Wav2Vec2ForPreTraining(hf_wav2vec2_config(**kw)).save_pretrained(path)
+    return str(path)

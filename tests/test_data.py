@@ -746,7 +746,7 @@ def test_offline_targets_are_the_models_own(toy, tok, tmp_path):
     for other in (data.dataclasses.replace(model.cfg, tokenizer_seed=1),    # same codebook sizes, other codes
                   data.dataclasses.replace(model.cfg, video_codebook=16)):
         with pytest.raises(ValueError, match=r"v\.targets: the target cache was written by tokenizers [0-9a-f]{16} "
-                                             r"\(default tokenizers of the tiny model .*the model's are [0-9a-f]{16}"):
+                                             r"\(target tokenizers of the tiny model .*the model's are [0-9a-f]{16}"):
             train.check_target_caches([cached_ds], ICode(other))
     with open(tmp_path / "v.targets" / "meta.json") as f:   # a cache written by a callable without a fingerprint
         meta = json.load(f)

@@ -407,3 +407,5 @@ def test_flags_that_would_be_ignored_are_refused(toy, tok, tmp_path):
     assert E.parse_args(["--task", "emotion"]).modalities == "V,L,S"
     with pytest.raises(ValueError, match="give --preset tiny"):
         T.main(["--init", ckpt, "--preset", "paper", "--toy-dir", toy, "--out", str(tmp_path / "init")])
+    with pytest.raises(ValueError, match="pretrained with merge fusion, not --fusion co"):
+        T.main(["--init", ckpt, "--fusion", "co", "--toy-dir", toy, "--out", str(tmp_path / "init")])

@@ -225,19 +225,45 @@ def test_default_tokenizers_follow_the_config_and_masks_may_run_longer(model):
     assert torch.equal(model.targets(longer)["audio"], t)
 
 
-def test_tied_mlm_decoder_and_pretrained_tokenizer_checks():
-    """tie_mlm: the MLM decoder is the text encoder's word-embedding Parameter itself. set_tokenizers refuses
-    tokenizers whose vocabularies do not fit the heads."""
-    from model.quantizers import build_default_quantizers
+def test_tied_mlm_decoder():
+    """tie_mlm: the MLM decoder is the text encoder's word-embedding Parameter itself."""
     m = ICode(replace(preset("tiny"), tie_mlm=True))
     assert m.mlm_head.decoder.weight is m.text.word_embeddings.weight
     assert sum(p is m.text.word_embeddings.weight for p in m.parameters()) == 1
-    v, s = build_default_quantizers(seed=0, video_codebook_size=m.cfg.video_codebook + 1,
-                                    speech_codebook_size=m.cfg.speech_vars + 1)
-    with pytest.raises(ValueError, match="video tokenizer has"):
-        m.set_tokenizers(video=v)
-    with pytest.raises(ValueError, match="speech tokenizer has"):
-        m.set_tokenizers(speech=s)
+
+
+def test_pretrained_target_tokenizers_from_the_config(tmp_path):
+    """Folders named in the config give the targets (a VQGAN for MVM, a wav2vec 2.0 quantizer for MSM):
+    target_fields sizes the heads to their codebooks, the model's targets are their ids on the unmasked input
+    (the waveform normalised as the encoder sees it), and a codebook or grid that does not fit the heads is
+    refused, naming the folder."""
+    from common import SMALL_VQ, save_vqgan_folder, save_wav2vec2_folder
+    from icode import normalize_waveform, target_fields
+    from model.quantizers import load_quantizer
+    vq, w2v = save_vqgan_folder(tmp_path / "vq"), save_wav2vec2_folder(tmp_path / "w2v")
+    cfg = replace(preset("tiny"), **target_fields(vq, w2v))
+    assert (cfg.video_tokenizer, cfg.video_codebook, cfg.speech_tokenizer, cfg.speech_groups, cfg.speech_vars) == \
+        (vq, 128, w2v, 2, 40)
+    m = ICode(cfg)
+    assert (m.mvm_head.classifier.out_features, m.msm_head.classifier.out_features) == (128, 2 * 40)
+    b = {k: v for k, v in subset_batch(m, MODALITIES).items() if not k.endswith("_targets")}  # no cached ids
+    t = m.targets(b)
+    with torch.no_grad():
+        video_ids = load_quantizer("vqgan", vq)(b["video"])
+        audio_ids = load_quantizer("wav2vec2", w2v)(normalize_waveform(b["audio"], b["audio_attention"]))
+    assert torch.equal(t["video"], torch.where(b["video_mask"], video_ids, -100))
+    assert torch.equal(t["audio"], torch.where(b["audio_mask"][..., :audio_ids.shape[1], None], audio_ids, -100))
+    assert (t["video"] >= 0).any() and (t["audio"] >= 0).any()
+    with pytest.raises(ValueError, match=f"video tokenizer {vq}: 128 codes on 16-pixel patches, the MVM head "
+                                         f"predicts 256 codes"):
+        ICode(replace(preset("tiny"), video_tokenizer=vq))
+    with pytest.raises(ValueError, match=f"speech tokenizer {w2v}: 2 x 40 codes"):
+        ICode(replace(preset("tiny"), speech_tokenizer=w2v))
+    vq8 = save_vqgan_folder(tmp_path / "vq8", replace(SMALL_VQ, ch_mult=(1, 1, 2, 2)))
+    with pytest.raises(ValueError, match="128 codes on 8-pixel patches"):
+        ICode(replace(preset("tiny"), **target_fields(vq8)))
+    with pytest.raises(FileNotFoundError, match="nothere"):
+        ICode(replace(preset("tiny"), speech_tokenizer=str(tmp_path / "nothere"), speech_vars=40))
 
 
 def test_strict_loading_and_shard_index_by_hand(tmp_path):

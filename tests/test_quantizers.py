@@ -3,7 +3,6 @@ VQGAN tokenizer shapes and loading errors, frame alignment, BEST-RQ determinism 
 
 `python tests/test_quantizers.py` prints the codebook shares on natural-looking synthetic inputs."""
 import hashlib
-import json
 import math
 import os
 import re
@@ -13,16 +12,16 @@ import sys
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]   # also as a script, and imported by a subprocess below
 
 from model.quantizers import (SPEECH_KERNELS, SPEECH_STRIDES, RandomProjectionSpeechTokenizer,  # noqa: E402
-                              VQGANConfig, VQGANTokenizer, Wav2Vec2Quantizer,
+                              VQGANTokenizer, Wav2Vec2Quantizer,
                               Wav2Vec2QuantizerConfig, build_default_quantizers, combined_index, fingerprint,
                               load_quantizer, nearest_code)
 from model.wavlm import ConvFeatureEncoder, conv_output_length  # noqa: E402
+from common import SMALL_VQ, hf_wav2vec2_config, save_vq  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -133,21 +132,11 @@ def test_combined_index():
 # ----------------------------------------------------------------------------------------------------
 # wav2vec 2.0 quantizer vs transformers
 
-def _hf_config(norm, bias):
-    from transformers import Wav2Vec2Config
-    return Wav2Vec2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37,
-                          conv_dim=(16, 16, 16, 16, 16, 16, 24), conv_kernel=SPEECH_KERNELS,
-                          conv_stride=SPEECH_STRIDES, conv_bias=bias, feat_extract_norm=norm,
-                          do_stable_layer_norm=(norm == "layer"), num_conv_pos_embeddings=16,
-                          num_conv_pos_embedding_groups=2, num_codevector_groups=2, num_codevectors_per_group=40,
-                          codevector_dim=16, proj_codevector_dim=16, vocab_size=12)
-
-
 @pytest.mark.parametrize("norm,bias", [("group", False), ("layer", True)])
 def test_wav2vec2_quantizer_matches_transformers(tmp_path, norm, bias):
     from transformers import Wav2Vec2ForPreTraining
     torch.manual_seed(0)
-    hf = Wav2Vec2ForPreTraining(_hf_config(norm, bias)).eval()
+    hf = Wav2Vec2ForPreTraining(hf_wav2vec2_config(norm, bias)).eval()
     hf.save_pretrained(tmp_path)                                     # config.json + model.safetensors
     assert os.path.isfile(tmp_path / "model.safetensors")
     q = load_quantizer("wav2vec2", str(tmp_path))
@@ -173,7 +162,7 @@ def test_wav2vec2_quantizer_matches_transformers(tmp_path, norm, bias):
 
 def test_wav2vec2_fine_tuned_checkpoint_is_refused(tmp_path):
     from transformers import Wav2Vec2ForCTC
-    Wav2Vec2ForCTC(_hf_config("group", False)).save_pretrained(tmp_path)
+    Wav2Vec2ForCTC(hf_wav2vec2_config("group", False)).save_pretrained(tmp_path)
     with pytest.raises(KeyError, match="Wav2Vec2ForPreTraining"):
         load_quantizer("wav2vec2", str(tmp_path))
 
@@ -215,8 +204,6 @@ def test_speech_tokenizer_frame_depends_only_on_its_window():
 # ----------------------------------------------------------------------------------------------------
 # VQGAN tokenizer
 
-SMALL_VQ = VQGANConfig(ch=32, ch_mult=(1, 1, 2, 2, 2), num_res_blocks=1, attn_resolutions=(16,), resolution=64,
-                       z_channels=16, n_embed=128, embed_dim=8)
 
 
 @pytest.mark.parametrize("T,H,W", [(1, 64, 64), (2, 32, 96), (3, 112, 80)])
@@ -272,23 +259,13 @@ def test_vqgan_encoder_matches_taming_transformers():
     assert torch.equal(ids[:, 0], want)
 
 
-def _save_vq(path, tok, sd=None, nested=True):
-    os.makedirs(path, exist_ok=True)
-    c = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(tok.config).items()}
-    cfg = {"embed_dim": c.pop("embed_dim"), "n_embed": c.pop("n_embed"), "ddconfig": c} if nested else c
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(cfg, f)
-    sd = dict(tok.state_dict()) if sd is None else sd
-    save_file({k: v.contiguous() for k, v in sd.items()}, os.path.join(path, "model.safetensors"))
-
-
 def test_vqgan_load_roundtrip_and_errors(tmp_path):
     torch.manual_seed(0)
     tok = VQGANTokenizer(SMALL_VQ)
     sd = dict(tok.state_dict())
     sd["decoder.conv_in.weight"] = torch.zeros(1)                   # ignored prefixes load silently
     sd["post_quant_conv.weight"] = torch.zeros(1)
-    _save_vq(tmp_path / "ok", tok, sd)
+    save_vq(tmp_path / "ok", tok, sd)
     loaded = load_quantizer("vqgan", str(tmp_path / "ok"))
     video = torch.randn(1, 3, 2, 32, 48)
     assert torch.equal(loaded(video), tok(video))
@@ -296,7 +273,7 @@ def test_vqgan_load_roundtrip_and_errors(tmp_path):
 
     bad = dict(tok.state_dict())
     del bad["encoder.down.1.block.0.conv1.weight"]
-    _save_vq(tmp_path / "missing", tok, bad, nested=False)
+    save_vq(tmp_path / "missing", tok, bad, nested=False)
     named = (re.escape(str(tmp_path / "missing")) +
              r".*: missing tensor\(s\) \[.*encoder\.down\.1\.block\.0\.conv1\.weight")
     with pytest.raises(KeyError, match=named):
@@ -304,7 +281,7 @@ def test_vqgan_load_roundtrip_and_errors(tmp_path):
 
     bad = dict(tok.state_dict())
     bad["quantize.embedding.weight"] = torch.zeros(64, 8)
-    _save_vq(tmp_path / "shape", tok, bad)
+    save_vq(tmp_path / "shape", tok, bad)
     with pytest.raises(ValueError, match=r"quantize\.embedding\.weight.*\(64, 8\).*\(128, 8\)"):
         load_quantizer("vqgan", str(tmp_path / "shape"))
 

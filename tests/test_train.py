@@ -17,6 +17,7 @@ import data as D
 import train
 from common import with_dropout
 from icode import ICode, preset
+from model.quantizers import load_quantizer
 from losses import PAPER_WEIGHTS, pretraining_loss
 from train import Dist, PretrainObjective, count_targets, split_batch, synthetic_batch, train_step
 
@@ -368,6 +369,37 @@ def test_a_target_cache_of_other_tokenizers_stops_the_run(tmp_path, monkeypatch)
     with pytest.raises(ValueError, match=r"image_text\.targets: the target cache was written by tokenizers"):
         _run(toy, tmp_path / "other", "--steps", "1")
     assert not os.path.exists(tmp_path / "other" / "metrics.jsonl")
+
+
+def test_pretrained_target_tokenizers_train_resume_and_cache(toy_small, tmp_path):
+    """--video-tokenizer / --speech-tokenizer: the run trains on their ids and its checkpoint's config names
+    the folders (load_model rebuilds the same tokenizers); --resume without them is refused, naming the
+    setting; `data.py tokenize` with the same flags writes a cache the run accepts, one without them is refused."""
+    from common import save_vqgan_folder, save_wav2vec2_folder
+    vq, w2v = save_vqgan_folder(tmp_path / "vq"), save_wav2vec2_folder(tmp_path / "w2v")
+    flags = ["--video-tokenizer", vq, "--speech-tokenizer", w2v]
+    out = tmp_path / "run"
+    assert _run(toy_small, out, "--steps", "2", *flags)["step"] == 2
+    model = train.load_model(train.checkpoints(str(out))[-1])
+    assert (model.cfg.video_tokenizer, model.cfg.video_codebook, model.cfg.speech_tokenizer, model.cfg.speech_vars) \
+        == (vq, 128, w2v, 40)
+    assert torch.equal(next(model.video_tokenizer.parameters()), next(load_quantizer("vqgan", vq).parameters()))
+    with pytest.raises(ValueError, match=f"speech_tokenizer: '{w2v}' \\(checkpoint\\) != '' \\(this run\\)"):
+        _run(toy_small, out, "--steps", "3", "--resume")
+    assert _run(toy_small, out, "--steps", "3", "--resume", *flags)["step"] == 3
+    rows = [json.loads(line) for line in open(os.path.join(toy_small, "image_text.jsonl"))]
+    for name in ("with", "without"):
+        with open(tmp_path / f"{name}.jsonl", "w") as f:
+            f.writelines(json.dumps({**r, "image": os.path.join(toy_small, r["image"])}) + "\n" for r in rows)
+        assert D.main(["tokenize", str(tmp_path / f"{name}.jsonl"), "--preset", "toy"]
+                      + (flags if name == "with" else [])) == 0
+    data = ["--tokenizer", os.path.join(toy_small, "tokenizer.json"), "--batch", "4", "--workers", "0", "--no-eval"]
+    res = train.main(["--data", str(tmp_path / "with.jsonl"), "--out", str(tmp_path / "c1"), "--steps", "1",
+                      *data, *flags])
+    assert res["step"] == 1
+    with pytest.raises(ValueError, match=r"without\.targets: the target cache was written by tokenizers"):
+        train.main(["--data", str(tmp_path / "without.jsonl"), "--out", str(tmp_path / "c2"), "--steps", "1",
+                    *data, *flags])
 
 
 def test_a_preempted_job_saves_its_step_and_resumes(toy_small, tmp_path):
