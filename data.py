@@ -1371,22 +1371,23 @@ def make_toy(out_dir, seed=0, size="default", workers=None):
 # ----------------------------------------------------------------------------------------------------
 # Offline VQ targets (`python data.py tokenize`): <manifest>.targets/{line:08d}.safetensors + meta.json
 
-def target_quantize(model_cfg, name="custom"):
-    """The target tokenizers of a model config (icode.target_tokenizers: the ones ICode itself uses,
-    pretrained where the config names their folders, random projections otherwise) as a callable batch ->
+def target_quantize(model_cfg, name="custom", tokenizers=None):
+    """The target tokenizers of a model config (icode.target_tokenizers: the ones ICode itself uses; the
+    loaded pretrained ones in `tokenizers` where the config has their architectures, `icode.pretrained_targets`,
+    random projections otherwise) as a callable batch ->
     {"video_targets": [B, T, H/16, W/16] long, "audio_targets": [B, T_s, G] long}, with `.fingerprint`
     (`model.quantizers.fingerprint`). Any callable of that form can go to `tokenize_manifest`."""
     from icode import target_tokenizers, tokenize_targets
     from model.quantizers import fingerprint
-    video_tok, speech_tok = target_tokenizers(model_cfg)
+    video_tok, speech_tok = target_tokenizers(model_cfg, **(tokenizers or {}))
 
     def quantize(batch):
         return tokenize_targets(batch, model_cfg, video_tok, speech_tok)
     quantize.fingerprint = fingerprint(video_tok, speech_tok)   # what train.py compares with its model's
-    c, rp = model_cfg, "random projection"
-    quantize.__name__ = (f"target tokenizers of the {name} model (video: {c.video_tokenizer or rp}, "
-                         f"{c.video_codebook} codes; speech: {c.speech_tokenizer or rp}, "
-                         f"{c.speech_groups} x {c.speech_vars} codes; tokenizer seed {c.tokenizer_seed})")
+    c, kind = model_cfg, lambda arch, pretrained: pretrained if arch else "random projection"
+    quantize.__name__ = (f"target tokenizers of the {name} model (video: {kind(c.video_tokenizer, 'VQGAN')}, "
+                         f"{c.video_codebook} codes; speech: {kind(c.speech_tokenizer, 'wav2vec 2.0 quantizer')}, "
+                         f"{c.speech_groups} x {c.speech_vars} codes; random projections' seed {c.tokenizer_seed})")
     return quantize
 
 
@@ -1613,11 +1614,11 @@ def main(argv=None):
                   f"{math.ceil(need / rate)} workers (cores) at this rate")
         return 0
     if args.cmd == "tokenize":
-        from icode import preset, target_fields
+        from icode import preset, pretrained_targets
         cfg = _preset(args.preset)
         model = {"toy": "tiny", "paper": "paper"}[args.preset]     # the model preset trained on that data
-        q = target_quantize(dataclasses.replace(preset(model), **target_fields(args.video_tokenizer,
-                                                                               args.speech_tokenizer)), model)
+        fields, toks = pretrained_targets(args.video_tokenizer, args.speech_tokenizer)
+        q = target_quantize(dataclasses.replace(preset(model), **fields), model, toks)
         for m in args.manifests:
             written, bad = tokenize_manifest(m, cfg, q, args.batch_size, name=q.__name__)
             print(f"{m}: wrote {written} target files to {targets_dir(m)} ({bad} bad rows skipped)")

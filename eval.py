@@ -822,11 +822,6 @@ def resolve_ckpt(path):
     return found[-1]
 
 
-def ckpt_fusion(ckpt):
-    with open(os.path.join(ckpt, "state.json")) as f:
-        return json.load(f)["config"]["fusion"]["mode"]
-
-
 # ----------------------------------------------------------------------------------------------------
 # Command line
 
@@ -916,7 +911,7 @@ def main(argv=None):
     tokenizer = D.load_tokenizer(tok_path)
     ckpt = resolve_ckpt(args.ckpt if args.ckpt is not None else
                         (os.path.join("runs", "toy") if T.checkpoints(os.path.join("runs", "toy")) else None))
-    fusion = ckpt_fusion(ckpt) if ckpt else (args.fusion or "merge")
+    fusion = T.ckpt_fusion(ckpt) if ckpt else (args.fusion or "merge")
     if ckpt:
         T.check_preset(ckpt, args.preset, args.fusion)
     if args.task == "retrieval":
@@ -979,7 +974,7 @@ def report(args, d, dcfg):
     full = ("video", "text", "audio")
     rows = [("NP+M", None, "merge"), ("NP+C", None, "co")]
     for c in dict.fromkeys(x for x in (ckpt, ckpt_co) if x):   # once each, --ckpt first
-        fusion = ckpt_fusion(c)
+        fusion = T.ckpt_fusion(c)
         name = f"D+{fusion[0].upper()}"                         # D+M or D+C by the run's fusion mode
         if any(r[0] == name for r in rows):                     # two runs of one mode: name them by folder
             name += f" ({os.path.basename(os.path.dirname(os.path.abspath(c)))})"

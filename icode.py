@@ -18,7 +18,7 @@ Letters used in shape comments everywhere (docs/CONVENTIONS.md):
 """
 import argparse
 import dataclasses
-import os
+import json
 from dataclasses import dataclass, field
 
 import torch
@@ -29,7 +29,8 @@ from losses import PAIR_NAMES, LogitScales
 from model.deberta import DEBERTA_V3_BASE, Deberta, DebertaConfig
 from model.fusion import MODALITIES, FusionConfig, FusionNetwork, joint_representation, masked_mean
 from model.heads import MLMHead, MSMHead, MVMHead
-from model.quantizers import build_default_quantizers, load_quantizer
+from model.quantizers import (VQGANTokenizer, Wav2Vec2Quantizer, build_default_quantizers, load_quantizer,
+                              vqgan_config_from_dict, wav2vec2_config_from_hf)
 from model.swin3d import SWIN_B_VIDEO, SwinConfig, VideoSwin
 from model.wavlm import WAVLM_LARGE, SpeechConfig, SpeechEncoder
 
@@ -46,10 +47,10 @@ class ICodeConfig:
     msm_combined: bool = False     # MSM predicts the combined id i0*V+i1 (V^G classes) instead of per group
     tie_mlm: bool = False          # tie the MLM decoder to the text encoder's word embeddings (needs C_l == D)
     tokenizer_seed: int = 0        # seed of the default random-projection (BEST-RQ) target tokenizers
-    video_tokenizer: str = ""      # folder of a pretrained VQGAN tokenizer (PeCo's family) for the MVM targets;
-                                   # "" = the random projection (set with `target_fields`)
-    speech_tokenizer: str = ""     # folder of a Wav2Vec2ForPreTraining checkpoint whose quantizer gives the MSM
-                                   # targets (section 4.2.1); "" = the random projection
+    video_tokenizer: dict = None   # a pretrained VQGAN target tokenizer's architecture (VQGANConfig fields; PeCo's
+                                   # family), its frozen weights part of the model's; None = the random projection
+    speech_tokenizer: dict = None  # the same for a wav2vec 2.0 quantizer (Wav2Vec2QuantizerConfig fields), the
+                                   # paper's speech targets (section 4.2.1); both set by `pretrained_targets`
     speech_tokenizer_features: str = "logmel"  # BEST-RQ speech input: "logmel" or "wave"
     normalize_audio: bool = True   # zero mean, unit variance per utterance before the speech encoder, as the
                                    # WavLM-large / HuBERT-large feature extractors do (do_normalize=True)
@@ -73,43 +74,63 @@ class ICodeConfig:
         return ICodeConfig(**d)
 
 
-def target_tokenizers(cfg: ICodeConfig):
-    """The frozen target tokenizers of section 4.2.1 a config names: (video, speech). A folder in
-    cfg.video_tokenizer / cfg.speech_tokenizer loads a pretrained one (`model.load_quantizer`: a VQGAN, the
-    family of the paper's PeCo; a wav2vec 2.0 quantizer, the paper's own), otherwise the random projections
-    (BEST-RQ; README, "Differences from the paper"). ICode's own, and those `data.py tokenize` writes offline
-    caches with, so the two always agree. Their codebooks must fit the heads and their grids the model's."""
-    video, speech = build_default_quantizers(cfg.tokenizer_seed, cfg.video_codebook, cfg.speech_vars,
-                                             cfg.speech_groups, speech_features=cfg.speech_tokenizer_features)
-    if cfg.video_tokenizer:
-        video = load_quantizer("vqgan", cfg.video_tokenizer)
+def target_tokenizers(cfg: ICodeConfig, video=None, speech=None):
+    """The frozen target tokenizers of section 4.2.1 for a config: (video, speech). Where the config holds a
+    pretrained one's architecture (cfg.video_tokenizer / cfg.speech_tokenizer), `video` / `speech` is that
+    tokenizer, loaded (`pretrained_targets`); without it one is built with the architecture alone, whose weights
+    a checkpoint then fills in (`train.load_model`). Otherwise the random projections (BEST-RQ; README,
+    "Differences from the paper"). ICode's own, and those `data.py tokenize` writes offline caches with, so
+    the two always agree. Their codebooks must fit the heads and their grids the model's."""
+    for name, given, arch in (("video", video, cfg.video_tokenizer), ("speech", speech, cfg.speech_tokenizer)):
+        if given is not None and arch is None:
+            raise ValueError(f"a pretrained {name} tokenizer was given, but the config has no {name}_tokenizer "
+                             f"architecture: build the config with icode.pretrained_targets' fields")
+    rp_video, rp_speech = build_default_quantizers(cfg.tokenizer_seed, cfg.video_codebook, cfg.speech_vars,
+                                                   cfg.speech_groups, speech_features=cfg.speech_tokenizer_features)
+    if cfg.video_tokenizer is None:
+        video = rp_video
+    else:
+        arch = vqgan_config_from_dict(cfg.video_tokenizer)
+        video = video if video is not None else VQGANTokenizer(arch)
+        if video.config != arch:
+            raise ValueError(f"video tokenizer: its architecture {video.config} is not the config's {arch}")
         if video.codebook_size != cfg.video_codebook or video.patch != 16:
-            raise ValueError(f"video tokenizer {cfg.video_tokenizer}: {video.codebook_size} codes on "
-                             f"{video.patch}-pixel patches, the MVM head predicts {cfg.video_codebook} codes on "
-                             f"16-pixel patches (icode.target_fields sizes the head)")
-    if cfg.speech_tokenizer:
-        speech = load_quantizer("wav2vec2", cfg.speech_tokenizer)
+            raise ValueError(f"video tokenizer: {video.codebook_size} codes on {video.patch}-pixel patches, the "
+                             f"MVM head predicts {cfg.video_codebook} codes on 16-pixel patches "
+                             f"(icode.pretrained_targets sizes the head)")
+    if cfg.speech_tokenizer is None:
+        speech = rp_speech
+    else:
+        arch = wav2vec2_config_from_hf(cfg.speech_tokenizer)
+        speech = speech if speech is not None else Wav2Vec2Quantizer(arch)
+        if speech.config != arch:
+            raise ValueError(f"speech tokenizer: its architecture {speech.config} is not the config's {arch}")
         frames = (tuple(speech.config.conv_kernel), tuple(speech.config.conv_stride))
-        if (speech.groups, speech.vars) != (cfg.speech_groups, cfg.speech_vars) or \
-                frames != (tuple(cfg.speech.conv_kernel), tuple(cfg.speech.conv_stride)):
-            raise ValueError(f"speech tokenizer {cfg.speech_tokenizer}: {speech.groups} x {speech.vars} codes on "
-                             f"frames of kernels / strides {frames}, the MSM head predicts {cfg.speech_groups} x "
-                             f"{cfg.speech_vars} codes on the speech encoder's frames "
-                             f"{(tuple(cfg.speech.conv_kernel), tuple(cfg.speech.conv_stride))}")
+        own = (tuple(cfg.speech.conv_kernel), tuple(cfg.speech.conv_stride))
+        if (speech.groups, speech.vars) != (cfg.speech_groups, cfg.speech_vars) or frames != own:
+            raise ValueError(f"speech tokenizer: {speech.groups} x {speech.vars} codes on frames of kernels / "
+                             f"strides {frames}, the MSM head predicts {cfg.speech_groups} x {cfg.speech_vars} "
+                             f"codes on the speech encoder's frames {own}")
     return video, speech
 
 
-def target_fields(video=None, speech=None):
-    """ICodeConfig fields for pretrained target tokenizers (folders, or None for the random projection): the
-    folder and the MVM / MSM head sizes its codebook needs. `dataclasses.replace(cfg, **target_fields(v, s))`."""
-    out = {}
+def pretrained_targets(video=None, speech=None):
+    """Load pretrained target tokenizers from their folders (None: keep the random projection): a VQGAN for the
+    MVM targets, a Wav2Vec2ForPreTraining checkpoint's quantizer for the MSM targets (`model.load_quantizer`).
+    Returns (ICodeConfig fields: their architectures and the head sizes their codebooks need, {"video": ...,
+    "speech": ...} the loaded tokenizers). `ICode(replace(cfg, **fields), tokenizers=toks)`."""
+    fields, toks = {}, {}
+
+    def arch(tok):  # its config as plain JSON, as a checkpoint's state.json holds it
+        return json.loads(json.dumps(dataclasses.asdict(tok.config)))
     if video:
-        tok = load_quantizer("vqgan", video)
-        out.update(video_tokenizer=os.path.abspath(video), video_codebook=tok.codebook_size)
+        toks["video"] = load_quantizer("vqgan", video)
+        fields.update(video_tokenizer=arch(toks["video"]), video_codebook=toks["video"].codebook_size)
     if speech:
-        tok = load_quantizer("wav2vec2", speech)
-        out.update(speech_tokenizer=os.path.abspath(speech), speech_groups=tok.groups, speech_vars=tok.vars)
-    return out
+        toks["speech"] = load_quantizer("wav2vec2", speech)
+        fields.update(speech_tokenizer=arch(toks["speech"]), speech_groups=toks["speech"].groups,
+                      speech_vars=toks["speech"].vars)
+    return fields, toks
 
 
 def tokenize_targets(batch, cfg: ICodeConfig, video_tokenizer, speech_tokenizer):
@@ -178,7 +199,9 @@ class EncodeOutput:
 
 
 class ICode(nn.Module):
-    def __init__(self, cfg: ICodeConfig, text=None, vision=None, speech=None):
+    def __init__(self, cfg: ICodeConfig, text=None, vision=None, speech=None, tokenizers=None):
+        """Encoders given (text, vision, speech: loaded, `model.load_encoder`) or built from the config;
+        tokenizers: {"video", "speech"} loaded pretrained target tokenizers (`pretrained_targets`)."""
         super().__init__()
         self.cfg = cfg
         self.text = text if text is not None else Deberta(cfg.text)
@@ -196,16 +219,16 @@ class ICode(nn.Module):
         self.mvm_head = MVMHead(D, cfg.video_codebook)
         self.msm_head = MSMHead(D, groups=cfg.speech_groups, vars=cfg.speech_vars, combined=cfg.msm_combined)
         self.logit_scales = LogitScales()
-        # Frozen target tokenizers (section 4.2.1): pretrained ones where the config names their folders, BEST-RQ
-        # random projections otherwise (README, "Differences from the paper").
-        self.video_tokenizer, self.speech_tokenizer = target_tokenizers(cfg)
+        # Frozen target tokenizers (section 4.2.1): pretrained ones where the config has their architectures,
+        # BEST-RQ random projections otherwise (README, "Differences from the paper").
+        self.video_tokenizer, self.speech_tokenizer = target_tokenizers(cfg, **(tokenizers or {}))
 
     @classmethod
-    def from_encoders(cls, text, vision, speech, fusion=None, **kw):
+    def from_encoders(cls, text, vision, speech, fusion=None, tokenizers=None, **kw):
         """Build i-Code around loaded encoders (e.g. `model.load_encoder(...)`); returns train mode."""
         cfg = ICodeConfig(text=text.config, vision=vision.config, speech=speech.config,
                           fusion=fusion or FusionConfig(), **kw)
-        return cls(cfg, text=text, vision=vision, speech=speech).train()
+        return cls(cfg, text=text, vision=vision, speech=speech, tokenizers=tokenizers).train()
 
     # ---- the four modules of section 4.1 ----
 

@@ -37,7 +37,7 @@ from safetensors.torch import load_file, save_file, save_model
 from safetensors.torch import load_model as load_safetensors_into
 
 import data as D
-from icode import ICode, ICodeConfig, preset, target_fields
+from icode import ICode, ICodeConfig, preset, pretrained_targets
 from losses import PAIR_NAMES, PAPER_WEIGHTS, masked_unit_loss, pretraining_loss
 from model.quantizers import fingerprint
 
@@ -158,10 +158,16 @@ def load_model(ckpt=None, preset_name="tiny", fusion="merge", text_vocab=None):
     return model
 
 
+def ckpt_fusion(ckpt):
+    """The fusion mode of a checkpoint's model ("merge" or "co")."""
+    with open(os.path.join(ckpt, "state.json")) as f:
+        return json.load(f)["config"]["fusion"]["mode"]
+
+
 def check_preset(ckpt, preset_name, fusion=None):
     """A checkpoint's model goes with the data settings (clip shape) and learning rates of the preset it was
     pretrained with: refuse another --preset rather than feed a paper model toy clips, or the reverse; and
-    another --fusion (given) than the model's, rather than ignore it."""
+    another --fusion (when one is given) than the model's, rather than ignore it."""
     with open(os.path.join(ckpt, "state.json")) as f:
         state = json.load(f)
     trained, mode = state["args"]["preset"], state["config"]["fusion"]["mode"]
@@ -300,8 +306,9 @@ def common_batch(batch, accum, d):
     n = -1 - d.rank if "stop" in batch else 0 if batch.get("empty") else batch_size(batch)
     n_all = int(all_reduce_(torch.tensor([n], device=d.device), dist.ReduceOp.MIN).item())
     if n_all < 0:
-        raise D.TooManyBadExamples(batch.get("stop") or f"rank {-1 - n_all} stopped on too many bad rows "
-                                                        f"(its message names the manifest)")
+        raise D.TooManyBadExamples(batch.get("stop") or f"rank {-1 - n_all} stopped on too many bad rows of "
+                                                        f"source {batch.get('source')} (its message names the "
+                                                        f"manifest).")
     n_all -= n_all % accum
     if n_all == 0:
         return None
@@ -498,19 +505,24 @@ def restore_checkpoint(ckpt, model, opt, loader, d):
     if state["world"] != d.world:
         raise ValueError(f"{ckpt} was written by {state['world']} processes, this run has {d.world}: "
                          "the data order and RNG streams would not continue exactly")
-    own = json.loads(json.dumps(asdict(unwrap(model).cfg)))
-    if state["config"] != own:
-        diff = "; ".join(config_differences(state["config"], own)[:5])
+    # through from_dict: fields added since the checkpoint was written take their defaults
+    saved, own = (json.loads(json.dumps(asdict(c))) for c in (ICodeConfig.from_dict(state["config"]),
+                                                              unwrap(model).cfg))
+    if saved != own:
+        diff = "; ".join(config_differences(saved, own)[:5])
         raise ValueError(f"{ckpt} holds a model of other settings ({diff}): --resume with the flags the run started "
                          f"with (--preset, --fusion, the encoders, --video-tokenizer / --speech-tokenizer)")
     load_safetensors_into(unwrap(model), os.path.join(ckpt, "model.safetensors"))
     load_optimizer_tensors(opt, unwrap(model), load_file(os.path.join(ckpt, "optimizer.safetensors")))
     if loader is not None:
         path = os.path.join(ckpt, f"loader_rank{d.rank}.json")
-        if not os.path.isfile(path):
+        if os.path.isfile(path):
+            with open(path) as f:
+                loader.load_state_dict(json.load(f))
+        elif state.get("loader") is not None and d.world == 1:   # written before the per-rank files
+            loader.load_state_dict(state["loader"])
+        else:
             raise FileNotFoundError(f"{path} is missing: --resume continues rank {d.rank}'s data order from it")
-        with open(path) as f:
-            loader.load_state_dict(json.load(f))
     from safetensors import safe_open
     path = os.path.join(ckpt, f"rng_rank{d.rank}.safetensors")
     with safe_open(path, "pt") as f:
@@ -529,7 +541,8 @@ def restore_checkpoint(ckpt, model, opt, loader, d):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="i-Code pretraining (section 4.2).")
     p.add_argument("--preset", default="tiny", choices=["tiny", "paper"], help="model size (icode.preset)")
-    p.add_argument("--fusion", default="merge", choices=["merge", "co"], help="fusion attention (section 4.1)")
+    p.add_argument("--fusion", default=None, choices=["merge", "co"],
+                   help="fusion attention (section 4.1; default merge, with --init the checkpoint's)")
     p.add_argument("--data", nargs="*", default=None, help="manifests (JSON Lines); default: the toy world")
     p.add_argument("--data-weights", type=float, nargs="*", default=None, help="sampling weight per manifest")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the toy world's)")
@@ -604,13 +617,12 @@ def parse_args(argv=None):
 
 
 def build_from_args(args, text_vocab):
-    targets = target_fields(args.video_tokenizer, args.speech_tokenizer)   # {} for the random projections
     if args.init:
-        if targets:
-            raise ValueError(f"--init {args.init} brings its own target tokenizers (its config): drop "
+        if args.video_tokenizer or args.speech_tokenizer:
+            raise ValueError(f"--init {args.init} brings its own target tokenizers (its weights): drop "
                              f"--video-tokenizer / --speech-tokenizer")
-        check_preset(args.init, args.preset, args.fusion)
         return load_model(args.init)
+    fields, toks = pretrained_targets(args.video_tokenizer, args.speech_tokenizer)   # {}, {}: random projections
     if args.text_encoder or args.speech_encoder or args.vision_encoder:
         from model import load_encoder
         if not (args.text_encoder and args.speech_encoder and args.vision_encoder):
@@ -619,12 +631,16 @@ def build_from_args(args, text_vocab):
         speech_kind = "wavlm" if "wavlm" in args.speech_encoder.lower() else "hubert"
         return ICode.from_encoders(load_encoder("deberta-v3", args.text_encoder),
                                    load_encoder("swin", args.vision_encoder),
-                                   load_encoder(speech_kind, args.speech_encoder), fusion=cfg.fusion, **targets)
-    return ICode(replace(preset(args.preset, args.fusion, text_vocab), **targets))
+                                   load_encoder(speech_kind, args.speech_encoder), fusion=cfg.fusion,
+                                   tokenizers=toks, **fields)
+    return ICode(replace(preset(args.preset, args.fusion, text_vocab), **fields), tokenizers=toks)
 
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.init:
+        check_preset(args.init, args.preset, args.fusion)
+    args.fusion = args.fusion or (ckpt_fusion(args.init) if args.init else "merge")
     d = setup_distributed(args.device)
     if args.benchmark:
         return benchmark(args, d)
@@ -666,9 +682,9 @@ def main(argv=None):
         raise ValueError(f"{args.out} already holds checkpoints ({os.path.basename(existing[-1])}): "
                          f"continue with --resume, or give another --out (or remove it)")
     log = tqdm_write if d.is_main else None  # data messages above the progress bar
-    loader = D.make_loader(manifests, args.data_weights or [1.0] * len(manifests), dcfg, tokenizer, batch_size=args.batch * args.accum,
-                           rank=d.rank, world_size=d.world, seed=args.seed, num_workers=workers, log=log)
-    check_target_caches(loader.datasets, model)
+    loader = D.make_loader(manifests, args.data_weights or [1.0] * len(manifests), dcfg, tokenizer,
+                           batch_size=args.batch * args.accum, rank=d.rank, world_size=d.world, seed=args.seed,
+                           num_workers=workers, log=log)
     weights = dict(alpha=args.alpha, beta=args.beta, gamma=args.gamma, lam=args.lam)
     objective = PretrainObjective(model, weights, args.unmasked_contrastive)
     opt = build_optimizer(model, args.lr_fusion, args.lr_encoders, args.weight_decay)
@@ -680,6 +696,7 @@ def main(argv=None):
         ckpt = existing[-1]
         step, history = restore_checkpoint(ckpt, model, opt, loader, d)
         print0(f"resumed from {ckpt} at step {step}")
+    check_target_caches(loader.datasets, model)   # after the resume's check of the model's settings
     saved_at = step  # the step of the latest checkpoint (0: none)
     if d.is_main:
         os.makedirs(args.out, exist_ok=True)
@@ -689,8 +706,8 @@ def main(argv=None):
         stop["signal"] = signum
     old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     metrics_path = os.path.join(args.out, "metrics.jsonl")
-    n_params = sum(p.numel() for p in model.parameters())
-    print0(f"i-Code {args.preset}/{args.fusion}: {n_params / 1e6:.1f}M parameters, world {d.world}, "
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)   # not the frozen target tokenizers
+    print0(f"i-Code {args.preset}/{args.fusion}: {n_params / 1e6:.1f}M trained parameters, world {d.world}, "
            f"global batch {global_batch}, {args.steps} steps, device {d.device}")
     bar = None
     if d.is_main:
@@ -960,9 +977,10 @@ def benchmark(args, d):
         return terms
 
     step()                                          # warm-up (and compilation)
-    # one forward + backward over the whole batch: with --accum > 1 the gradient cache's extra forward of the
+    # one forward + backward over a micro-batch, times --accum: the gradient cache's extra forward of the
     # contrastive representations is not counted (the MFU of train.main counts the same way)
-    flops, flops_fwd = count_flops(objective, batch, autocast, by_part=True)
+    flops, flops_fwd = count_flops(objective, mbs[0], autocast, by_part=True)
+    flops, flops_fwd = flops * args.accum, {k: v * args.accum for k, v in flops_fwd.items()}
     for _ in range(2):
         step()
     if cuda:
@@ -979,7 +997,7 @@ def benchmark(args, d):
     peak_mem = torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None
     peak = matmul_peak(d.device) if cuda else None
     total, _ = pretraining_loss(**terms, **weights)
-    parts = encoder_breakdown(model, batch, autocast, sync)
+    parts = encoder_breakdown(model, mbs[0], autocast, sync)   # one micro-batch (the step's batch at --accum 1)
     out = {"impl": "icode-from-scratch", "size": "full" if paper else "tiny", "batch": args.batch,
            "accum": args.accum, "contrastive_inputs": args.contrastive_inputs, "compile": args.compile,
            "compile_mode": args.compile_mode if args.compile else None, "checkpointing": args.checkpointing,

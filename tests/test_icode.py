@@ -232,38 +232,46 @@ def test_tied_mlm_decoder():
     assert sum(p is m.text.word_embeddings.weight for p in m.parameters()) == 1
 
 
-def test_pretrained_target_tokenizers_from_the_config(tmp_path):
-    """Folders named in the config give the targets (a VQGAN for MVM, a wav2vec 2.0 quantizer for MSM):
-    target_fields sizes the heads to their codebooks, the model's targets are their ids on the unmasked input
-    (the waveform normalised as the encoder sees it), and a codebook or grid that does not fit the heads is
-    refused, naming the folder."""
+def test_pretrained_target_tokenizers(tmp_path):
+    """Pretrained target tokenizers (a VQGAN for MVM, a wav2vec 2.0 quantizer for MSM): pretrained_targets
+    gives their architectures and head sizes for the config, the model's targets are their ids on the unmasked
+    input (the waveform normalised as the encoder sees it), their weights are the model's (a model built from
+    the config alone gets them from a state dict), and a codebook, grid or architecture that does not fit is
+    refused."""
     from common import SMALL_VQ, save_vqgan_folder, save_wav2vec2_folder
-    from icode import normalize_waveform, target_fields
-    from model.quantizers import load_quantizer
-    vq, w2v = save_vqgan_folder(tmp_path / "vq"), save_wav2vec2_folder(tmp_path / "w2v")
-    cfg = replace(preset("tiny"), **target_fields(vq, w2v))
-    assert (cfg.video_tokenizer, cfg.video_codebook, cfg.speech_tokenizer, cfg.speech_groups, cfg.speech_vars) == \
-        (vq, 128, w2v, 2, 40)
-    m = ICode(cfg)
+    from icode import normalize_waveform, pretrained_targets
+    fields, toks = pretrained_targets(save_vqgan_folder(tmp_path / "vq"), save_wav2vec2_folder(tmp_path / "w2v"))
+    cfg = replace(preset("tiny"), **fields)
+    assert (cfg.video_tokenizer["n_embed"], cfg.video_codebook, cfg.speech_groups, cfg.speech_vars) == (128, 128, 2, 40)
+    assert ICodeConfig.from_dict(json.loads(json.dumps(asdict(cfg)))) == cfg   # as in a checkpoint's state.json
+    m = ICode(cfg, tokenizers=toks)
+    assert (m.video_tokenizer, m.speech_tokenizer) == (toks["video"], toks["speech"])
     assert (m.mvm_head.classifier.out_features, m.msm_head.classifier.out_features) == (128, 2 * 40)
     b = {k: v for k, v in subset_batch(m, MODALITIES).items() if not k.endswith("_targets")}  # no cached ids
     t = m.targets(b)
     with torch.no_grad():
-        video_ids = load_quantizer("vqgan", vq)(b["video"])
-        audio_ids = load_quantizer("wav2vec2", w2v)(normalize_waveform(b["audio"], b["audio_attention"]))
+        video_ids = toks["video"](b["video"])
+        audio_ids = toks["speech"](normalize_waveform(b["audio"], b["audio_attention"]))
     assert torch.equal(t["video"], torch.where(b["video_mask"], video_ids, -100))
     assert torch.equal(t["audio"], torch.where(b["audio_mask"][..., :audio_ids.shape[1], None], audio_ids, -100))
     assert (t["video"] >= 0).any() and (t["audio"] >= 0).any()
-    with pytest.raises(ValueError, match=f"video tokenizer {vq}: 128 codes on 16-pixel patches, the MVM head "
-                                         f"predicts 256 codes"):
-        ICode(replace(preset("tiny"), video_tokenizer=vq))
-    with pytest.raises(ValueError, match=f"speech tokenizer {w2v}: 2 x 40 codes"):
-        ICode(replace(preset("tiny"), speech_tokenizer=w2v))
-    vq8 = save_vqgan_folder(tmp_path / "vq8", replace(SMALL_VQ, ch_mult=(1, 1, 2, 2)))
+    bare = ICode(cfg)                     # the architectures only: random frozen weights until a state dict
+    assert not torch.equal(bare.targets(b)["video"], t["video"])
+    bare.load_state_dict(m.state_dict())
+    assert all(torch.equal(bare.targets(b)[k], t[k]) for k in ("video", "audio"))
+    with pytest.raises(ValueError, match="video tokenizer: 128 codes on 16-pixel patches, the MVM head predicts 256"):
+        ICode(replace(preset("tiny"), video_tokenizer=fields["video_tokenizer"]))
+    with pytest.raises(ValueError, match="speech tokenizer: 2 x 40 codes"):
+        ICode(replace(preset("tiny"), speech_tokenizer=fields["speech_tokenizer"]))
+    f8, _ = pretrained_targets(save_vqgan_folder(tmp_path / "vq8", replace(SMALL_VQ, ch_mult=(1, 1, 2, 2))))
     with pytest.raises(ValueError, match="128 codes on 8-pixel patches"):
-        ICode(replace(preset("tiny"), **target_fields(vq8)))
+        ICode(replace(preset("tiny"), **f8))
+    with pytest.raises(ValueError, match="video tokenizer: its architecture .* is not the config's"):
+        ICode(replace(cfg, video_tokenizer=asdict(replace(SMALL_VQ, num_res_blocks=2))), tokenizers=toks)
+    with pytest.raises(ValueError, match="a pretrained speech tokenizer was given, but the config has no"):
+        ICode(preset("tiny"), tokenizers={"speech": toks["speech"]})
     with pytest.raises(FileNotFoundError, match="nothere"):
-        ICode(replace(preset("tiny"), speech_tokenizer=str(tmp_path / "nothere"), speech_vars=40))
+        pretrained_targets(speech=str(tmp_path / "nothere"))
 
 
 def test_strict_loading_and_shard_index_by_hand(tmp_path):

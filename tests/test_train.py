@@ -343,11 +343,19 @@ def _run(toy, out, *extra):
 
 def test_resume_is_exact(toy_small, tmp_path, monkeypatch):
     """N steps + resume + N steps gives the same per-step losses and weights as 2N steps in one run. With
-    dropout on, so that the restored RNG state shows in the losses (the loader's masks have their own)."""
+    dropout on, so that the restored RNG state shows in the losses (the loader's masks have their own). Also
+    from a checkpoint of the earlier layout: no target-tokenizer fields in its config, one process's loader
+    state in state.json instead of loader_rank0.json."""
     monkeypatch.setattr(train, "preset", with_dropout)
     a = _run(toy_small, tmp_path / "a", "--steps", "6")
     b1 = _run(toy_small, tmp_path / "b", "--steps", "6", "--stop-at-step", "3")
     assert b1["stopped"] and b1["step"] == 3
+    ckpt = tmp_path / "b" / "ckpt_0000003"
+    state = json.loads((ckpt / "state.json").read_text())
+    del state["config"]["video_tokenizer"], state["config"]["speech_tokenizer"]
+    state["loader"] = json.loads((ckpt / "loader_rank0.json").read_text())
+    (ckpt / "state.json").write_text(json.dumps(state))
+    os.remove(ckpt / "loader_rank0.json")
     with pytest.raises(ValueError, match="continue with --resume"):  # not a second run mixed into the first
         _run(toy_small, tmp_path / "b", "--steps", "6")
     b2 = _run(toy_small, tmp_path / "b", "--steps", "6", "--resume")
@@ -372,19 +380,17 @@ def test_a_target_cache_of_other_tokenizers_stops_the_run(tmp_path, monkeypatch)
 
 
 def test_pretrained_target_tokenizers_train_resume_and_cache(toy_small, tmp_path):
-    """--video-tokenizer / --speech-tokenizer: the run trains on their ids and its checkpoint's config names
-    the folders (load_model rebuilds the same tokenizers); --resume without them is refused, naming the
-    setting; `data.py tokenize` with the same flags writes a cache the run accepts, one without them is refused."""
+    """--video-tokenizer / --speech-tokenizer: the run trains on their ids; its checkpoint holds their
+    architectures (config) and weights, so it loads without their folders; --resume without the flags is
+    refused, naming the setting; `data.py tokenize` with the same flags writes a cache the run accepts, one
+    without them is refused."""
+    import shutil
     from common import save_vqgan_folder, save_wav2vec2_folder
     vq, w2v = save_vqgan_folder(tmp_path / "vq"), save_wav2vec2_folder(tmp_path / "w2v")
     flags = ["--video-tokenizer", vq, "--speech-tokenizer", w2v]
     out = tmp_path / "run"
     assert _run(toy_small, out, "--steps", "2", *flags)["step"] == 2
-    model = train.load_model(train.checkpoints(str(out))[-1])
-    assert (model.cfg.video_tokenizer, model.cfg.video_codebook, model.cfg.speech_tokenizer, model.cfg.speech_vars) \
-        == (vq, 128, w2v, 40)
-    assert torch.equal(next(model.video_tokenizer.parameters()), next(load_quantizer("vqgan", vq).parameters()))
-    with pytest.raises(ValueError, match=f"speech_tokenizer: '{w2v}' \\(checkpoint\\) != '' \\(this run\\)"):
+    with pytest.raises(ValueError, match=r"speech_tokenizer: \{.*\} \(checkpoint\) != None \(this run\)"):
         _run(toy_small, out, "--steps", "3", "--resume")
     assert _run(toy_small, out, "--steps", "3", "--resume", *flags)["step"] == 3
     rows = [json.loads(line) for line in open(os.path.join(toy_small, "image_text.jsonl"))]
@@ -400,6 +406,13 @@ def test_pretrained_target_tokenizers_train_resume_and_cache(toy_small, tmp_path
     with pytest.raises(ValueError, match=r"without\.targets: the target cache was written by tokenizers"):
         train.main(["--data", str(tmp_path / "without.jsonl"), "--out", str(tmp_path / "c2"), "--steps", "1",
                     *data, *flags])
+    want = {k: load_quantizer(k, p).state_dict() for k, p in (("vqgan", vq), ("wav2vec2", w2v))}
+    shutil.rmtree(vq)
+    shutil.rmtree(w2v)
+    model = train.load_model(train.checkpoints(str(out))[-1])
+    assert (model.cfg.video_codebook, model.cfg.speech_vars) == (128, 40)
+    for k, tok in (("vqgan", model.video_tokenizer), ("wav2vec2", model.speech_tokenizer)):
+        assert all(torch.equal(v, want[k][n]) for n, v in tok.state_dict().items())
 
 
 def test_a_preempted_job_saves_its_step_and_resumes(toy_small, tmp_path):
@@ -430,7 +443,8 @@ def test_a_preempted_job_saves_its_step_and_resumes(toy_small, tmp_path):
     assert res["step"] == k + 1 and [h["step"] for h in res["history"]] == list(range(1, k + 2))
 
 
-def test_too_many_bad_rows_save_the_last_step_then_resume_once_repaired(toy_small, tmp_path, capsys):
+@pytest.mark.parametrize("workers", [0, 1])
+def test_too_many_bad_rows_save_the_last_step_then_resume_once_repaired(toy_small, tmp_path, capsys, workers):
     """A source with 25% bad rows stops the run past max_bad_share (10%) with the manifest's name; the steps
     trained are kept in a checkpoint. --resume on the same rows stops again once as many rows were tried
     (here with a checkpoint every step: the latest is the stop's), on repaired rows (same line count) it goes
@@ -448,7 +462,7 @@ def test_too_many_bad_rows_save_the_last_step_then_resume_once_repaired(toy_smal
     write(gone)
     out = tmp_path / "run"
     args = ["--data", str(manifest), "--tokenizer", os.path.join(toy_small, "tokenizer.json"), "--out", str(out),
-            "--batch", "4", "--workers", "0", "--no-eval", "--log-every", "1", "--save-every", "100"]
+            "--batch", "4", "--workers", str(workers), "--no-eval", "--log-every", "1", "--save-every", "100"]
     with pytest.raises(D.TooManyBadExamples, match=r"pairs\.jsonl: \d+ of the \d+ rows tried since") as e:
         train.main(args + ["--steps", "40"])
     k = len((out / "metrics.jsonl").read_text().splitlines())
@@ -696,12 +710,22 @@ def test_compiled_objective_is_one_graph_whatever_is_masked():
     assert len(graphs) == 1, f"{len(graphs)} graphs: the objective breaks or recompiles"
 
 
-def test_benchmark_json_and_profile_add_up(capsys):
+def test_benchmark_json_and_profile_add_up(capsys, monkeypatch):
     """--benchmark --profile on the tiny preset (CPU), with the run's --accum and --contrastive-inputs: the
-    reference's fields, samples/s = batch x accum / median step, and the profile's kinds add up to its busy time."""
+    reference's fields, samples/s = batch x accum / median step, and the profile's kinds add up to its busy time;
+    the step runs --accum micro-batches of --batch with the run's LRs, weight decay and clip."""
     import json
+    seen = {"micro": [], "opt": [], "clip": []}
+    real_step, real_opt, real_clip = train.train_step, train.build_optimizer, torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(train, "train_step", lambda obj, runner, mbs, *a: seen["micro"].append(
+        [train.batch_size(mb) for mb in mbs]) or real_step(obj, runner, mbs, *a))
+    monkeypatch.setattr(train, "build_optimizer", lambda model, *a: seen["opt"].append(a) or real_opt(model, *a))
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda ps, c: seen["clip"].append(c) or real_clip(ps, c))
     out = train.main(["--benchmark", "--preset", "tiny", "--batch", "1", "--accum", "2", "--bench-steps", "3",
-                      "--profile", "1", "--device", "cpu"])
+                      "--profile", "1", "--device", "cpu", "--lr-fusion", "1e-4", "--lr-encoders", "2e-5",
+                      "--weight-decay", "0.05", "--clip", "0.5"])
+    assert set(map(tuple, seen["micro"])) == {(1, 1)} and seen["opt"] == [(1e-4, 2e-5, 0.05)]
+    assert set(seen["clip"]) == {0.5}
     lines = [json.loads(l) for l in capsys.readouterr().out.splitlines() if l.startswith("{")]
     assert lines[0] == out and (out["accum"], out["contrastive_inputs"]) == (2, "unmasked")  # the tiny default
     for k in ("samples_per_s", "step_s_median", "tflop_per_step", "peak_mem_GiB", "encoder_fwd_bwd_s"):
@@ -758,7 +782,7 @@ def test_kernel_kinds(name, kind):
 def _common_batch_worker(rank, world, init_file, sizes, accum, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     n = sizes[rank]
-    batch = ({"stop": f"rank {rank}'s source"} if n == "stop" else {"empty": True} if n == 0 else
+    batch = ({"stop": f"rank {rank}'s source"} if n == "stop" else {"empty": True, "source": "s"} if n == 0 else
              {"text_ids": torch.arange(n)[:, None], "index": list(range(n)), "source": "s"})
     try:
         out = train.common_batch(batch, accum, Dist(rank, rank, world))
@@ -796,7 +820,7 @@ def test_a_rank_stopped_by_bad_rows_stops_every_rank(sizes):
         msgs = [open(os.path.join(d, f"rank{r}.txt")).read() for r in range(2)]
     last = max(r for r in range(2) if sizes[r] == "stop")
     assert msgs == [f"rank {r}'s source" if sizes[r] == "stop" else f"rank {last} stopped on too many bad rows "
-                    "(its message names the manifest)" for r in range(2)]
+                    "of source s (its message names the manifest)." for r in range(2)]
     with pytest.raises(D.TooManyBadExamples, match="^one$"):
         train.common_batch({"stop": "one"}, 1, Dist())
 
