@@ -1566,7 +1566,7 @@ def main(argv=None):
     p.add_argument("manifest", nargs="?", help="manifest to read (omit with --clip360p)")
     p.add_argument("--clip360p", action="store_true", help="generate a 360p H.264 8 s clip and bench the paper preset")
     p.add_argument("--preset", default=None, choices=["toy", "paper"], help="default: toy, paper with --clip360p")
-    p.add_argument("--tokenizer", default=None, help="tokenizer.json (default: beside the manifest, else train one)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.json (default: beside the manifest; --clip360p trains one)")
     p.add_argument("-n", type=int, default=64, help="examples to decode")
     p.add_argument("--step-batch", type=int, default=24, help="per-GPU batch of a training step (paper preset: 24)")
     p = sub.add_parser("tokenize", help="write VQ target ids beside a manifest (<name>.targets/)")

@@ -556,7 +556,8 @@ def parse_args(argv=None):
                         "frozen random projection")
     p.add_argument("--init", default=None, help="start from this checkpoint folder's weights (not its state)")
     p.add_argument("--text-encoder", default=None, help="pretrained DeBERTa-V3 folder (model.load_encoder)")
-    p.add_argument("--speech-encoder", default=None, help="pretrained WavLM or HuBERT folder")
+    p.add_argument("--speech-encoder", default=None,
+                   help="pretrained WavLM or HuBERT folder (which one, its config.json says)")
     p.add_argument("--vision-encoder", default=None, help="pretrained image Swin folder (inflated to video)")
     p.add_argument("--batch", type=int, default=16, help="micro-batch per device")
     p.add_argument("--accum", type=int, default=1, help="micro-batches per step (gradient cache when > 1)")
@@ -612,6 +613,9 @@ def parse_args(argv=None):
     a.warmup = a.warmup if a.warmup is not None else (50 if tiny else 20000)
     a.out = a.out or (TOY_OUT if a.data is None else os.path.join("runs", "pretrain"))
     a.contrastive_inputs = a.contrastive_inputs or ("unmasked" if tiny else "masked")
+    if a.init:
+        check_preset(a.init, a.preset, a.fusion)
+    a.fusion = a.fusion or (ckpt_fusion(a.init) if a.init else "merge")
     a.unmasked_contrastive = a.contrastive_inputs == "unmasked"
     return a
 
@@ -628,19 +632,16 @@ def build_from_args(args, text_vocab):
         if not (args.text_encoder and args.speech_encoder and args.vision_encoder):
             raise ValueError("give all three of --text-encoder, --speech-encoder, --vision-encoder")
         cfg = preset(args.preset, args.fusion)
-        speech_kind = "wavlm" if "wavlm" in args.speech_encoder.lower() else "hubert"
+        from model.wavlm import load_speech_encoder   # WavLM or HuBERT by config.json's model_type
         return ICode.from_encoders(load_encoder("deberta-v3", args.text_encoder),
                                    load_encoder("swin", args.vision_encoder),
-                                   load_encoder(speech_kind, args.speech_encoder), fusion=cfg.fusion,
+                                   load_speech_encoder(args.speech_encoder), fusion=cfg.fusion,
                                    tokenizers=toks, **fields)
     return ICode(replace(preset(args.preset, args.fusion, text_vocab), **fields), tokenizers=toks)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.init:
-        check_preset(args.init, args.preset, args.fusion)
-    args.fusion = args.fusion or (ckpt_fusion(args.init) if args.init else "merge")
     d = setup_distributed(args.device)
     if args.benchmark:
         return benchmark(args, d)

@@ -7,7 +7,7 @@ paper shapes (batch 24, 7.8 s of audio, 8 frames of 224 x 224), bf16 autocast on
 - Swin's patch embedding and MVM's deconvolution (kernel = stride) as the model computes them, matrix
   products over patches / cells, against the Conv3d and ConvTranspose3d modules whose weights they use.
 
-One JSON line per convolution, so the choices of docs/speed.md ("Convolutions as matrix products ...") are
+One JSON line per convolution, so the choices of docs/speed.md ("Convolutions: which as matrix products") are
 settled by a measurement:
 
     python docs/conv_bench.py                        # on a GPU, well under a minute

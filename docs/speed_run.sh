@@ -6,7 +6,8 @@
 #   4. with EAGER=1 (or when step 3 failed early), this project's eager step and its profile;
 #   5. the data loader's decode rate for the paper-preset clip shape.
 # Usage, from the repository root:  bash docs/speed_run.sh OUT_DIR [path/to/reference_step.py]
-# SMOKE=1 runs the same parts at toy size (batch 2, tiny preset, no nvidia-smi): a check on a CPU.
+# SMOKE=1 runs the reference and icode steps at toy size (batch 2, tiny preset), conv_bench at the paper's
+# shapes with batch 1, the decode bench as always, and no nvidia-smi: a check on a CPU.
 # About 8.5 minutes on an H200 (compilation takes most of it); each part has its own time limit, so one
 # that fails or hangs still leaves the others' lines in OUT_DIR.
 set -u

@@ -18,7 +18,8 @@ boolean key-padding mask, so padded tokens never influence valid tokens' outputs
 Choice (the paper does not say): in co-attention the feed-forward sublayer is shared across
 modalities by default (`co_ffn_per_modality=False`); only the attention parameters are described as
 modality-specific. With the shared FFN the co-attention fusion plus heads has 169.5M parameters beside
-the paper's 163M, with per-modality FFNs 197.8M (`python icode.py info --preset paper` prints them).
+the paper's 163M, with per-modality FFNs 197.8M (`python icode.py info --preset paper` prints the 169.5M and
+the 28M the per-modality FFNs add).
 
 Modality names used throughout the project: "video", "text", "audio" (the paper's V, L, S).
 """

@@ -9,7 +9,8 @@ patch features selected by `patch_mask` are replaced by a learned `mask_token` b
 Reference implementations followed: SwinTransformer/Video-Swin-Transformer (`swin_transformer.py`),
 torchvision `models/video/swin_transformer.py`, transformers `models/swin/modeling_swin.py`.
 
-Pipeline: video [B, 3, T, H, W] -> Conv3d patches (2x4x4) + LayerNorm -> [B, T/2, H/4, W/4, C]
+Pipeline: video [B, 3, T, H, W] -> 2x4x4 patch embedding (a matrix product with the Conv3d's weights)
+  + LayerNorm -> [B, T/2, H/4, W/4, C]
   -> stages of (shifted) 3D window attention blocks, 2x2 spatial patch merging between stages
   -> LayerNorm -> [B, T/2, H/32, W/32, 8C] (with 4 stages).
 

@@ -415,6 +415,40 @@ def test_pretrained_target_tokenizers_train_resume_and_cache(toy_small, tmp_path
         assert all(torch.equal(v, want[k][n]) for n, v in tok.state_dict().items())
 
 
+def test_pretrained_encoder_folders_train_and_resume(toy_small, tmp_path):
+    """The README's command with public encoders, at toy size: --text-encoder (DeBERTa-V2/V3), --speech-encoder
+    (WavLM, told apart from HuBERT by its config.json), --vision-encoder (an image Swin, inflated to video)
+    as Hugging Face folders written by transformers: the run starts from their weights, trains, and resumes."""
+    transformers = pytest.importorskip("transformers")
+    from test_wavlm import SMALL
+    torch.manual_seed(0)
+    transformers.DebertaV2Model(transformers.DebertaV2Config(
+        vocab_size=256, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=64, relative_attention=True, pos_att_type=["p2c", "c2p"], position_buckets=16,
+        norm_rel_ebd="layer_norm", share_att_key=True, position_biased_input=False, max_relative_positions=-1,
+        type_vocab_size=0)).save_pretrained(tmp_path / "deberta")
+    transformers.WavLMModel(transformers.WavLMConfig(
+        **SMALL, num_buckets=16, max_bucket_distance=32, feat_extract_norm="layer", do_stable_layer_norm=True,
+        conv_bias=True)).save_pretrained(tmp_path / "speech")   # no "wavlm" in the folder's name
+    swin = transformers.SwinConfig(image_size=64, patch_size=4, embed_dim=16, depths=[1] * 4, num_heads=[1, 2, 4, 8],
+                                   window_size=2)
+    transformers.SwinModel(swin).save_pretrained(tmp_path / "swin")
+    flags = ["--text-encoder", str(tmp_path / "deberta"), "--speech-encoder", str(tmp_path / "speech"),
+             "--vision-encoder", str(tmp_path / "swin")]
+    built = train.build_from_args(train.parse_args(flags), text_vocab=200)
+    for ours, folder, theirs in (("text.embeddings.word_embeddings.weight", "deberta",
+                                  "embeddings.word_embeddings.weight"),
+                                 ("speech.layers.0.attention.q_proj.weight", "speech",
+                                  "encoder.layers.0.attention.q_proj.weight")):
+        assert torch.equal(built.state_dict()[ours], load_file(str(tmp_path / folder / "model.safetensors"))[theirs])
+    out = tmp_path / "run"
+    res = _run(toy_small, out, "--steps", "2", "--log-every", "1", *flags)
+    model = train.load_model(train.checkpoints(str(out))[-1])
+    assert res["step"] == 2 and model.cfg.speech.gated_relative_position_bias and model.cfg.text.hidden_size == 32
+    assert model.cfg.vision.depths == (1, 1, 1, 1) and model.cfg.vision.window_size[1:] == (2, 2)
+    assert _run(toy_small, out, "--steps", "3", "--resume", *flags)["step"] == 3
+
+
 def test_a_preempted_job_saves_its_step_and_resumes(toy_small, tmp_path):
     """SIGTERM to the whole process group of `python train.py` (what Slurm's preemption, torchrun and
     `kill -- -PGID` do) mid-run, DataLoader workers included: the trainer finishes its step, saves a checkpoint
@@ -692,7 +726,12 @@ def test_compiled_objective_is_one_graph_whatever_is_masked():
         return loss.detach(), grads(model)
 
     torch._dynamo.reset()
-    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=False):   # compile_step sets it
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=False):   # compile_step sets it: without,
+        loss_and_grads(torch.compile(objective, backend=keep),                 # the heads' selection breaks it
+                       synthetic_batch(model.cfg, 2, 12, 0.5, 4, 64, "cpu", seed=1))
+        without = len(graphs)
+        graphs.clear()
+        torch._dynamo.reset()
         run = train.compile_step(objective, backend=keep)
         counts = []
         for seed, n_text in ((1, 5), (2, 3), (3, 0)):
@@ -708,6 +747,7 @@ def test_compiled_objective_is_one_graph_whatever_is_masked():
     torch._dynamo.reset()
     assert len({tuple(c) for c in counts}) == 3 and [c[0] for c in counts] == [5, 3, 0], counts
     assert len(graphs) == 1, f"{len(graphs)} graphs: the objective breaks or recompiles"
+    assert without > 1, without
 
 
 def test_benchmark_json_and_profile_add_up(capsys, monkeypatch):
