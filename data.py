@@ -1373,17 +1373,21 @@ def make_toy(out_dir, seed=0, size="default", workers=None):
 
 def target_quantize(model_cfg, name="custom", tokenizers=None):
     """The target tokenizers of a model config (icode.target_tokenizers: the ones ICode itself uses; the
-    loaded pretrained ones in `tokenizers` where the config has their architectures, `icode.pretrained_targets`,
-    random projections otherwise) as a callable batch ->
+    loaded pretrained ones in `tokenizers` where the config has their architectures, from
+    `icode.pretrained_targets` or a checkpoint's model, random projections otherwise) as a callable batch ->
     {"video_targets": [B, T, H/16, W/16] long, "audio_targets": [B, T_s, G] long}, with `.fingerprint`
-    (`model.quantizers.fingerprint`). Any callable of that form can go to `tokenize_manifest`."""
-    from icode import target_tokenizers, tokenize_targets
-    from model.quantizers import fingerprint
-    video_tok, speech_tok = target_tokenizers(model_cfg, **(tokenizers or {}))
+    (`icode.target_fingerprint`). Any callable of that form can go to `tokenize_manifest`."""
+    from icode import target_fingerprint, target_tokenizers, tokenize_targets
+    tokenizers = tokenizers or {}
+    for k in ("video", "speech"):   # never ids from a pretrained architecture with untrained weights
+        if getattr(model_cfg, f"{k}_tokenizer") is not None and k not in tokenizers:
+            raise ValueError(f"the config has a pretrained {k} tokenizer's architecture but no loaded tokenizer "
+                             f"was given (icode.pretrained_targets, or a checkpoint's model)")
+    video_tok, speech_tok = target_tokenizers(model_cfg, **tokenizers)
 
     def quantize(batch):
         return tokenize_targets(batch, model_cfg, video_tok, speech_tok)
-    quantize.fingerprint = fingerprint(video_tok, speech_tok)   # what train.py compares with its model's
+    quantize.fingerprint = target_fingerprint(model_cfg, video_tok, speech_tok)   # train.py compares the model's
     c, kind = model_cfg, lambda arch, pretrained: pretrained if arch else "random projection"
     quantize.__name__ = (f"target tokenizers of the {name} model (video: {kind(c.video_tokenizer, 'VQGAN')}, "
                          f"{c.video_codebook} codes; speech: {kind(c.speech_tokenizer, 'wav2vec 2.0 quantizer')}, "
@@ -1576,6 +1580,8 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=16, help="examples per quantizer call")
     p.add_argument("--video-tokenizer", default=None, help="a pretrained VQGAN folder (as train.py's flag)")
     p.add_argument("--speech-tokenizer", default=None, help="a Wav2Vec2ForPreTraining folder (as train.py's flag)")
+    p.add_argument("--ckpt", default=None,
+                   help="the target tokenizers of this train.py checkpoint (e.g. a run's --init) instead")
     args = ap.parse_args(argv)
 
     if args.cmd == "make-toy":
@@ -1617,8 +1623,18 @@ def main(argv=None):
         from icode import preset, pretrained_targets
         cfg = _preset(args.preset)
         model = {"toy": "tiny", "paper": "paper"}[args.preset]     # the model preset trained on that data
-        fields, toks = pretrained_targets(args.video_tokenizer, args.speech_tokenizer)
-        q = target_quantize(dataclasses.replace(preset(model), **fields), model, toks)
+        if args.ckpt:
+            if args.video_tokenizer or args.speech_tokenizer:
+                ap.error("--ckpt brings its own target tokenizers: drop --video-tokenizer / --speech-tokenizer")
+            from train import check_preset, load_model
+            check_preset(args.ckpt, model)
+            m = load_model(args.ckpt)
+            toks = {k: getattr(m, f"{k}_tokenizer") for k in ("video", "speech")
+                    if getattr(m.cfg, f"{k}_tokenizer") is not None}
+            q = target_quantize(m.cfg, f"{model} model of {args.ckpt}", toks)
+        else:
+            fields, toks = pretrained_targets(args.video_tokenizer, args.speech_tokenizer)
+            q = target_quantize(dataclasses.replace(preset(model), **fields), model, toks)
         for m in args.manifests:
             written, bad = tokenize_manifest(m, cfg, q, args.batch_size, name=q.__name__)
             print(f"{m}: wrote {written} target files to {targets_dir(m)} ({bad} bad rows skipped)")

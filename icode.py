@@ -29,10 +29,15 @@ from losses import PAIR_NAMES, LogitScales
 from model.deberta import DEBERTA_V3_BASE, Deberta, DebertaConfig
 from model.fusion import MODALITIES, FusionConfig, FusionNetwork, joint_representation, masked_mean
 from model.heads import MLMHead, MSMHead, MVMHead
-from model.quantizers import (VQGANTokenizer, Wav2Vec2Quantizer, build_default_quantizers, load_quantizer,
-                              vqgan_config_from_dict, wav2vec2_config_from_hf)
+from model.quantizers import (VQGANTokenizer, Wav2Vec2Quantizer, build_default_quantizers, fingerprint,
+                              load_quantizer, vqgan_config_from_dict, wav2vec2_config_from_hf)
 from model.swin3d import SWIN_B_VIDEO, SwinConfig, VideoSwin
 from model.wavlm import WAVLM_LARGE, SpeechConfig, SpeechEncoder
+
+
+# Fields added after the first checkpoints were written, with the value that reproduces what a checkpoint
+# without the field did: from_dict fills them in, so a loaded or resumed model computes what it was trained on.
+FIELDS_ADDED_LATER = {"normalize_audio": False, "video_tokenizer": None, "speech_tokenizer": None}
 
 
 @dataclass
@@ -57,8 +62,9 @@ class ICodeConfig:
 
     @staticmethod
     def from_dict(d):
-        """Inverse of dataclasses.asdict (checkpoints store the config as JSON)."""
-        d = dict(d)
+        """Inverse of dataclasses.asdict (checkpoints store the config as JSON); fields the dict lacks take
+        the behaviour of the code that wrote it (FIELDS_ADDED_LATER), others their defaults."""
+        d = {**FIELDS_ADDED_LATER, **d}
         sub = {"text": DebertaConfig, "speech": SpeechConfig, "vision": SwinConfig, "fusion": FusionConfig}
         for k, cls in sub.items():
             if k in d:
@@ -81,30 +87,16 @@ def target_tokenizers(cfg: ICodeConfig, video=None, speech=None):
     a checkpoint then fills in (`train.load_model`). Otherwise the random projections (BEST-RQ; README,
     "Differences from the paper"). ICode's own, and those `data.py tokenize` writes offline caches with, so
     the two always agree. Their codebooks must fit the heads and their grids the model's."""
-    for name, given, arch in (("video", video, cfg.video_tokenizer), ("speech", speech, cfg.speech_tokenizer)):
-        if given is not None and arch is None:
-            raise ValueError(f"a pretrained {name} tokenizer was given, but the config has no {name}_tokenizer "
-                             f"architecture: build the config with icode.pretrained_targets' fields")
     rp_video, rp_speech = build_default_quantizers(cfg.tokenizer_seed, cfg.video_codebook, cfg.speech_vars,
                                                    cfg.speech_groups, speech_features=cfg.speech_tokenizer_features)
-    if cfg.video_tokenizer is None:
-        video = rp_video
-    else:
-        arch = vqgan_config_from_dict(cfg.video_tokenizer)
-        video = video if video is not None else VQGANTokenizer(arch)
-        if video.config != arch:
-            raise ValueError(f"video tokenizer: its architecture {video.config} is not the config's {arch}")
-        if video.codebook_size != cfg.video_codebook or video.patch != 16:
-            raise ValueError(f"video tokenizer: {video.codebook_size} codes on {video.patch}-pixel patches, the "
-                             f"MVM head predicts {cfg.video_codebook} codes on 16-pixel patches "
-                             f"(icode.pretrained_targets sizes the head)")
-    if cfg.speech_tokenizer is None:
-        speech = rp_speech
-    else:
-        arch = wav2vec2_config_from_hf(cfg.speech_tokenizer)
-        speech = speech if speech is not None else Wav2Vec2Quantizer(arch)
-        if speech.config != arch:
-            raise ValueError(f"speech tokenizer: its architecture {speech.config} is not the config's {arch}")
+    video = _pretrained("video", video, cfg.video_tokenizer, vqgan_config_from_dict, VQGANTokenizer, rp_video)
+    speech = _pretrained("speech", speech, cfg.speech_tokenizer, wav2vec2_config_from_hf, Wav2Vec2Quantizer,
+                         rp_speech)
+    if cfg.video_tokenizer is not None and (video.codebook_size != cfg.video_codebook or video.patch != 16):
+        raise ValueError(f"video tokenizer: {video.codebook_size} codes on {video.patch}-pixel patches, the MVM "
+                         f"head predicts {cfg.video_codebook} codes on 16-pixel patches (icode.pretrained_targets "
+                         f"sizes the head)")
+    if cfg.speech_tokenizer is not None:
         frames = (tuple(speech.config.conv_kernel), tuple(speech.config.conv_stride))
         own = (tuple(cfg.speech.conv_kernel), tuple(cfg.speech.conv_stride))
         if (speech.groups, speech.vars) != (cfg.speech_groups, cfg.speech_vars) or frames != own:
@@ -112,6 +104,28 @@ def target_tokenizers(cfg: ICodeConfig, video=None, speech=None):
                              f"strides {frames}, the MSM head predicts {cfg.speech_groups} x {cfg.speech_vars} "
                              f"codes on the speech encoder's frames {own}")
     return video, speech
+
+
+def _pretrained(name, given, arch, parse, build, default):
+    """The pretrained tokenizer a config's architecture dict `arch` describes: `given` (loaded) or, without
+    it, `build(parse(arch))` with random frozen weights for a checkpoint to fill in; `default` (the random
+    projection) when arch is None."""
+    if arch is None:
+        if given is not None:
+            raise ValueError(f"a pretrained {name} tokenizer was given, but the config has no {name}_tokenizer "
+                             f"architecture: build the config with icode.pretrained_targets' fields")
+        return default
+    arch = parse(arch)
+    tok = given if given is not None else build(arch)
+    if tok.config != arch:
+        raise ValueError(f"{name} tokenizer: its architecture {tok.config} is not the config's {arch}")
+    return tok
+
+
+def target_fingerprint(cfg: ICodeConfig, video, speech):
+    """What decides a model's target ids, hashed (`model.quantizers.fingerprint`): the two tokenizers and the
+    speech input's normalisation. An offline cache carries its writer's; train.py compares it with the model's."""
+    return fingerprint(video, speech, settings={"normalize_audio": cfg.normalize_audio})
 
 
 def pretrained_targets(video=None, speech=None):

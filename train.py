@@ -37,9 +37,8 @@ from safetensors.torch import load_file, save_file, save_model
 from safetensors.torch import load_model as load_safetensors_into
 
 import data as D
-from icode import ICode, ICodeConfig, preset, pretrained_targets
+from icode import ICode, ICodeConfig, preset, pretrained_targets, target_fingerprint
 from losses import PAIR_NAMES, PAPER_WEIGHTS, masked_unit_loss, pretraining_loss
-from model.quantizers import fingerprint
 
 TERMS = ("mlm", "mvm", "msm", "vl", "vs", "ls")
 TOY_DIR = "toy"
@@ -317,17 +316,17 @@ def common_batch(batch, accum, d):
 
 def check_target_caches(datasets, model):
     """Offline VQ targets (`data.py tokenize`) stand in for the model's own tokenizers (section 4.2.1), so
-    they must come from the same ones: a cache whose meta.json fingerprint (`model.quantizers.fingerprint`)
+    they must come from the same ones: a cache whose meta.json fingerprint (`icode.target_fingerprint`)
     differs from the model's, e.g. written with another tokenizer seed or other pretrained tokenizers, or with
     none, is an error naming the cache; otherwise one source's targets would come from another codebook than
     the rest's. (A cache written for another clip shape never gets here: the loader does not use it.)"""
-    own = fingerprint(model.video_tokenizer, model.speech_tokenizer)
+    own = target_fingerprint(model.cfg, model.video_tokenizer, model.speech_tokenizer)
     for ds in datasets:
         if ds.targets is not None and ds.targets_meta.get("tokenizers") != own:
             raise ValueError(f"{ds.targets}: the target cache was written by tokenizers "
                              f"{ds.targets_meta.get('tokenizers')} ({ds.targets_meta.get('quantizer')}), the model's "
                              f"are {own}: rerun `python data.py tokenize` with the run's --preset, --video-tokenizer "
-                             f"and --speech-tokenizer, or delete the cache")
+                             f"and --speech-tokenizer (or --ckpt of its --init), or delete the cache")
 
 
 def to_device(batch, device):
@@ -613,6 +612,13 @@ def parse_args(argv=None):
     a.warmup = a.warmup if a.warmup is not None else (50 if tiny else 20000)
     a.out = a.out or (TOY_OUT if a.data is None else os.path.join("runs", "pretrain"))
     a.contrastive_inputs = a.contrastive_inputs or ("unmasked" if tiny else "masked")
+    if a.benchmark:
+        ignored = [f"--{k.replace('_', '-')}" for k in ("init", "text_encoder", "speech_encoder", "vision_encoder",
+                                                        "video_tokenizer", "speech_tokenizer", "data", "resume")
+                   if getattr(a, k)]
+        if ignored:
+            p.error(f"--benchmark times a fresh --preset model on synthetic batches that carry their targets: "
+                    f"{' '.join(ignored)} would be ignored")
     if a.init:
         check_preset(a.init, a.preset, a.fusion)
     a.fusion = a.fusion or (ckpt_fusion(a.init) if a.init else "merge")

@@ -33,6 +33,7 @@ group-norm conv encoder of wav2vec2-base normalises over the whole padded length
 Differences from the paper: the paper uses PeCo weights for visual tokens; when no weights are given we
 fall back to BEST-RQ random-projection tokens (Chiu et al. 2022) so that pretraining runs anywhere.
 """
+import dataclasses
 import hashlib
 import math
 from dataclasses import dataclass, fields
@@ -507,15 +508,18 @@ def build_default_quantizers(seed=0, video_codebook_size=8192, speech_codebook_s
     return video, speech
 
 
-def fingerprint(*tokenizers):
-    """A 16-hex-digit hash of tokenizers' classes, settings and every parameter and buffer: two tokenizer sets
-    with the same fingerprint compute the same ids. `data.py tokenize` writes it beside an offline target
-    cache and train.py compares it with the model's own, so targets of two tokenizers never mix."""
-    h = hashlib.sha256()
+def fingerprint(*tokenizers, settings=None):
+    """A 16-hex-digit hash of tokenizers' classes, settings (their simple attributes and config), every
+    parameter and buffer, and `settings` (a dict of what else decides their ids, e.g. the input normalisation):
+    two tokenizer sets with the same fingerprint compute the same ids. `data.py tokenize` writes it beside an
+    offline target cache and train.py compares it with the model's own, so targets of two tokenizers never mix."""
+    h = hashlib.sha256(repr(sorted((settings or {}).items())).encode())
     for tok in tokenizers:
         h.update(type(tok).__qualname__.encode())
         h.update(repr({k: v for k, v in sorted(vars(tok).items()) if not k.startswith("_") and k != "training"
                        and isinstance(v, (bool, int, float, str, tuple))}).encode())
+        if dataclasses.is_dataclass(getattr(tok, "config", None)):
+            h.update(repr(dataclasses.asdict(tok.config)).encode())
         for name, t in sorted([*tok.named_parameters(), *tok.named_buffers()], key=lambda kv: kv[0]):
             h.update(f"{name} {t.dtype} {tuple(t.shape)}".encode())
             h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())

@@ -190,11 +190,16 @@ def test_unused_parameters_match_autograd(model):
 
 
 def test_config_round_trip():
+    """A config through JSON and back is itself; one written before a field existed gets the value that
+    reproduces it (raw audio before normalize_audio, the random projections before the tokenizer fields)."""
     for mode in ("merge", "co"):
         cfg = preset("paper", mode)
         assert ICodeConfig.from_dict(json.loads(json.dumps(asdict(cfg)))) == cfg
     with pytest.raises(ValueError, match="bogus"):
         ICodeConfig.from_dict({"bogus": 1})
+    old = {k: v for k, v in json.loads(json.dumps(asdict(preset("tiny")))).items()
+           if k not in icode.FIELDS_ADDED_LATER}
+    assert preset("tiny").normalize_audio and ICodeConfig.from_dict(old) == replace(preset("tiny"), normalize_audio=False)
 
 
 def test_the_speech_encoder_gets_the_normalised_waveform(model, monkeypatch):
@@ -268,6 +273,10 @@ def test_pretrained_target_tokenizers(tmp_path):
         ICode(replace(preset("tiny"), **f8))
     with pytest.raises(ValueError, match="video tokenizer: its architecture .* is not the config's"):
         ICode(replace(cfg, video_tokenizer=asdict(replace(SMALL_VQ, num_res_blocks=2))), tokenizers=toks)
+    import data
+    with pytest.raises(ValueError, match="pretrained video tokenizer's architecture but no loaded tokenizer"):
+        data.target_quantize(cfg)          # an offline cache never gets ids of untrained weights
+    assert data.target_quantize(cfg, tokenizers=toks).fingerprint == icode.target_fingerprint(cfg, *toks.values())
     with pytest.raises(ValueError, match="a pretrained speech tokenizer was given, but the config has no"):
         ICode(preset("tiny"), tokenizers={"speech": toks["speech"]})
     with pytest.raises(FileNotFoundError, match="nothere"):

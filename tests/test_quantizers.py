@@ -365,6 +365,12 @@ def test_fingerprint_follows_what_the_tokenizers_compute():
     pair's order gives another (the check train.py makes on offline target caches)."""
     v, s = build_default_quantizers(seed=0, video_codebook_size=64)
     fp = fingerprint(v, s)
+    assert fingerprint(v, s, settings={"normalize_audio": True}) != fingerprint(v, s,
+                                                                                settings={"normalize_audio": False})
+    w = Wav2Vec2Quantizer(Wav2Vec2QuantizerConfig(num_codevectors_per_group=8))
+    eps = Wav2Vec2Quantizer(Wav2Vec2QuantizerConfig(num_codevectors_per_group=8, layer_norm_eps=1e-3))
+    eps.load_state_dict(w.state_dict())   # the same tensors; a setting only the config holds
+    assert fingerprint(w) != fingerprint(eps)
     assert re.fullmatch("[0-9a-f]{16}", fp) and fingerprint(*build_default_quantizers(0, 64)) == fp
     assert fingerprint(s, v) != fp and fingerprint(v) != fp
     kept = v.codebook[7, 3].item()

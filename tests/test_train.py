@@ -409,10 +409,21 @@ def test_pretrained_target_tokenizers_train_resume_and_cache(toy_small, tmp_path
     want = {k: load_quantizer(k, p).state_dict() for k, p in (("vqgan", vq), ("wav2vec2", w2v))}
     shutil.rmtree(vq)
     shutil.rmtree(w2v)
-    model = train.load_model(train.checkpoints(str(out))[-1])
+    ckpt = train.checkpoints(str(out))[-1]
+    model = train.load_model(ckpt)
     assert (model.cfg.video_codebook, model.cfg.speech_vars) == (128, 40)
     for k, tok in (("vqgan", model.video_tokenizer), ("wav2vec2", model.speech_tokenizer)):
         assert all(torch.equal(v, want[k][n]) for n, v in tok.state_dict().items())
+    # a run that starts from the checkpoint (--init) gets its cache from the checkpoint's tokenizers
+    os.rename(tmp_path / "with.targets", tmp_path / "old.targets")
+    assert D.main(["tokenize", str(tmp_path / "with.jsonl"), "--preset", "toy", "--ckpt", ckpt]) == 0
+    assert json.loads((tmp_path / "with.targets" / "meta.json").read_text())["tokenizers"] == \
+        json.loads((tmp_path / "old.targets" / "meta.json").read_text())["tokenizers"]
+    res = train.main(["--data", str(tmp_path / "with.jsonl"), "--out", str(tmp_path / "c3"), "--steps", "1",
+                      "--init", ckpt, *data])
+    assert res["step"] == 1
+    with pytest.raises(SystemExit):
+        train.parse_args(["--benchmark", "--video-tokenizer", vq])    # --benchmark would ignore it
 
 
 def test_pretrained_encoder_folders_train_and_resume(toy_small, tmp_path):
