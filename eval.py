@@ -911,9 +911,7 @@ def main(argv=None):
     tokenizer = D.load_tokenizer(tok_path)
     ckpt = resolve_ckpt(args.ckpt if args.ckpt is not None else
                         (os.path.join("runs", "toy") if T.checkpoints(os.path.join("runs", "toy")) else None))
-    fusion = T.ckpt_fusion(ckpt) if ckpt else (args.fusion or "merge")
-    if ckpt:
-        T.check_preset(ckpt, args.preset, args.fusion)
+    fusion = T.check_preset(ckpt, args.preset, args.fusion) if ckpt else (args.fusion or "merge")
     if args.task == "retrieval":
         model = T.load_model(ckpt, args.preset, fusion, tokenizer.vocab_size).to(d.device)
         res = zero_shot_retrieval(model, paths["test"], dcfg, tokenizer, d.device, args.batch)
@@ -961,9 +959,7 @@ def report(args, d, dcfg):
     ckpt = resolve_ckpt(args.ckpt if args.ckpt is not None else (run_dir if T.checkpoints(run_dir) else None))
     co_dir = args.ckpt_co or os.path.join("runs", "toy_co")
     ckpt_co = resolve_ckpt(co_dir) if (args.ckpt_co or T.checkpoints(co_dir)) else None
-    for c in (ckpt, ckpt_co):
-        if c:
-            T.check_preset(c, args.preset)
+    modes = {c: T.check_preset(c, args.preset) for c in (ckpt, ckpt_co) if c}   # their fusion modes
     if ckpt is None:
         print("eval: no pretraining checkpoint (run `python train.py` first, it writes runs/toy/ckpt_*): "
               "only the no-pretraining rows are run", flush=True)
@@ -974,7 +970,7 @@ def report(args, d, dcfg):
     full = ("video", "text", "audio")
     rows = [("NP+M", None, "merge"), ("NP+C", None, "co")]
     for c in dict.fromkeys(x for x in (ckpt, ckpt_co) if x):   # once each, --ckpt first
-        fusion = T.ckpt_fusion(c)
+        fusion = modes[c]
         name = f"D+{fusion[0].upper()}"                         # D+M or D+C by the run's fusion mode
         if any(r[0] == name for r in rows):                     # two runs of one mode: name them by folder
             name += f" ({os.path.basename(os.path.dirname(os.path.abspath(c)))})"

@@ -145,36 +145,35 @@ def load_model(ckpt=None, preset_name="tiny", fusion="merge", text_vocab=None):
     or, with ckpt=None, freshly initialised from a preset."""
     if ckpt is None:
         return ICode(preset(preset_name, fusion, text_vocab))
-    state_path = os.path.join(ckpt, "state.json")
-    if not os.path.isfile(state_path):
-        raise FileNotFoundError(f"{ckpt!r} has no state.json (not a train.py checkpoint folder)")
-    with open(state_path) as f:
-        cfg = ICodeConfig.from_dict(json.load(f)["config"])
-    model = ICode(cfg)
+    model = ICode(ICodeConfig.from_dict(read_state(ckpt)["config"]))
     missing, unexpected = load_safetensors_into(model, os.path.join(ckpt, "model.safetensors"), strict=False)
     if missing or unexpected:
         raise KeyError(f"{ckpt}/model.safetensors: missing {missing[:5]}, unexpected {unexpected[:5]}")
     return model
 
 
-def ckpt_fusion(ckpt):
-    """The fusion mode of a checkpoint's model ("merge" or "co")."""
-    with open(os.path.join(ckpt, "state.json")) as f:
-        return json.load(f)["config"]["fusion"]["mode"]
+def read_state(ckpt):
+    """A checkpoint folder's state.json (config, arguments, step, world size, loss history)."""
+    path = os.path.join(ckpt, "state.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{ckpt!r} has no state.json (not a train.py checkpoint folder)")
+    with open(path) as f:
+        return json.load(f)
 
 
 def check_preset(ckpt, preset_name, fusion=None):
     """A checkpoint's model goes with the data settings (clip shape) and learning rates of the preset it was
     pretrained with: refuse another --preset rather than feed a paper model toy clips, or the reverse; and
-    another --fusion (when one is given) than the model's, rather than ignore it."""
-    with open(os.path.join(ckpt, "state.json")) as f:
-        state = json.load(f)
+    another --fusion (when one is given) than the model's, rather than ignore it. Returns the model's fusion
+    mode ("merge" or "co")."""
+    state = read_state(ckpt)
     trained, mode = state["args"]["preset"], state["config"]["fusion"]["mode"]
     if trained != preset_name:
         raise ValueError(f"{ckpt} was pretrained with --preset {trained}, this run has --preset {preset_name}: "
                          f"give --preset {trained} (it sets the clip shape and the learning rates)")
     if fusion not in (None, mode):
         raise ValueError(f"{ckpt} was pretrained with {mode} fusion, not --fusion {fusion}")
+    return mode
 
 
 def no_decay(name, p):
@@ -499,12 +498,11 @@ def config_differences(a, b, prefix=""):
 
 def restore_checkpoint(ckpt, model, opt, loader, d):
     """Load weights, optimiser, loader position and this rank's RNG state. Returns (step, history)."""
-    with open(os.path.join(ckpt, "state.json")) as f:
-        state = json.load(f)
+    state = read_state(ckpt)
     if state["world"] != d.world:
         raise ValueError(f"{ckpt} was written by {state['world']} processes, this run has {d.world}: "
                          "the data order and RNG streams would not continue exactly")
-    # through from_dict: fields added since the checkpoint was written take their defaults
+    # through from_dict: fields added since the checkpoint was written take what it was trained with
     saved, own = (json.loads(json.dumps(asdict(c))) for c in (ICodeConfig.from_dict(state["config"]),
                                                               unwrap(model).cfg))
     if saved != own:
@@ -620,8 +618,8 @@ def parse_args(argv=None):
             p.error(f"--benchmark times a fresh --preset model on synthetic batches that carry their targets: "
                     f"{' '.join(ignored)} would be ignored")
     if a.init:
-        check_preset(a.init, a.preset, a.fusion)
-    a.fusion = a.fusion or (ckpt_fusion(a.init) if a.init else "merge")
+        a.fusion = check_preset(a.init, a.preset, a.fusion)
+    a.fusion = a.fusion or "merge"
     a.unmasked_contrastive = a.contrastive_inputs == "unmasked"
     return a
 

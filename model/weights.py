@@ -8,9 +8,10 @@ A checkpoint folder holds `config.json` (the architecture) and `model.safetensor
 
 and `model/swin3d.py` their counterparts for an image Swin inflated to video, `config_from_hf(cfg,
 temporal_patch, temporal_window)` and `convert_hf_image_state_dict(sd, cfg)`, and for torchvision's video
-Swin, `convert_torchvision_state_dict(sd)`. This file does the rest: read, convert, strict load (a missing or mis-shaped tensor is an error
-naming the key and both shapes; unused keys are listed once). No pickle: the one exception is
-`convert_bin_to_safetensors`, behind `python icode.py convert IN.bin OUT_DIR`, with weights_only=True.
+Swin, `convert_torchvision_state_dict(sd)`. This file does the rest: read, convert, strict load (a missing
+or mis-shaped tensor is an error naming the key and both shapes; unused keys are listed once). No pickle:
+the one exception is `convert_bin_to_safetensors`, behind `python icode.py convert IN.bin OUT_DIR`, with
+weights_only=True.
 """
 import json
 import os

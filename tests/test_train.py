@@ -242,10 +242,10 @@ def _loader_checkpoint_worker(rank, world, init_file, manifest, tok_path, out_di
 def test_each_rank_resumes_its_own_loader_state(toy_small, tmp_path):
     """Each rank reads its own rows, so its bad-row counts are its own: a checkpoint keeps every rank's loader
     state, and each rank gets its own back (not rank 0's)."""
-    rows = [json.loads(line) for line in open(os.path.join(toy_small, "image_text.jsonl"))][:12]
+    rows = _toy_pairs(toy_small, 12)
     with open(tmp_path / "pairs.jsonl", "w") as f:
         for i, r in enumerate(rows):  # lines 1-4 bad: the ranks' shuffled shares hold different numbers of them
-            f.write(json.dumps({**r, "image": os.path.join(toy_small if i >= 4 else str(tmp_path), r["image"])}) + "\n")
+            f.write(json.dumps(r if i >= 4 else {**r, "image": str(tmp_path / "gone.jpg")}) + "\n")
     mp.spawn(_loader_checkpoint_worker, nprocs=2, join=True,
              args=(2, str(tmp_path / "init"), str(tmp_path / "pairs.jsonl"), os.path.join(toy_small, "tokenizer.json"),
                    str(tmp_path)))
@@ -336,6 +336,13 @@ def test_single_modality_batch_runs_no_unmasked_encoder_pass(monkeypatch):
     assert calls == [True] and set(terms) == {"mvm"}   # the masked pass only: no pair to contrast
 
 
+def _toy_pairs(toy, n=None):
+    """The first n rows of the toy world's image-caption manifest, image paths made absolute (for manifests
+    written elsewhere)."""
+    rows = [json.loads(line) for line in open(os.path.join(toy, "image_text.jsonl"))][:n]
+    return [{**r, "image": os.path.join(toy, r["image"])} for r in rows]
+
+
 def _run(toy, out, *extra):
     return train.main(["--toy-dir", toy, "--out", str(out), "--batch", "4", "--workers", "0", "--no-eval",
                        "--save-every", "100", *extra])
@@ -393,10 +400,10 @@ def test_pretrained_target_tokenizers_train_resume_and_cache(toy_small, tmp_path
     with pytest.raises(ValueError, match=r"speech_tokenizer: \{.*\} \(checkpoint\) != None \(this run\)"):
         _run(toy_small, out, "--steps", "3", "--resume")
     assert _run(toy_small, out, "--steps", "3", "--resume", *flags)["step"] == 3
-    rows = [json.loads(line) for line in open(os.path.join(toy_small, "image_text.jsonl"))]
+    rows = _toy_pairs(toy_small)
     for name in ("with", "without"):
         with open(tmp_path / f"{name}.jsonl", "w") as f:
-            f.writelines(json.dumps({**r, "image": os.path.join(toy_small, r["image"])}) + "\n" for r in rows)
+            f.writelines(json.dumps(r) + "\n" for r in rows)
         assert D.main(["tokenize", str(tmp_path / f"{name}.jsonl"), "--preset", "toy"]
                       + (flags if name == "with" else [])) == 0
     data = ["--tokenizer", os.path.join(toy_small, "tokenizer.json"), "--batch", "4", "--workers", "0", "--no-eval"]
@@ -494,9 +501,7 @@ def test_too_many_bad_rows_save_the_last_step_then_resume_once_repaired(toy_smal
     trained are kept in a checkpoint. --resume on the same rows stops again once as many rows were tried
     (here with a checkpoint every step: the latest is the stop's), on repaired rows (same line count) it goes
     on from the saved step, however many bad rows the run counted before."""
-    rows = [json.loads(line) for line in open(os.path.join(toy_small, "image_text.jsonl"))][:30]
-    for r in rows:
-        r["image"] = os.path.join(toy_small, r["image"])
+    rows = _toy_pairs(toy_small, 30)
     gone = {"image": str(tmp_path / "gone.jpg"), "text": "a red circle"}
     manifest = tmp_path / "pairs.jsonl"
 
@@ -545,9 +550,7 @@ def test_two_ranks_stop_on_bad_rows_together_and_resume_in_step(toy_small, tmp_p
     step, the checkpoint holds both loaders as before that step (the rank that did not stop had taken its
     batch already), and --resume on repaired rows runs both on from there, in step."""
     import socket
-    rows = [json.loads(line) for line in open(os.path.join(toy_small, "image_text.jsonl"))][:36]
-    for r in rows:
-        r["image"] = os.path.join(toy_small, r["image"])
+    rows = _toy_pairs(toy_small, 36)
     manifest = tmp_path / "pairs.jsonl"
 
     # Bad rows only where rank 0 reads in each of the first two epochs (the sampler's own plans: 9 steps of 2
