@@ -671,7 +671,16 @@ def main(argv=None):
     if tok_path is None:
         raise ValueError("--tokenizer is required with --data (a tokenizers tokenizer.json; see README)")
     tokenizer = D.load_tokenizer(tok_path)
-    model = build_from_args(args, tokenizer.vocab_size).to(d.device)
+    existing = checkpoints(args.out)
+    if existing and not args.resume:
+        raise ValueError(f"{args.out} already holds checkpoints ({os.path.basename(existing[-1])}): "
+                         f"continue with --resume, or give another --out (or remove it)")
+    model = build_from_args(args, tokenizer.vocab_size)
+    if args.resume and existing:   # no flag sets it: the run goes on with the input it was trained on, also from a
+        # checkpoint older than the field (icode.FIELDS_ADDED_LATER: raw audio); restore_checkpoint checks the rest
+        saved = ICodeConfig.from_dict(read_state(existing[-1])["config"])
+        model.cfg = replace(model.cfg, normalize_audio=saved.normalize_audio)
+    model = model.to(d.device)
     cfg = model.cfg
     if args.checkpointing:
         enable_checkpointing(model)
@@ -682,10 +691,6 @@ def main(argv=None):
         raise ValueError(f"--global-batch {args.global_batch} != batch {args.batch} x accum {args.accum} "
                          f"x world {d.world} = {global_batch}")
     workers = args.workers if args.workers is not None else min(4, max(0, (os.cpu_count() or 2) // max(1, d.world) - 1))
-    existing = checkpoints(args.out)
-    if existing and not args.resume:
-        raise ValueError(f"{args.out} already holds checkpoints ({os.path.basename(existing[-1])}): "
-                         f"continue with --resume, or give another --out (or remove it)")
     log = tqdm_write if d.is_main else None  # data messages above the progress bar
     loader = D.make_loader(manifests, args.data_weights or [1.0] * len(manifests), dcfg, tokenizer,
                            batch_size=args.batch * args.accum, rank=d.rank, world_size=d.world, seed=args.seed,

@@ -351,20 +351,23 @@ def _run(toy, out, *extra):
 def test_resume_is_exact(toy_small, tmp_path, monkeypatch):
     """N steps + resume + N steps gives the same per-step losses and weights as 2N steps in one run. With
     dropout on, so that the restored RNG state shows in the losses (the loader's masks have their own). Also
-    from a checkpoint of the earlier layout: no target-tokenizer fields in its config, one process's loader
-    state in state.json instead of loader_rank0.json."""
-    monkeypatch.setattr(train, "preset", with_dropout)
+    from a checkpoint of the earlier layout: no target-tokenizer fields and no normalize_audio in its config
+    (trained on raw audio, which the resumed run goes on with), one process's loader state in state.json
+    instead of loader_rank0.json."""
+    raw = lambda *a, **k: dataclasses.replace(with_dropout(*a, **k), normalize_audio=False)
+    monkeypatch.setattr(train, "preset", raw)    # what the code before normalize_audio trained
     a = _run(toy_small, tmp_path / "a", "--steps", "6")
     b1 = _run(toy_small, tmp_path / "b", "--steps", "6", "--stop-at-step", "3")
     assert b1["stopped"] and b1["step"] == 3
     ckpt = tmp_path / "b" / "ckpt_0000003"
     state = json.loads((ckpt / "state.json").read_text())
-    del state["config"]["video_tokenizer"], state["config"]["speech_tokenizer"]
+    del state["config"]["video_tokenizer"], state["config"]["speech_tokenizer"], state["config"]["normalize_audio"]
     state["loader"] = json.loads((ckpt / "loader_rank0.json").read_text())
     (ckpt / "state.json").write_text(json.dumps(state))
     os.remove(ckpt / "loader_rank0.json")
     with pytest.raises(ValueError, match="continue with --resume"):  # not a second run mixed into the first
         _run(toy_small, tmp_path / "b", "--steps", "6")
+    monkeypatch.setattr(train, "preset", with_dropout)   # today's default: normalize_audio=True
     b2 = _run(toy_small, tmp_path / "b", "--steps", "6", "--resume")
     assert [h["loss"] for h in b2["history"]] == [h["loss"] for h in a["history"]]
     wa = load_file(os.path.join(train.checkpoints(str(tmp_path / "a"))[-1], "model.safetensors"))
