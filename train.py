@@ -132,8 +132,11 @@ def compile_step(module, mode="default", backend="inductor", eager_random=False)
     module, and needs the same masks both times; `fallback_random` makes Inductor draw them with eager's
     random ops, in eager's order (tests/test_train.py checks the compiled cached step against the eager one,
     tiny preset with dropout on).
-    It costs a separate kernel per random draw, so it is on only where needed (train.py: --accum > 1)."""
-    torch._dynamo.config.capture_dynamic_output_shape_ops = True
+    It costs a separate kernel per random draw, so it is on only where needed (train.py: --accum > 1).
+    With it the graph breaks at the heads' selections again: inside one graph Inductor may schedule a draw
+    that does not depend on a selection ahead of one that does, out of eager's order (seen with torch 2.8.0
+    to 2.12.1, not 2.13.0: other masks, gradients off by 1.5-2.7x a tensor's largest entry)."""
+    torch._dynamo.config.capture_dynamic_output_shape_ops = not eager_random
     if eager_random:
         torch._inductor.config.fallback_random = True
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)

@@ -172,10 +172,12 @@ def test_compiled_gradient_cache_repeats_the_eager_dropout():
     train_step(obj, obj, mbs, Dist(), NOCAST, WEIGHTS)
     g_eager = grads(model)
     model.zero_grad(set_to_none=True)
-    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=False, cache_size_limit=8), \
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True, cache_size_limit=8), \
             torch._inductor.config.patch(fallback_random=False):       # compile_step sets these; restored after
         torch._dynamo.reset()
         compiled = train.compile_step(obj, eager_random=True)
+        # off: with captured selections torch 2.8-2.12 reorder the draws (this test fails there), 2.13 does not
+        assert not torch._dynamo.config.capture_dynamic_output_shape_ops
         torch.manual_seed(123)
         train_step(obj, compiled, mbs, Dist(), NOCAST, WEIGHTS)
     torch._dynamo.reset()
