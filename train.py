@@ -113,6 +113,11 @@ def precision(bf16, device):
     return contextlib.nullcontext
 
 
+def torch_version():
+    """(major, minor) of the installed torch: (2, 13) for "2.13.0+cpu"."""
+    return tuple(int(x) for x in torch.__version__.split(".")[:2])
+
+
 def compile_step(module, mode="default", backend="inductor", eager_random=False):
     """torch.compile of the pretraining objective as one graph per modality set.
 
@@ -134,8 +139,14 @@ def compile_step(module, mode="default", backend="inductor", eager_random=False)
     tiny preset with dropout on).
     It costs a separate kernel per random draw, so it is on only where needed (train.py: --accum > 1).
     With it the graph breaks at the heads' selections again: inside one graph Inductor may schedule a draw
-    that does not depend on a selection ahead of one that does, out of eager's order (seen with torch 2.8.0
-    to 2.12.1, not 2.13.0: other masks, gradients off by 1.5-2.7x a tensor's largest entry)."""
+    that does not depend on a selection ahead of one that does, out of eager's order (seen with torch 2.10.0
+    to 2.12.1, not 2.13.0: other masks, gradients off by 1.5-2.7x a tensor's largest entry). Before torch
+    2.10 the masks differ even so (2.8.0, 2.9.1: gradients off by 0.84x): refused there."""
+    if eager_random and torch_version() < (2, 10):
+        raise ValueError(f"--compile with gradient cache (--accum > 1) needs torch >= 2.10, this is "
+                         f"{torch.__version__}: its compiled step draws other dropout masks than the eager pass, "
+                         f"so the recomputed representations would not be the cached ones. Use --accum 1, leave "
+                         f"out --compile, or upgrade torch")
     torch._dynamo.config.capture_dynamic_output_shape_ops = not eager_random
     if eager_random:
         torch._inductor.config.fallback_random = True
