@@ -141,7 +141,7 @@ def compile_step(module, mode="default", backend="inductor", eager_random=False)
     With it the graph breaks at the heads' selections again: inside one graph Inductor may schedule a draw
     that does not depend on a selection ahead of one that does, out of eager's order (seen with torch 2.10.0
     to 2.12.1, not 2.13.0: other masks, gradients off by 1.5-2.7x a tensor's largest entry). Before torch
-    2.10 the masks differ even so (2.8.0, 2.9.1: gradients off by 0.84x): refused there."""
+    2.10 the masks differ even so (2.8.0, 2.9.1: off by 0.84x): refused there."""
     if eager_random and torch_version() < (2, 10):
         raise ValueError(f"--compile with gradient cache (--accum > 1) needs torch >= 2.10, this is "
                          f"{torch.__version__}: its compiled step draws other dropout masks than the eager pass, "
