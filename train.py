@@ -460,7 +460,7 @@ def checkpoints(out_dir):
                   and os.path.isfile(os.path.join(out_dir, f, "state.json")))
 
 
-def save_checkpoint(out_dir, step, model, opt, loader, cfg, args, d, keep=3, history=None):
+def save_checkpoint(out_dir, step, model, opt, loader, args, d, keep=3, history=None):
     """Every rank writes its RNG state and its loader's state (position and its own bad-row counters), rank 0
     the rest, into ckpt_XXXXXXX.tmp, then rank 0 renames it."""
     final = os.path.join(out_dir, f"ckpt_{step:07d}")
@@ -483,7 +483,8 @@ def save_checkpoint(out_dir, step, model, opt, loader, cfg, args, d, keep=3, his
     if d.is_main:
         save_model(unwrap(model), os.path.join(tmp, "model.safetensors"))
         save_file(optimizer_tensors(opt, unwrap(model)), os.path.join(tmp, "optimizer.safetensors"))
-        state = {"step": step, "config": asdict(cfg), "args": vars(args), "world": d.world, "history": history or []}
+        state = {"step": step, "config": asdict(unwrap(model).cfg), "args": vars(args), "world": d.world,
+                 "history": history or []}
         with open(os.path.join(tmp, "state.json"), "w") as f:
             json.dump(state, f)
     if dist.is_initialized():
@@ -511,14 +512,18 @@ def config_differences(a, b, prefix=""):
 
 
 def restore_checkpoint(ckpt, model, opt, loader, d):
-    """Load weights, optimiser, loader position and this rank's RNG state. Returns (step, history)."""
+    """Load weights, optimiser, loader position, this rank's RNG state and normalize_audio (the one setting no
+    flag sets) into the model's config. Returns (step, history)."""
     state = read_state(ckpt)
     if state["world"] != d.world:
         raise ValueError(f"{ckpt} was written by {state['world']} processes, this run has {d.world}: "
                          "the data order and RNG streams would not continue exactly")
     # through from_dict: fields added since the checkpoint was written take what it was trained with
-    saved, own = (json.loads(json.dumps(asdict(c))) for c in (ICodeConfig.from_dict(state["config"]),
-                                                              unwrap(model).cfg))
+    saved = ICodeConfig.from_dict(state["config"])
+    # no flag sets normalize_audio: the run goes on with the input it was trained on (raw audio for a checkpoint
+    # older than the field, icode.FIELDS_ADDED_LATER); every other setting must be this run's
+    unwrap(model).cfg = replace(unwrap(model).cfg, normalize_audio=saved.normalize_audio)
+    saved, own = (json.loads(json.dumps(asdict(c))) for c in (saved, unwrap(model).cfg))
     if saved != own:
         diff = "; ".join(config_differences(saved, own)[:5])
         raise ValueError(f"{ckpt} holds a model of other settings ({diff}): --resume with the flags the run started "
@@ -689,17 +694,12 @@ def main(argv=None):
     if existing and not args.resume:
         raise ValueError(f"{args.out} already holds checkpoints ({os.path.basename(existing[-1])}): "
                          f"continue with --resume, or give another --out (or remove it)")
-    model = build_from_args(args, tokenizer.vocab_size)
-    if args.resume and existing:   # no flag sets it: the run goes on with the input it was trained on, also from a
-        # checkpoint older than the field (icode.FIELDS_ADDED_LATER: raw audio); restore_checkpoint checks the rest
-        saved = ICodeConfig.from_dict(read_state(existing[-1])["config"])
-        model.cfg = replace(model.cfg, normalize_audio=saved.normalize_audio)
-    model = model.to(d.device)
-    cfg = model.cfg
+    model = build_from_args(args, tokenizer.vocab_size).to(d.device)
     if args.checkpointing:
         enable_checkpointing(model)
-    if tokenizer.vocab_size > cfg.text.vocab_size:
-        raise ValueError(f"tokenizer {tok_path} has {tokenizer.vocab_size} ids, the text encoder {cfg.text.vocab_size}")
+    vocab = model.cfg.text.vocab_size
+    if tokenizer.vocab_size > vocab:
+        raise ValueError(f"tokenizer {tok_path} has {tokenizer.vocab_size} ids, the text encoder {vocab}")
     global_batch = args.batch * args.accum * d.world
     if args.global_batch is not None and args.global_batch != global_batch:
         raise ValueError(f"--global-batch {args.global_batch} != batch {args.batch} x accum {args.accum} "
@@ -755,7 +755,7 @@ def main(argv=None):
             except D.TooManyBadExamples as e:  # save what was trained, then stop (the data needs fixing)
                 loader.load_state_dict(rewind)     # the other ranks took this step's batch already: put it back
                 if step > saved_at:
-                    save_checkpoint(args.out, step, objective.model, opt, loader, cfg, args, d, args.keep, history)
+                    save_checkpoint(args.out, step, objective.model, opt, loader, args, d, args.keep, history)
                     where, saved_at = f"Checkpoint saved at step {step}", step
                 else:
                     where = f"The latest checkpoint is at step {saved_at}" if step else "No step trained"
@@ -817,7 +817,7 @@ def main(argv=None):
             flag = all_reduce_(torch.tensor([float(stop["signal"])], device=d.device), dist.ReduceOp.MAX).item()
             flag = flag or step == args.stop_at_step
             if step % args.save_every == 0 or step == args.steps or flag:
-                save_checkpoint(args.out, step, objective.model, opt, loader, cfg, args, d, args.keep, history)
+                save_checkpoint(args.out, step, objective.model, opt, loader, args, d, args.keep, history)
                 saved_at = step
             if flag:
                 why = f"signal {int(flag)}" if step != args.stop_at_step else f"--stop-at-step {step}"

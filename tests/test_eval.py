@@ -395,7 +395,7 @@ def test_flags_that_would_be_ignored_are_refused(toy, tok, tmp_path):
     import train as T
     model = tiny_icode(tok.vocab_size)
     ckpt = T.save_checkpoint(str(tmp_path / "run"), 1, model, T.build_optimizer(model, 1e-3, 1e-3, 0.0), None,
-                             model.cfg, T.parse_args([]), T.Dist())
+                             T.parse_args([]), T.Dist())
     common = ["--task", "sentiment", "--toy-dir", toy, "--ckpt", ckpt, "--out", str(tmp_path), "--device", "cpu"]
     with pytest.raises(ValueError, match="pretrained with --preset tiny, this run has --preset paper: give --preset tiny"):
         E.main(common + ["--preset", "paper"])

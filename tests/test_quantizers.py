@@ -204,8 +204,6 @@ def test_speech_tokenizer_frame_depends_only_on_its_window():
 # ----------------------------------------------------------------------------------------------------
 # VQGAN tokenizer
 
-
-
 @pytest.mark.parametrize("T,H,W", [(1, 64, 64), (2, 32, 96), (3, 112, 80)])
 def test_vqgan_shapes(T, H, W):
     torch.manual_seed(0)

@@ -238,7 +238,7 @@ def _loader_checkpoint_worker(rank, world, init_file, manifest, tok_path, out_di
     it = iter(first)
     for _ in range(3):
         next(it)
-    ckpt = train.save_checkpoint(os.path.join(out_dir, "run"), 3, model, opt, first, model.cfg,
+    ckpt = train.save_checkpoint(os.path.join(out_dir, "run"), 3, model, opt, first,
                                  train.parse_args([]), d)
     again = loader()
     train.restore_checkpoint(ckpt, model, opt, again, d)
@@ -266,14 +266,14 @@ def test_checkpoint_killed_mid_write_keeps_last_good(tmp_path, monkeypatch):
     model = make_model()
     opt = train.build_optimizer(model, 1e-3, 1e-3, 0.01)
     args = train.parse_args(["--out", str(tmp_path)])
-    good = train.save_checkpoint(str(tmp_path), 5, model, opt, None, model.cfg, args, Dist(), keep=2)
+    good = train.save_checkpoint(str(tmp_path), 5, model, opt, None, args, Dist(), keep=2)
     assert train.checkpoints(str(tmp_path)) == [good]
 
     def dies(*a, **k):
         raise KeyboardInterrupt("killed while writing")
     monkeypatch.setattr(train, "save_model", dies)
     with pytest.raises(KeyboardInterrupt):
-        train.save_checkpoint(str(tmp_path), 6, model, opt, None, model.cfg, args, Dist(), keep=2)
+        train.save_checkpoint(str(tmp_path), 6, model, opt, None, args, Dist(), keep=2)
     assert os.path.isdir(os.path.join(tmp_path, "ckpt_0000006.tmp"))     # the half-written one
     assert train.checkpoints(str(tmp_path)) == [good]                     # never replaces the good one
     monkeypatch.undo()
@@ -283,7 +283,7 @@ def test_checkpoint_killed_mid_write_keeps_last_good(tmp_path, monkeypatch):
         assert torch.equal(p, q), n
     # keep=2: older ones are removed
     for s in (7, 8, 9):
-        train.save_checkpoint(str(tmp_path), s, model, opt, None, model.cfg, args, Dist(), keep=2)
+        train.save_checkpoint(str(tmp_path), s, model, opt, None, args, Dist(), keep=2)
     assert [os.path.basename(c) for c in train.checkpoints(str(tmp_path))] == ["ckpt_0000008", "ckpt_0000009"]
     with pytest.raises(SystemExit):  # keep=0 would have kept everything ([:-0] is empty)
         train.parse_args(["--keep", "0"])
