@@ -276,11 +276,16 @@ def _open(path, what):
         raise BadExample(f"undecodable {what} (cannot open {path}: {e})") from e
 
 
-def _rotation(frame, stream):
+def _rotation(frame, stream, path):
     """Counter-clockwise display rotation in degrees: display-matrix side data, else the old `rotate` tag."""
     r = frame.rotation
-    if not r and stream.metadata.get("rotate"):
-        r = -int(float(stream.metadata["rotate"]))  # the tag is clockwise
+    # FFmpeg looks tags up ignoring case (av_dict_get); Matroska stores this one as ROTATE
+    tag = next((v for k, v in stream.metadata.items() if k.lower() == "rotate"), None)
+    if not r and tag:
+        try:
+            r = -float(tag)  # the tag is clockwise
+        except ValueError:
+            raise BadExample(f"unreadable rotate tag: {tag!r} in {path}") from None
     return int(round(r / 90.0)) * 90 % 360
 
 
@@ -399,7 +404,7 @@ def read_video(path, frames, size, start=None, end=None, seek=True):
         targets = [t0 + a + (i + 0.5) * (b - a) / frames for i in range(frames)]
         try:
             picked = frames_at(container, vs, targets, seek=seek)
-            rotation = _rotation(picked[0], vs)
+            rotation = _rotation(picked[0], vs, path)
             cache = {}
             out = [cache.setdefault(id(f), frame_to_rgb(f, size, rotation)) for f in picked]
         except av.FFmpegError as e:
@@ -459,7 +464,7 @@ def read_image(path, frames, size):
             raise BadExample(f"undecodable image {path}: no frame")
         orientation = jpeg_orientation(path)
         if orientation is None:
-            img = frame_to_rgb(frame, size, _rotation(frame, container.streams.video[0]))
+            img = frame_to_rgb(frame, size, _rotation(frame, container.streams.video[0], path))
         else:  # the square crop turns like the whole image (both sides scale by the same factor)
             img = np.ascontiguousarray(EXIF_ORIENT[orientation](frame_to_rgb(frame, size)))
     return np.repeat(img[None], frames, axis=0)
@@ -1220,8 +1225,9 @@ def _toy_frames(rng, colour, shape, motion, n_frames):
 
 
 def _write_mp4(path, frames, fps, audio=None, sr=16000, rotation=0, keyint=10, pix_fmt="yuv420p", preset="ultrafast",
-               fmt="mp4", start_s=0.0):
+               fmt="mp4", start_s=0.0, metadata=None):
     """H.264 MP4 (+ AAC audio [C, N] float32) written deterministically; rotation sets the display matrix.
+    metadata: tags on the video stream (a legacy `rotate` tag in tests).
     frames: uint8 [T, H, W, 3]; odd H or W need pix_fmt="yuv444p". fmt: the container ("mpegts", "flv" in tests).
     start_s: both streams' first timestamp (a cut broadcast recording starts late; 0: timestamps from 0)."""
     with av.open(path, "w", format=fmt, options={"fflags": "+bitexact"}) as c:
@@ -1231,6 +1237,7 @@ def _write_mp4(path, frames, fps, audio=None, sr=16000, rotation=0, keyint=10, p
         vs.codec_context.flags |= av.codec.context.Flags.bitexact
         if rotation:
             vs.set_display_rotation(rotation)
+        vs.metadata.update(metadata or {})
         if audio is not None:
             st = c.add_stream("aac", rate=sr, layout="mono" if audio.shape[0] == 1 else "stereo",
                               options={"aac_coder": "fast"})
@@ -1626,12 +1633,11 @@ def main(argv=None):
         if args.ckpt:
             if args.video_tokenizer or args.speech_tokenizer:
                 ap.error("--ckpt brings its own target tokenizers: drop --video-tokenizer / --speech-tokenizer")
-            from train import check_preset, load_model
+            from train import check_preset, load_target_tokenizers
             check_preset(args.ckpt, model)
-            m = load_model(args.ckpt)
-            toks = {k: getattr(m, f"{k}_tokenizer") for k in ("video", "speech")
-                    if getattr(m.cfg, f"{k}_tokenizer") is not None}
-            q = target_quantize(m.cfg, f"{model} model of {args.ckpt}", toks)
+            model_cfg, toks = load_target_tokenizers(args.ckpt)
+            toks = {k: t for k, t in toks.items() if getattr(model_cfg, f"{k}_tokenizer") is not None}
+            q = target_quantize(model_cfg, f"{model} model of {args.ckpt}", toks)
         else:
             fields, toks = pretrained_targets(args.video_tokenizer, args.speech_tokenizer)
             q = target_quantize(dataclasses.replace(preset(model), **fields), model, toks)

@@ -33,11 +33,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file, save_model
 from safetensors.torch import load_model as load_safetensors_into
 
 import data as D
-from icode import ICode, ICodeConfig, preset, pretrained_targets, target_fingerprint
+from icode import ICode, ICodeConfig, preset, pretrained_targets, target_fingerprint, target_tokenizers
+from model.weights import load_state_strict
 from losses import PAIR_NAMES, PAPER_WEIGHTS, masked_unit_loss, pretraining_loss
 
 TERMS = ("mlm", "mvm", "msm", "vl", "vs", "ls")
@@ -164,6 +166,24 @@ def load_model(ckpt=None, preset_name="tiny", fusion="merge", text_vocab=None):
     if missing or unexpected:
         raise KeyError(f"{ckpt}/model.safetensors: missing {missing[:5]}, unexpected {unexpected[:5]}")
     return model
+
+
+def load_target_tokenizers(ckpt):
+    """A checkpoint's config and frozen target tokenizers {"video": ..., "speech": ...} without the rest of the
+    model (`data.py tokenize --ckpt` needs only these; the paper preset's model is 742M parameters). Pretrained
+    tokenizers get their weights from model.safetensors; random projections hold none there and are rebuilt from
+    the config's seed, as the model itself rebuilds them."""
+    cfg = ICodeConfig.from_dict(read_state(ckpt)["config"])
+    toks = dict(zip(("video", "speech"), target_tokenizers(cfg)))
+    path = os.path.join(ckpt, "model.safetensors")
+    with safe_open(path, "pt") as f:
+        keys = list(f.keys())
+        for name, tok in toks.items():
+            prefix = f"{name}_tokenizer."
+            if getattr(cfg, f"{name}_tokenizer") is not None:
+                state = {k[len(prefix):]: f.get_tensor(k) for k in keys if k.startswith(prefix)}
+                load_state_strict(tok, state, source=f"{path} ({prefix}*)")
+    return cfg, toks
 
 
 def read_state(ckpt):
@@ -1000,7 +1020,10 @@ def benchmark(args, d):
         opt.zero_grad(set_to_none=True)
         return terms
 
+    t = time.perf_counter()
     step()                                          # warm-up (and compilation)
+    sync()
+    first_step_s = time.perf_counter() - t          # with --compile: mostly compilation (Inductor's cache helps)
     # one forward + backward over a micro-batch, times --accum: the gradient cache's extra forward of the
     # contrastive representations is not counted (the MFU of train.main counts the same way)
     flops, flops_fwd = count_flops(objective, mbs[0], autocast, by_part=True)
@@ -1027,14 +1050,15 @@ def benchmark(args, d):
            "compile_mode": args.compile_mode if args.compile else None, "checkpointing": args.checkpointing,
            "device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
            "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
-           "step_s_median": round(med, 4), "step_s_min": round(times[0], 4),
+           "step_s_median": round(med, 4), "step_s_min": round(times[0], 4), "first_step_s": round(first_step_s, 2),
            "samples_per_s": round(n / med, 2), "tflop_per_step": round(flops / 1e12, 3),
            "tflop_fwd_by_part": {k: round(v / 1e12, 3) for k, v in flops_fwd.items()},
            "achieved_tflops": round(flops / med / 1e12, 1),
            "matmul_peak_tflops": round(peak / 1e12, 1) if peak else None,
            "mfu_vs_matmul_peak": round(flops / med / peak, 3) if peak else None,
            "peak_mem_GiB": round(peak_mem, 1) if peak_mem is not None else None,
-           "loss": round(total.item(), 3), "encoder_fwd_bwd_s": parts}
+           "loss": round(total.item(), 3), "encoder_fwd_bwd_s": parts,
+           "encoder_fwd_bwd_batch": batch_size(mbs[0])}   # the breakdown's batch: one micro-batch, --batch
     print(json.dumps(out), flush=True)
     if args.profile:
         print(json.dumps({"profile": profile_steps(step, args.profile, cuda, sync)}), flush=True)

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 
+import av
 import numpy as np
 import pytest
 import soundfile
@@ -88,6 +89,27 @@ def test_rotated_video_is_upright(tmp_path):
     rot = data.read_video(str(tmp_path / "rot.mp4"), 2, 64).astype(float)
     assert np.abs(up - rot).mean() < 6
     assert rot[0, 40, 10, 0] > 150 and rot[0, 40, 60, 2] > 150 and rot[0, 2, 32, 1] > 150
+
+
+def test_legacy_rotate_tag_is_applied(tmp_path):
+    """Before display matrices, FFmpeg wrote a clockwise `rotate` tag on the stream (Matroska keeps it as
+    ROTATE; FFmpeg looks tags up ignoring case). A file with only the tag is turned upright as well."""
+    img = np.zeros((64, 80, 3), np.uint8)
+    img[:, :40] = (220, 30, 30)   # left half red
+    img[:, 40:] = (30, 30, 220)   # right half blue
+    img[:12] = (30, 200, 30)      # top strip green
+    frames = np.stack([img] * 6)
+    data._write_mp4(str(tmp_path / "up.mkv"), frames, 10, fmt="matroska")
+    data._write_mp4(str(tmp_path / "tag.mkv"), np.rot90(frames, k=1, axes=(1, 2)), 10, fmt="matroska",
+                    metadata={"rotate": "90"})
+    with av.open(str(tmp_path / "tag.mkv")) as c:  # only the tag: no display matrix for PyAV to report
+        assert next(c.decode(video=0)).rotation == 0 and c.streams.video[0].metadata.get("ROTATE") == "90"
+    up = data.read_video(str(tmp_path / "up.mkv"), 2, 64).astype(float)
+    rot = data.read_video(str(tmp_path / "tag.mkv"), 2, 64).astype(float)
+    assert np.abs(up - rot).mean() < 6
+    data._write_mp4(str(tmp_path / "bad.mkv"), frames, 10, fmt="matroska", metadata={"rotate": "sideways"})
+    with pytest.raises(data.BadExample, match=r"unreadable rotate tag: 'sideways' in .*bad\.mkv"):
+        data.read_video(str(tmp_path / "bad.mkv"), 2, 64)
 
 
 @pytest.mark.parametrize("orientation", range(1, 9))

@@ -797,6 +797,8 @@ def test_benchmark_json_and_profile_add_up(capsys, monkeypatch):
         assert k in out
     assert out["samples_per_s"] == pytest.approx(2 / out["step_s_median"], rel=1e-2)
     assert out["tflop_per_step"] > 0 and {"text", "speech", "vision"} <= set(out["encoder_fwd_bwd_s"])
+    assert out["encoder_fwd_bwd_batch"] == 1     # the breakdown times one micro-batch of --batch, not the step's 2
+    assert out["first_step_s"] >= out["step_s_min"] - 0.005  # the warm-up step (compilation, with --compile)
     # units: the FLOPs of one step (counted again here, the unmasked pass included), in TFLOP; achieved =
     # those over the median step
     obj = PretrainObjective(train.load_model(None, "tiny"), WEIGHTS, unmasked_contrastive=True)
