@@ -39,8 +39,8 @@ from safetensors.torch import load_model as load_safetensors_into
 
 import data as D
 from icode import ICode, ICodeConfig, preset, pretrained_targets, target_fingerprint, target_tokenizers
-from model.weights import load_state_strict
 from losses import PAIR_NAMES, PAPER_WEIGHTS, masked_unit_loss, pretraining_loss
+from model.weights import load_state_strict
 
 TERMS = ("mlm", "mvm", "msm", "vl", "vs", "ls")
 TOY_DIR = "toy"
