@@ -1636,7 +1636,6 @@ def main(argv=None):
             from train import check_preset, load_target_tokenizers
             check_preset(args.ckpt, model)
             model_cfg, toks = load_target_tokenizers(args.ckpt)
-            toks = {k: t for k, t in toks.items() if getattr(model_cfg, f"{k}_tokenizer") is not None}
             q = target_quantize(model_cfg, f"{model} model of {args.ckpt}", toks)
         else:
             fields, toks = pretrained_targets(args.video_tokenizer, args.speech_tokenizer)

@@ -169,18 +169,20 @@ def load_model(ckpt=None, preset_name="tiny", fusion="merge", text_vocab=None):
 
 
 def load_target_tokenizers(ckpt):
-    """A checkpoint's config and frozen target tokenizers {"video": ..., "speech": ...} without the rest of the
-    model (`data.py tokenize --ckpt` needs only these; the paper preset's model is 742M parameters). Pretrained
-    tokenizers get their weights from model.safetensors; random projections hold none there and are rebuilt from
-    the config's seed, as the model itself rebuilds them."""
+    """A checkpoint's config and its pretrained target tokenizers {"video": ..., "speech": ...} (those its config
+    has architectures for; `icode.pretrained_targets` returns loaded ones the same way), their weights read from
+    model.safetensors, without building the rest of the model (`data.py tokenize --ckpt` needs only these; the
+    paper preset's model is 742M parameters). Random projections hold no weights there and are left to
+    `icode.target_tokenizers`, which rebuilds them from the config's seed as the model does."""
     cfg = ICodeConfig.from_dict(read_state(ckpt)["config"])
-    toks = dict(zip(("video", "speech"), target_tokenizers(cfg)))
+    toks = {k: t for k, t in zip(("video", "speech"), target_tokenizers(cfg))
+            if getattr(cfg, f"{k}_tokenizer") is not None}
     path = os.path.join(ckpt, "model.safetensors")
-    with safe_open(path, "pt") as f:
-        keys = list(f.keys())
-        for name, tok in toks.items():
-            prefix = f"{name}_tokenizer."
-            if getattr(cfg, f"{name}_tokenizer") is not None:
+    if toks:
+        with safe_open(path, "pt") as f:
+            keys = list(f.keys())
+            for name, tok in toks.items():
+                prefix = f"{name}_tokenizer."
                 state = {k[len(prefix):]: f.get_tensor(k) for k in keys if k.startswith(prefix)}
                 load_state_strict(tok, state, source=f"{path} ({prefix}*)")
     return cfg, toks
@@ -559,7 +561,6 @@ def restore_checkpoint(ckpt, model, opt, loader, d):
             loader.load_state_dict(state["loader"])
         else:
             raise FileNotFoundError(f"{path} is missing: --resume continues rank {d.rank}'s data order from it")
-    from safetensors import safe_open
     path = os.path.join(ckpt, f"rng_rank{d.rank}.safetensors")
     with safe_open(path, "pt") as f:
         meta = f.metadata()
