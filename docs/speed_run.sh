@@ -4,12 +4,14 @@
 #   2. the step's four convolutions, each as the model computes it and the other way (docs/conv_bench.py);
 #   3. this project's paper-preset step with torch.compile, one JSON line, then its profile (JSON);
 #   4. with EAGER=1 (or when step 3 failed early), this project's eager step and its profile;
-#   5. the data loader's decode rate for the paper-preset clip shape.
+#   5. the data loader's decode rate for the paper-preset clip shape;
+#   after 3, the source of the profile's slowest Triton kernels (docs/kernel_sources.py; on a GPU only).
 # Usage, from the repository root:  bash docs/speed_run.sh OUT_DIR [path/to/reference_step.py]
 # SMOKE=1 runs the reference and icode steps at toy size (batch 2, tiny preset), conv_bench at the paper's
 # shapes with batch 1, the decode bench as always, and no nvidia-smi: a check on a CPU.
-# About 8.5 minutes on an H200 (compilation takes most of it); each part has its own time limit, so one
-# that fails or hangs still leaves the others' lines in OUT_DIR.
+# About 8.5 minutes on an H200 and 9 on an H100 (2026-11-27: reference 49 s, conv_bench 14 s, the compiled
+# step 456 s, 411 of them compiling); each part has its own time limit, so one that fails or hangs still
+# leaves the others' lines in OUT_DIR.
 set -u
 out=${1:?usage: bash docs/speed_run.sh OUT_DIR [reference_step.py]}
 ref=${2:-../shared/bench/reference_step.py}
@@ -36,9 +38,15 @@ part() {  # part NAME SECONDS COMMAND...: run with a limit, keep stderr, print a
     tail -n 3 "$out/$name.log" | cut -c1-300
 }
 
-part reference 180 python "$ref" $size --breakdown
-part conv_bench 90 python docs/conv_bench.py $convs
-part icode_compile 480 python train.py --benchmark $preset --compile --profile 2
+part reference 120 python "$ref" $size --breakdown
+part conv_bench 60 python docs/conv_bench.py $convs
+part icode_compile 520 python train.py --benchmark $preset --compile --profile 2
+# The generated source of the profile's slowest Triton kernels, to read once the job has ended.
+if [ -s "$out/icode_compile.jsonl" ] && [ -d "$TORCHINDUCTOR_CACHE_DIR" ]; then
+    timeout 60 python docs/kernel_sources.py "$out/icode_compile.jsonl" "$TORCHINDUCTOR_CACHE_DIR" --top 8 \
+        >"$out/kernels.txt" 2>&1
+    echo "== kernels: $(grep -c '^# triton_' "$out/kernels.txt") kernel sources in kernels.txt"
+fi
 # The eager step on request, or when the compiled one printed nothing (a compiler failure) early enough for
 # the eager step (~2 minutes) to fit in a 10-minute job.
 if [ "${EAGER:-0}" = 1 ] || { [ ! -s "$out/icode_compile.jsonl" ] && [ "$SECONDS" -lt 400 ]; }; then

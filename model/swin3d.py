@@ -131,7 +131,9 @@ class WindowAttention3D(nn.Module):
         index = (self.relative_position_index if tuple(window) == self.window_size
                  else relative_position_index(window, self.window_size).to(x.device))
         h = self.num_heads
-        bias = self.relative_position_bias_table[index].permute(2, 0, 1)  # [h, N, N], broadcast over windows
+        # [h, N, N], broadcast over windows. Contiguous: CUDA's fused SDPA kernels need the mask's last dimension
+        # at stride 1 (the permuted gather has stride h) and otherwise fall back to the unfused math kernel.
+        bias = self.relative_position_bias_table[index].permute(2, 0, 1).contiguous()
         q, k, v = self.qkv(x).view(BW, N, 3, h, C // h).permute(2, 0, 3, 1, 4)  # [BW, h, N, d]
         if mask is not None:
             # The shift mask differs per window. SDPA's fused kernels take 4-D inputs only (a 5-D [B, nW, h, N, d]

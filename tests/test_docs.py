@@ -51,3 +51,33 @@ def test_conv_bench_alternatives_compute_the_same():
         g, params = torch.randn_like(y), [x] + list(model_fn.parameters())
         for a, b in zip(torch.autograd.grad(y, params, g), torch.autograd.grad(ref, params, g)):
             torch.testing.assert_close(a, b, atol=1e-4 * b.abs().max().item(), rtol=1e-4)
+
+
+def test_kernel_sources_prints_the_slowest_kernels_own_files(tmp_path, capsys):
+    """docs/kernel_sources.py: for the profile's slowest Triton kernels, in order and only those, the smallest
+    cached file defining each (the kernel's own file, not the wrapper that embeds every kernel's source),
+    matched by the profile's name cut to 120 characters; a kernel with no file says so."""
+    import importlib.util
+    import json
+    spec = importlib.util.spec_from_file_location("kernel_sources", os.path.join(ROOT, "docs", "kernel_sources.py"))
+    ks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ks)
+    long = "triton_per_fused_" + "_".join(["add_mul_embedding_dense_backward"] * 6)   # > 120 characters
+    cache = tmp_path / "cache"
+    (cache / "ab").mkdir(parents=True)
+    (cache / "cd").mkdir()
+    own = f"@triton.jit\ndef {long}_7(in_ptr0, xnumel):\n    XBLOCK = 8\n"
+    (cache / "ab" / "kernel.py").write_text(own)
+    (cache / "cd" / "wrapper.py").write_text("import torch\n" * 50 + f"k = '''{own}'''\n"
+                                             "def triton_poi_fused_gelu_3(in_ptr0):\n    pass\n")
+    prof = tmp_path / "icode_compile.jsonl"
+    top = [[long[:120], 8.85, 1], ["fmha_cutlassB_bf16", 22.0, 36], ["triton_poi_fused_gelu_3", 3.9, 24],
+           ["triton_red_fused_sum_9", 1.0, 2]]
+    prof.write_text(json.dumps({"impl": "icode"}) + "\n" + json.dumps({"profile": {"top": top}}) + "\n")
+    ks.main([str(prof), str(cache), "--top", "2"])
+    out = capsys.readouterr().out
+    assert out.index(f"# {long[:120]}: 8.85 ms a step, 1 calls a step\n# ab/kernel.py\n{own.rstrip()}") == 0
+    assert "# triton_poi_fused_gelu_3: 3.9 ms a step, 24 calls a step\n# cd/wrapper.py\n" in out
+    assert "fmha" not in out and "triton_red_fused_sum_9" not in out      # not Triton; past --top 2
+    ks.main([str(prof), str(cache), "--top", "3"])
+    assert "# triton_red_fused_sum_9: 1.0 ms a step, 2 calls a step\n# (not found in " in capsys.readouterr().out

@@ -367,9 +367,13 @@ def test_convert_legacy_bin_to_safetensors(tmp_path):
 
 @pytest.mark.parametrize("mode", ["merge", "co"])
 def test_every_attention_call_can_use_a_fused_kernel(mode, monkeypatch):
-    """SDPA's fused kernels (flash / memory-efficient) accept 4-D q, k, v only; anything else silently runs
-    the unfused math kernel, materialising every attention matrix (docs/speed.md). Check every call of a
-    pretraining forward, including Swin's shifted windows (a per-window mask) and WavLM's gated bias."""
+    """SDPA's fused CUDA kernels (flash / memory-efficient / cuDNN) take 4-D q, k, v whose last dimension has
+    stride 1, and a mask whose last dimension has stride 1 too (PyTorch's sdp_utils: check_tensor_shapes,
+    check_last_dim_stride_equals_1_dense; "GPU backends require attn_mask's last dimension to have stride 1
+    while the CPU does not"). A call that misses either silently runs the unfused math kernel, materialising
+    every attention matrix (docs/speed.md). Check every call of a pretraining forward, including Swin's
+    shifted windows (a per-window mask), its unshifted ones (the bias table gathered and permuted) and
+    WavLM's gated bias."""
     import dataclasses
     import torch.nn.functional as F
     cfg = preset("tiny", mode)
@@ -380,7 +384,8 @@ def test_every_attention_call_can_use_a_fused_kernel(mode, monkeypatch):
     sdpa = F.scaled_dot_product_attention
 
     def spy(q, k, v, attn_mask=None, **kw):
-        calls.append((q.dim(), k.dim(), v.dim(), None if attn_mask is None else attn_mask.dim()))
+        calls.append(((q.dim(), k.dim(), v.dim(), None if attn_mask is None else attn_mask.dim()),
+                      tuple(t.stride(-1) for t in (q, k, v, attn_mask) if t is not None)))
         return sdpa(q, k, v, attn_mask=attn_mask, **kw)
 
     monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
@@ -390,5 +395,7 @@ def test_every_attention_call_can_use_a_fused_kernel(mode, monkeypatch):
     n_fusion = cfg.fusion.layers * (1 if cfg.fusion.mode == "merge" else 6)  # co: 3 self + 3 cross per layer
     expected = cfg.text.num_hidden_layers + cfg.speech.num_hidden_layers + sum(cfg.vision.depths) + n_fusion
     assert len(calls) == expected
-    bad = [c for c in calls if c[:3] != (4, 4, 4) or (c[3] is not None and c[3] > 4)]
+    bad = [dims for dims, _ in calls if dims[:3] != (4, 4, 4) or (dims[3] is not None and dims[3] > 4)]
     assert not bad, f"{len(bad)} of {len(calls)} attention calls are not 4-D: {bad[:3]}"
+    strided = [strides for _, strides in calls if set(strides) != {1}]
+    assert not strided, f"{len(strided)} of {len(calls)} calls have a last dimension at stride != 1 (q, k, v, mask): {strided[:3]}"
