@@ -928,3 +928,12 @@ def test_forward_flops_by_part_add_up():
     fwd = fc.get_total_flops()
     assert all(v > 0 for v in parts.values()), parts
     assert 0.97 * fwd <= sum(parts.values()) <= fwd < total
+
+
+def test_peak_flops_reads_the_card_from_its_name(monkeypatch):
+    """The MFU denominator: the dense bf16 rate of the card the CUDA name names (the names as nvidia-smi and
+    torch print them), None for a card not in the table (MFU then goes unreported rather than wrong)."""
+    for name, want in (("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H200", 989e12), ("NVIDIA A100-SXM4-40GB", 312e12),
+                       ("NVIDIA A10G", 125e12), ("NVIDIA L40S", 362e12), ("NVIDIA GeForce RTX 4090", None)):
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, n=name: n)
+        assert train.peak_flops(torch.device("cuda")) == want, name
