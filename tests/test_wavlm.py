@@ -331,3 +331,23 @@ def test_positional_convolution_runs_channels_last(monkeypatch):
         params = [x] + list(pc.parameters())
         for a, b in zip(torch.autograd.grad(y, params, g), torch.autograd.grad(ref, params, g)):
             torch.testing.assert_close(a, b, atol=1e-4 * b.abs().max().item(), rtol=1e-4)
+
+
+def test_position_bias_is_the_bucket_lookup():
+    """WavLM's [H, T, T] position bias, built as a Toeplitz matrix from one lookup per distance, is the
+    per-(query, key) lookup embed[bucket(key - query)] exactly (lengths 1 and 2, an odd one, the paper's 389
+    frames, one past max_distance where the buckets saturate), and gives the table the same gradient (in
+    float64: the two sum up to thousands of terms per bucket in different orders)."""
+    from model.wavlm import Attention, relative_position_bucket
+    torch.manual_seed(0)
+    att = Attention(WAVLM_LARGE, has_bias_embedding=True).double()
+    torch.nn.init.normal_(att.rel_attn_embed.weight)
+    for t in (1, 2, 7, 389, WAVLM_LARGE.max_bucket_distance + 3):
+        pos = torch.arange(t)
+        buckets = relative_position_bucket(pos[None, :] - pos[:, None], att.num_buckets, att.max_distance)
+        ref = att.rel_attn_embed(buckets).permute(2, 0, 1)          # [H, T, T], one lookup per (i, j)
+        got = att.compute_bias(t)
+        assert got.shape == (att.h, t, t) and torch.equal(got, ref), t
+        g = torch.randn_like(ref)
+        w = att.rel_attn_embed.weight
+        torch.testing.assert_close(torch.autograd.grad(got, w, g)[0], torch.autograd.grad(ref, w, g)[0])
