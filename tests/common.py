@@ -29,6 +29,16 @@ def assert_attention_dropout_only_in_training(model, run, rate_attr, where=slice
         torch.testing.assert_close(run(model.train()), ref)
 
 
+def assert_same_function(y, ref, inputs, grad_atol=1e-4):
+    """y and ref, two ways of computing one function of `inputs` (input tensors and parameters): the same values
+    (to 1e-5) and, for one random upstream gradient, the same gradients (rtol 1e-4, atol `grad_atol` times
+    the largest entry of the gradient)."""
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad(y, inputs, g), torch.autograd.grad(ref, inputs, g)):
+        torch.testing.assert_close(a, b, atol=grad_atol * b.abs().max().item(), rtol=1e-4)
+
+
 def with_dropout(name, *a, dropout=0.1, **k):
     """icode.preset with every dropout and stochastic depth the paper preset has (attention, hidden and
     activation dropout in the encoders and the fusion network, Swin's drop path) at `dropout`; the tiny

@@ -32,6 +32,7 @@ def test_conv_bench_alternatives_compute_the_same():
     import importlib.util
 
     import torch
+    from common import assert_same_function
     spec = importlib.util.spec_from_file_location("conv_bench", os.path.join(ROOT, "docs", "conv_bench.py"))
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
@@ -46,11 +47,7 @@ def test_conv_bench_alternatives_compute_the_same():
     enc = bench.ConvFeatureEncoder((16,) * 7, (10, 3, 3, 3, 3, 2, 2), (5, 2, 2, 2, 2, 2, 2), True, "layer")
     cases.append((enc, lambda x: bench.feature_encoder_windows(enc, x), torch.randn(2, 4001, requires_grad=True)))
     for model_fn, alternative, x in cases:
-        y, ref = alternative(x), model_fn(x)
-        torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
-        g, params = torch.randn_like(y), [x] + list(model_fn.parameters())
-        for a, b in zip(torch.autograd.grad(y, params, g), torch.autograd.grad(ref, params, g)):
-            torch.testing.assert_close(a, b, atol=1e-4 * b.abs().max().item(), rtol=1e-4)
+        assert_same_function(alternative(x), model_fn(x), [x] + list(model_fn.parameters()))
 
 
 def test_kernel_sources_prints_the_slowest_kernels_own_files(tmp_path, capsys):
