@@ -67,6 +67,7 @@ def test_kernel_sources_prints_the_slowest_kernels_own_files(tmp_path, capsys):
     (cache / "ab" / "kernel.py").write_text(own)
     (cache / "cd" / "wrapper.py").write_text("import torch\n" * 50 + f"k = '''{own}'''\n"
                                              "def triton_poi_fused_gelu_3(in_ptr0):\n    pass\n")
+    (cache / "cd" / "other.py").write_text("def triton_poi_fused_gelu_31(in_ptr0):\n    pass\n")  # not _3
     prof = tmp_path / "icode_compile.jsonl"
     top = [[long[:120], 8.85, 1], ["fmha_cutlassB_bf16", 22.0, 36], ["triton_poi_fused_gelu_3", 3.9, 24],
            ["triton_red_fused_sum_9", 1.0, 2]]
