@@ -1172,11 +1172,16 @@ def profile_steps(step, n, cuda, sync, top=25):
 
 def encoder_breakdown(model, batch, autocast, sync):
     """Forward + backward time of each encoder alone (median of 4 after one warm-up), as the reference,
-    and of the speech encoder's convolutional feature encoder alone (part of "speech")."""
+    and of two parts of "speech": the convolutional feature encoder and the positional convolution (on
+    frames of the step's shape; eager, in the benchmark's process after its compiled steps, to set beside
+    that convolution's time inside the compiled step and in docs/conv_bench.py's fresh process)."""
+    frames = torch.randn(batch_size(batch), batch["audio_mask"].shape[1], model.speech.hidden_size,
+                         device=batch["audio"].device, requires_grad=True)
     runs = {"text": lambda: model.text(batch["text_ids"], batch["text_attention"])[0],
             "speech": lambda: model.speech(batch["audio"], batch["audio_attention"])[0],
             "vision": lambda: model.vision(batch["video"])[0],
-            "speech_conv_features": lambda: model.speech.feature_extractor(batch["audio"])}
+            "speech_conv_features": lambda: model.speech.feature_extractor(batch["audio"]),
+            "speech_pos_conv": lambda: model.speech.pos_conv(frames)}
     out = {}
     for name, fn in runs.items():
         ts = []

@@ -145,12 +145,7 @@ class PositionalConvEmbedding(nn.Module):
         return self.weight_v * (self.weight_g / self.weight_v.norm(dim=(0, 1), keepdim=True))
 
     def forward(self, x):                                     # [B, T, C] -> [B, T, C]
-        # A 2-D convolution on the channels-last view [B, C, 1, T] of x's [B, T, C] memory, as in the feature
-        # encoder: a conv1d's 3-D operands have no channels-last layout, so under torch.compile cuDNN got
-        # channels-first copies and ran 2.7x slower than eager on this view (docs/speed.md, thirteenth session).
-        w = self.conv_weight()[:, :, None, :].contiguous(memory_format=torch.channels_last)  # [C, C/groups, 1, k]
-        y = F.conv2d(x.transpose(1, 2)[:, :, None, :], w, self.bias, padding=(0, self.k // 2), groups=self.groups)
-        y = y.squeeze(2)                                      # [B, C, T'] (a view of [B, T', C] memory)
+        y = F.conv1d(x.transpose(1, 2), self.conv_weight(), self.bias, padding=self.k // 2, groups=self.groups)
         if self.k % 2 == 0:
             y = y[:, :, :-1]                                  # an even kernel with padding k//2 gives T+1 frames
         return F.gelu(y).transpose(1, 2)
@@ -185,17 +180,9 @@ class Attention(nn.Module):
                 self.rel_attn_embed = nn.Embedding(cfg.num_buckets, self.h)
 
     def compute_bias(self, t):
-        """[H, T, T]: bias[h, i, j] = embed[bucket(j - i), h] (key minus query position).
-
-        The embedding is looked up once per distance, v [H, 2T - 1], and laid out as a Toeplitz matrix by
-        padding and reshaping (Transformer-XL's relative shift), not once per (i, j): the same values, but the
-        backward then sums the [H, T, T] gradient along its diagonals (dense reductions) instead of
-        scattering T * T rows into the 320-row table by atomic adds (docs/speed.md, thirteenth session)."""
-        rel = torch.arange(1 - t, t, device=self.rel_attn_embed.weight.device)          # j - i, [2T - 1]
-        v = self.rel_attn_embed(relative_position_bucket(rel, self.num_buckets, self.max_distance)).t()
-        w = v[:, None, :].expand(-1, t, -1).reshape(self.h, -1)  # [H, T * (2T - 1)], row i of length 2T-1 = v
-        q = F.pad(w, (0, t)).view(self.h, t, 2 * t)[:, :, :t]  # flat 2T*i + j = row i, column i + j: v[h, i + j]
-        return q.flip(1)                                       # bias[h, i, j] = q[h, T-1-i, j] = v[h, T-1-i+j]
+        pos = torch.arange(t, device=self.rel_attn_embed.weight.device)
+        buckets = relative_position_bucket(pos[None, :] - pos[:, None], self.num_buckets, self.max_distance)
+        return self.rel_attn_embed(buckets).permute(2, 0, 1)  # [H, T, T] (key minus query position)
 
     def forward(self, x, pad_mask, position_bias):
         """x [B, T, C]; pad_mask [B, 1, 1, T] additive float or None; position_bias [H, T, T] or None."""

@@ -796,7 +796,9 @@ def test_benchmark_json_and_profile_add_up(capsys, monkeypatch):
     for k in ("samples_per_s", "step_s_median", "tflop_per_step", "peak_mem_GiB", "encoder_fwd_bwd_s"):
         assert k in out
     assert out["samples_per_s"] == pytest.approx(2 / out["step_s_median"], rel=1e-2)
-    assert out["tflop_per_step"] > 0 and {"text", "speech", "vision"} <= set(out["encoder_fwd_bwd_s"])
+    assert out["tflop_per_step"] > 0 and set(out["encoder_fwd_bwd_s"]) == {
+        "text", "speech", "vision", "speech_conv_features", "speech_pos_conv"}
+    assert all(v > 0 for v in out["encoder_fwd_bwd_s"].values())
     assert out["encoder_fwd_bwd_batch"] == 1     # the breakdown times one micro-batch of --batch, not the step's 2
     assert out["first_step_s"] >= out["step_s_min"] - 0.005  # the warm-up step (compilation, with --compile)
     # units: the FLOPs of one step (counted again here, the unmasked pass included), in TFLOP; achieved =
