@@ -24,15 +24,14 @@ def profile_top(path):
     raise ValueError(f"no profile line in {path}")
 
 
-NAME_CUT = 120   # train.profile_steps cuts kernel names to this many characters
-
-
 def defining_file(name, sources):
-    """The smallest of `sources` ({path: text}) that defines the function `name` (whose name starts with `name`
-    when the profile cut it)."""
-    head = f"def {name}" if len(name) >= NAME_CUT else f"def {name}("
-    hits = [p for p, text in sources.items() if head in text]
-    return min(hits, key=lambda p: len(sources[p])) if hits else None
+    """The smallest of `sources` ({path: text}) that defines the function `name`, else one whose name starts
+    with `name` (the profile cuts long names)."""
+    for head in (f"def {name}(", f"def {name}"):
+        hits = [p for p, text in sources.items() if head in text]
+        if hits:
+            return min(hits, key=lambda p: len(sources[p]))
+    return None
 
 
 def main(argv=None):
