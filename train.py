@@ -1138,11 +1138,37 @@ def op_table(prof, n, cuda, top):
     return sorted(rows, key=lambda r: -r[2])[:top]
 
 
+def callers(prof, names, n, cuda, depth=3, per_name=3):
+    """Who launched each of `names` (kernels on a GPU, ops on a CPU): {name[:120]: [[chain, ms, calls], ...]}
+    per step, the `per_name` chains with the most time. A chain is the launching op and up to `depth` - 1
+    of its enclosing ops, innermost first ("aten::sum < aten::convolution_backward < ## Call CompiledFxGraph
+    ..."; names cut at 60 characters). On a GPU the launching op is the CPU op the profiler links the kernel
+    to; on a CPU the chain starts at the op's parent. It attributes kernels that the kernel list names only
+    by their library function (at::native::reduce_kernel: a `sum` from which op?)."""
+    wanted, acc = set(names), collections.defaultdict(lambda: collections.defaultdict(lambda: [0.0, 0]))
+    for e in prof.events():
+        if cuda:
+            items = [(k.name, k.duration, e) for k in e.kernels if k.name in wanted]
+        else:
+            items = [(e.name, e.self_cpu_time_total, e.cpu_parent)] if e.name in wanted else []
+        for name, us, launcher in items:
+            chain = []
+            while launcher is not None and len(chain) < depth:
+                chain.append(launcher.name[:60])
+                launcher = launcher.cpu_parent
+            cell = acc[name][" < ".join(chain) or "(none)"]
+            cell[0] += us
+            cell[1] += 1
+    return {name[:120]: [[chain, per_step_ms(us, n), calls // n] for chain, (us, calls)
+                         in sorted(rows.items(), key=lambda kv: -kv[1][0])[:per_name]]
+            for name, rows in acc.items()}
+
+
 def profile_steps(step, n, cuda, sync, top=25):
     """Run `step` n times under torch.profiler. Returns per step: wall time, device-busy time (the sum of
-    kernel times; on a CPU the ops' self times), that time by kernel kind, the `top` kernels and the `top`
-    aten ops by input shapes (`op_table`). Recording shapes slows the CPU side: read wall_ms and
-    busy_share as an upper and a lower bound."""
+    kernel times; on a CPU the ops' self times), that time by kernel kind, the `top` kernels, the ops that
+    launched them (`callers`) and the `top` aten ops by input shapes (`op_table`). Recording shapes slows
+    the CPU side: read wall_ms and busy_share as an upper and a lower bound."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []),
@@ -1167,6 +1193,7 @@ def profile_steps(step, n, cuda, sync, top=25):
             "busy_share": round(busy / 1e6 / n / wall, 3),
             "by_kind_ms": {k: ms(v) for k, v in kinds.most_common()},
             "top": [[name[:120], ms(us), calls // n] for name, (us, calls) in ranked],
+            "callers": callers(prof, [name for name, _ in ranked], n, cuda),
             "top_ops": op_table(prof, n, cuda, top)}
 
 

@@ -810,9 +810,29 @@ def test_benchmark_json_and_profile_add_up(capsys, monkeypatch):
     prof = lines[1]["profile"]
     assert sum(prof["by_kind_ms"].values()) == pytest.approx(prof["busy_ms"], abs=0.05 * len(prof["by_kind_ms"]))
     assert 0 < prof["busy_ms"] and prof["top"][0][1] <= prof["busy_ms"]
+    assert set(prof["callers"]) == {name for name, _, _ in prof["top"]}  # who launched each (on a CPU: ops)
+    assert all(sum(ms for _, ms, _ in prof["callers"][name]) <= t + 0.03 for name, t, _ in prof["top"])
     ops = prof["top_ops"]
     assert ops and all(r[2] <= prof["busy_ms"] for r in ops) and [r[2] for r in ops] == sorted((r[2] for r in ops), reverse=True)
     assert any(r[0] in ("aten::addmm", "aten::mm") and r[4] is not None for r in ops)  # matrix products, with their rate
+
+
+def test_callers_file_each_op_under_the_ops_around_it():
+    """`callers` (the profile's answer to "which op launched this kernel?", here on CPU ops): each addmm under
+    the chain of ops around it, with its calls and its time per step, the chains adding up to the op's own time."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+    x, w, b = torch.randn(512, 512), torch.randn(512, 512), torch.randn(512)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(2):                      # two "steps"
+            with record_function("outer"):
+                torch.nn.functional.linear(x, w, b)
+                torch.nn.functional.linear(x, w, b)
+            torch.addmm(b, x, w.t())
+    rows = train.callers(prof, ["aten::addmm"], 2, cuda=False)["aten::addmm"]
+    assert {chain: calls for chain, _, calls in rows} == {"aten::linear < outer": 2, "(none)": 1}
+    own_ms = next(e.self_cpu_time_total for e in prof.key_averages() if e.key == "aten::addmm") / 2 / 1e3
+    assert sum(ms for _, ms, _ in rows) == pytest.approx(own_ms, abs=0.02)
+    assert rows[0][0] == "aten::linear < outer"  # the most time first: two calls against one
 
 
 def test_matmul_flop_from_recorded_shapes():
