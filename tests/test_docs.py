@@ -79,3 +79,34 @@ def test_kernel_sources_prints_the_slowest_kernels_own_files(tmp_path, capsys):
     assert "fmha" not in out and "triton_red_fused_sum_9" not in out      # not Triton; past --top 2
     ks.main([str(prof), str(cache), "--top", "3"])
     assert "# triton_red_fused_sum_9: 1.0 ms a step, 2 calls a step\n# (not found in " in capsys.readouterr().out
+
+
+def test_bias_grad_schedule_stands_in_for_the_gpu_attention_and_reads_the_backward():
+    """docs/bias_grad_schedule.py: its stand-in for CUDA's memory-efficient attention computes SDPA's values and
+    gradients, the bias's included, with the bias padded as ATen pads it (a length not a multiple of 8); and the
+    script finds, in the compiled backward of a 2-layer WavLM, each layer's attention backward call, where its
+    bias came from, and the kernels that read its bias gradient (run in a subprocess: it swaps
+    model/wavlm.py's attention)."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    import torch
+    import torch.nn.functional as F
+    from common import assert_same_function
+    spec = importlib.util.spec_from_file_location("bias_grad_schedule", os.path.join(ROOT, "docs", "bias_grad_schedule.py"))
+    bgs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bgs)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 13, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    bias = torch.randn(2, 3, 13, 13, dtype=torch.float64, requires_grad=True)
+    assert_same_function(bgs.sdpa(q, k, v, bias), F.scaled_dot_product_attention(q, k, v, attn_mask=bias),
+                         [q, k, v, bias])
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "docs", "bias_grad_schedule.py"), "--layers", "2",
+                          "--seconds", "0.5"], capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    calls = re.findall(r"attention backward of layer (\d): its bias \w+ (saved by the forward|rebuilt in the backward)",
+                       run.stdout)
+    assert [layer for layer, _ in calls] == ["1", "0"], run.stdout          # the backward runs last layer first
+    read = [set(map(int, m.split(", "))) for m in re.findall(r"reads the bias gradients of layers \[([\d, ]+)\]", run.stdout)]
+    assert set().union(*read) == {0, 1}, run.stdout   # every layer's bias gradient is read by some kernel
