@@ -238,6 +238,32 @@ def build_optimizer(model, lr_fusion, lr_encoders, weight_decay, fused=None):
     return torch.optim.AdamW(param_groups, betas=(0.9, 0.98), eps=1e-6, fused=fused)
 
 
+def clip_and_step(opt, params, norm, max_norm):
+    """The optimiser step on gradients clipped to global L2 norm `max_norm`, given their norm before clipping,
+    `norm` (torch.nn.utils.get_total_norm): clip_grad_norm_'s scaling by min(1, max_norm / (norm + 1e-6)).
+
+    A fused AdamW (the GPU's, build_optimizer) takes the scaling into its own kernel: it divides every gradient
+    by the optimiser's `grad_scale` as it reads it (the hook torch.amp.GradScaler unscales through), which
+    saves clip_grad_norm_'s separate multiplication, a pass reading and writing every gradient (2.2 ms of the
+    paper-preset step on an H100, docs/speed.md). Otherwise: clip_grad_norm_'s own multiplication, then the step.
+    """
+    params = [p for p in params if p.grad is not None]
+    if all(g.get("fused") for g in opt.param_groups):
+        opt.grad_scale = ((norm + 1e-6) / max_norm).clamp(min=1.0).float()  # divide by max(1, norm / max_norm)
+        try:
+            opt.step()
+        finally:
+            del opt.grad_scale
+    else:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+        opt.step()
+
+
+def grad_norm(params):
+    """Global L2 norm of the gradients of `params` (those that have one), as clip_grad_norm_ computes it."""
+    return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+
+
 def lr_factor(step, warmup, total, decay="cosine"):
     """Linear warm-up over `warmup` steps (section 4.2.2: 20000), then cosine (or linear) decay to 0."""
     if step < warmup:
@@ -799,13 +825,12 @@ def main(argv=None):
             terms = train_step(objective, ddp, mbs, d, autocast, weights)
             total, _ = pretraining_loss(**{k: v for k, v in terms.items()}, **weights)
             finite = torch.isfinite(total).item()
-            gnorm = (torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip) if finite
-                     else torch.tensor(float("nan")))
+            gnorm = grad_norm(model.parameters()) if finite else torch.tensor(float("nan"))
             # A finite loss can still have an inf / NaN gradient (an overflow in the backward): AdamW would write
             # it into every weight. The norm is the same on every rank (DDP averaged the gradients).
             finite = finite and torch.isfinite(gnorm).item()
             if finite:
-                opt.step()
+                clip_and_step(opt, model.parameters(), gnorm, args.clip)
                 model.logit_scales.clamp_()       # CLIP: logit scale at most ln(100)
                 bad_in_row = 0
             else:
@@ -1015,8 +1040,7 @@ def benchmark(args, d):
 
     def step():
         terms = train_step(objective, runner, mbs, d, autocast, weights)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
-        opt.step()
+        clip_and_step(opt, model.parameters(), grad_norm(model.parameters()), args.clip)
         model.logit_scales.clamp_()
         opt.zero_grad(set_to_none=True)
         return terms

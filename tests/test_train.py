@@ -643,19 +643,44 @@ def _overflow_gradients(monkeypatch, on_calls=None):
     return models
 
 
+@pytest.mark.parametrize("scale", [0.01, 10.0])   # gradient norm ~0.3 and ~300: below and above max_norm 1
+def test_clip_and_step_is_clip_grad_norm_then_step(scale):
+    """clip_and_step with a fused AdamW (clipping inside the optimiser's kernel, through grad_scale) and with an
+    unfused one (clip_grad_norm_'s multiplication) takes the step of clip_grad_norm_ + step: the same parameters
+    and moments over three steps (to float32 rounding fused, exactly unfused), and leaves no grad_scale behind."""
+    def run(fused, ours):
+        torch.manual_seed(0)
+        ps = [torch.nn.Parameter(torch.randn(300)), torch.nn.Parameter(torch.randn(20, 30))]
+        opt = torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.05, fused=fused)
+        for _ in range(3):
+            for p in ps:
+                p.grad = torch.randn_like(p) * scale
+            if ours:
+                train.clip_and_step(opt, ps, train.grad_norm(ps), 1.0)
+            else:
+                torch.nn.utils.clip_grad_norm_(ps, 1.0)
+                opt.step()
+        assert not hasattr(opt, "grad_scale")
+        return [t for p in ps for t in (p, opt.state[p]["exp_avg"], opt.state[p]["exp_avg_sq"])]
+    for fused, tol in ((True, 1e-6), (False, 0.0)):
+        for a, b in zip(run(fused, ours=True), run(fused, ours=False)):
+            torch.testing.assert_close(a, b, atol=tol, rtol=tol)
+    # the moments hold the clipped gradients: a step that ignored grad_scale would give 1 / scale times larger ones
+
+
 def test_the_loop_applies_schedule_clipping_and_skips(toy_small, tmp_path, monkeypatch):
     """What main does around train_step, step by step: the LR of step k is base * lr_factor(k - 1) with the
     chosen decay; gradients are clipped to --clip; an inf gradient on steps 2 and 4 skips those steps only
     (never two in a row, so --max-bad-steps 2 never stops the run); a checkpoint of one process cannot be
     resumed by two."""
-    real_clip, clips = torch.nn.utils.clip_grad_norm_, []
+    real_clip, clips = train.clip_and_step, []
     _overflow_gradients(monkeypatch, on_calls=(2, 4))
-    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda ps, max_norm: clips.append(max_norm) or
-                        real_clip(ps, max_norm))
+    monkeypatch.setattr(train, "clip_and_step", lambda opt, ps, norm, max_norm: clips.append(max_norm) or
+                        real_clip(opt, ps, norm, max_norm))
     out = tmp_path / "loop"
     res = _run(toy_small, out, "--steps", "6", "--warmup", "2", "--decay", "linear", "--clip", "0.5",
                "--max-bad-steps", "2", "--log-every", "1", "--lr-fusion", "1e-3", "--save-every", "6")
-    assert res["step"] == 6 and clips == [0.5] * 6
+    assert res["step"] == 6 and clips == [0.5] * 4    # the two skipped steps neither clip nor step
     recs = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert [r["step"] for r in recs] == list(range(1, 7))
     assert [math.isfinite(r["grad_norm"]) for r in recs] == [True, False, True, False, True, True]
@@ -781,11 +806,12 @@ def test_benchmark_json_and_profile_add_up(capsys, monkeypatch):
     the step runs --accum micro-batches of --batch with the run's LRs, weight decay and clip."""
     import json
     seen = {"micro": [], "opt": [], "clip": []}
-    real_step, real_opt, real_clip = train.train_step, train.build_optimizer, torch.nn.utils.clip_grad_norm_
+    real_step, real_opt, real_clip = train.train_step, train.build_optimizer, train.clip_and_step
     monkeypatch.setattr(train, "train_step", lambda obj, runner, mbs, *a: seen["micro"].append(
         [train.batch_size(mb) for mb in mbs]) or real_step(obj, runner, mbs, *a))
     monkeypatch.setattr(train, "build_optimizer", lambda model, *a: seen["opt"].append(a) or real_opt(model, *a))
-    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda ps, c: seen["clip"].append(c) or real_clip(ps, c))
+    monkeypatch.setattr(train, "clip_and_step", lambda opt, ps, norm, c: seen["clip"].append(c) or
+                        real_clip(opt, ps, norm, c))
     out = train.main(["--benchmark", "--preset", "tiny", "--batch", "1", "--accum", "2", "--bench-steps", "3",
                       "--profile", "1", "--device", "cpu", "--lr-fusion", "1e-4", "--lr-encoders", "2e-5",
                       "--weight-decay", "0.05", "--clip", "0.5"])
