@@ -1,0 +1,113 @@
+"""WavLM's gated position bias through 24 layers of attention, compiled, forward + backward: the model's way
+against a per-layer batched product for the position bias's gradient. A GPU measurement to make when a device
+session has a few minutes left after docs/speed_run.sh (~1-2 minutes, most of it compiling).
+
+The model (`model/wavlm.py`, `Attention.forward`) builds each layer's bias as `addcmul(pad, gate, P)`: the
+`[B, H, T, 1]` gate times the `[H, T, T]` position bias P that all layers share. Under torch.compile the
+gradient of P is one kernel over all layers' bias gradients after the last attention backward (8.85 ms a
+step on an H100, ~0.3 TB/s; docs/speed.md, `docs/bias_grad_schedule.py`). `GatedBias` computes the same
+bias and gradients, but reduces P's gradient in its own backward, layer by layer, as one batched matrix
+product `[H*T, 1, B] @ [H*T, B, T]` (each layer's bias gradient read once, through a strided view), which
+Inductor hands to cuBLAS and cannot merge across layers.
+
+    python docs/bias_grad_bench.py            # GPU: paper shapes (24 layers, batch 24, 16 heads, 389 frames)
+    python docs/bias_grad_bench.py --small    # CPU check: 2 layers, batch 2, float32
+
+Prints one JSON line per variant: compile and forward + backward times, and the gradients' largest
+difference from the model's way (the same function: bf16 rounding apart).
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from model.wavlm import relative_position_bucket  # noqa: E402
+
+
+class GatedBias(torch.autograd.Function):
+    """pad + gate * P, gate [B, H, T, 1], P [H, T, T], pad [B, 1, 1, T] -> [B, H, T, T]; the gradient of P
+    as one batched product per call: dP[h, i, :] = sum_b gate[b, h, i] dBias[b, h, i, :]."""
+
+    @staticmethod
+    def forward(ctx, pad, gate, pos):
+        ctx.save_for_backward(gate, pos)
+        return torch.addcmul(pad, gate, pos)
+
+    @staticmethod
+    def backward(ctx, grad):
+        gate, pos = ctx.saved_tensors
+        B, H, T, _ = grad.shape
+        d_gate = (grad * pos).sum(-1, keepdim=True)                           # [B, H, T, 1]
+        g = gate.squeeze(-1).permute(1, 2, 0).reshape(H * T, 1, B)            # [H*T, 1, B]
+        d_pos = torch.bmm(g, grad.permute(1, 2, 0, 3).reshape(H * T, B, T))   # a strided view: no copy
+        return None, d_gate, d_pos.view(H, T, T)
+
+
+def run(args):
+    cuda = torch.cuda.is_available() and not args.small
+    dev = torch.device("cuda" if cuda else "cpu")
+    dt = torch.bfloat16 if cuda else torch.float32
+    L, B, H, T, d = (24, 24, 16, 389, 64) if not args.small else (2, 2, 4, 37, 16)
+    torch.manual_seed(0)
+    table = torch.nn.Embedding(320, H).to(dev)
+    pos_idx = torch.arange(T, device=dev)
+    buckets = relative_position_bucket(pos_idx[None, :] - pos_idx[:, None], 320, 800)
+    qkv = [[torch.randn(B, H, T, d, device=dev, dtype=dt, requires_grad=True) for _ in range(3)] for _ in range(L)]
+    gates = [(torch.rand(B, H, T, 1, device=dev) + 0.5).requires_grad_(True) for _ in range(L)]
+    ups = [torch.randn(B, H, T, d, device=dev, dtype=dt) for _ in range(L)]
+    pad = torch.zeros(B, 1, 1, T, device=dev, dtype=dt)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+
+    def loss(gated):
+        pos = table(buckets).permute(2, 0, 1).to(dt)                         # [H, T, T], shared
+        total = 0.0
+        for (q, k, v), gate, up in zip(qkv, gates, ups):
+            bias = gated(pad, gate.to(dt), pos)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+            total = total + (y.float() * up.float()).sum()
+        return total
+
+    variants = {"model_addcmul": torch.addcmul, "per_layer_bmm": GatedBias.apply}
+    grads = {}
+    for name, gated in variants.items():
+        f = torch.compile(lambda: loss(gated))
+        params = [table.weight] + gates
+
+        def step():
+            for p in params:
+                p.grad = None
+            f().backward()
+
+        t0 = time.perf_counter()
+        step()
+        sync()
+        compile_s = time.perf_counter() - t0
+        for _ in range(2):
+            step()
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(args.iters):
+            step()
+        sync()
+        ms = (time.perf_counter() - t0) / args.iters * 1e3
+        grads[name] = [p.grad.float().clone() for p in params]
+        diff = max((a - b).abs().max().item() / max(b.abs().max().item(), 1e-30)
+                   for a, b in zip(grads[name], grads["model_addcmul"]))
+        print(json.dumps({"part": "wavlm_gated_bias_fwd_bwd", "variant": name, "device": str(dev) if not cuda
+                          else torch.cuda.get_device_name(), "layers": L, "batch": B, "frames": T,
+                          "compile_s": round(compile_s, 1), "fwd_bwd_ms": round(ms, 3),
+                          "grad_max_rel_diff_vs_model": round(diff, 6)}), flush=True)
+        torch._dynamo.reset()
+    return grads
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--small", action="store_true", help="a CPU check at toy sizes, float32")
+    ap.add_argument("--iters", type=int, default=10)
+    run(ap.parse_args())
