@@ -351,7 +351,7 @@ def split_batch(batch, n):
     return [batch_rows(batch, i * b, (i + 1) * b) for i in range(n)]
 
 
-def common_batch(batch, accum, d):
+def common_batch(batch, accum, d, manifests=None):
     """The part of this rank's batch that every rank can train on together, or None: skip the step.
 
     A rank's batch falls short of --batch x --accum when more of its rows are bad than it has spares, and
@@ -362,13 +362,17 @@ def common_batch(batch, accum, d):
 
     A rank whose loader stopped on too many bad rows brings {"stop": its message} instead of a batch, and the
     same all-reduce carries that (as -1 - rank) to the others: every rank raises D.TooManyBadExamples
-    together, so that train.main saves a checkpoint on all of them rather than one rank exiting alone."""
+    together, so that train.main saves a checkpoint on all of them rather than one rank exiting alone. The
+    others' message names the source the step draws from (all ranks draw from the same one) and, given
+    `manifests` ({source name: manifest path}), its manifest."""
     n = -1 - d.rank if "stop" in batch else 0 if batch.get("empty") else batch_size(batch)
     n_all = int(all_reduce_(torch.tensor([n], device=d.device), dist.ReduceOp.MIN).item())
     if n_all < 0:
+        src = batch.get("source")
+        where = f"{manifests[src]}; " if src in (manifests or {}) else ""
         raise D.TooManyBadExamples(batch.get("stop") or f"rank {-1 - n_all} stopped on too many bad rows of "
-                                                        f"source {batch.get('source')} (its message names the "
-                                                        f"manifest).")
+                                                        f"source {src} ({where}that rank's message has the "
+                                                        f"counts and reasons).")
     n_all -= n_all % accum
     if n_all == 0:
         return None
@@ -798,7 +802,7 @@ def main(argv=None):
                 batch = {"stop": str(e)}
             first_batch = first_batch or (batch if args.overfit_batch and not batch.get("empty") else None)
             try:
-                batch = common_batch(batch, args.accum, d)
+                batch = common_batch(batch, args.accum, d, {ds.name: ds.path for ds in loader.datasets})
             except D.TooManyBadExamples as e:  # save what was trained, then stop (the data needs fixing)
                 loader.load_state_dict(rewind)     # the other ranks took this step's batch already: put it back
                 if step > saved_at:

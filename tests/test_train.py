@@ -588,6 +588,7 @@ def test_two_ranks_stop_on_bad_rows_together_and_resume_in_step(toy_small, tmp_p
     msgs = run("--steps", "40")
     k = len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
     assert k >= 2 and "pairs.jsonl: " in msgs[0] and msgs[1].startswith("rank 0 stopped on too many bad rows")
+    assert f"({manifest}; that rank's message" in msgs[1], msgs[1]      # the other rank names the manifest too
     assert all(m.endswith(f"Checkpoint saved at step {k}; repair or replace those rows (same line count), "
                           f"then --resume") for m in msgs), msgs
     ckpt = tmp_path / "run" / f"ckpt_{k:07d}"
@@ -900,7 +901,7 @@ def _common_batch_worker(rank, world, init_file, sizes, accum, out_dir):
     batch = ({"stop": f"rank {rank}'s source"} if n == "stop" else {"empty": True, "source": "s"} if n == 0 else
              {"text_ids": torch.arange(n)[:, None], "index": list(range(n)), "source": "s"})
     try:
-        out = train.common_batch(batch, accum, Dist(rank, rank, world))
+        out = train.common_batch(batch, accum, Dist(rank, rank, world), {"s": "/data/s.jsonl"})
     except D.TooManyBadExamples as e:
         with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
             f.write(str(e))
@@ -935,7 +936,7 @@ def test_a_rank_stopped_by_bad_rows_stops_every_rank(sizes):
         msgs = [open(os.path.join(d, f"rank{r}.txt")).read() for r in range(2)]
     last = max(r for r in range(2) if sizes[r] == "stop")
     assert msgs == [f"rank {r}'s source" if sizes[r] == "stop" else f"rank {last} stopped on too many bad rows "
-                    "of source s (its message names the manifest)." for r in range(2)]
+                    "of source s (/data/s.jsonl; that rank's message has the counts and reasons)." for r in range(2)]
     with pytest.raises(D.TooManyBadExamples, match="^one$"):
         train.common_batch({"stop": "one"}, 1, Dist())
 
