@@ -8,8 +8,9 @@ dbias, the bias padded to a multiple of 8 as ATen's `preprocess_mask` pads it), 
 (forward + backward, bf16 autocast) and prints, in the order of the compiled backward, the attention
 backward calls and the fused kernels that read their bias gradients (the fourth output, `bufN[3]`), with
 the buffers they read, and whether each backward call's bias was saved by the forward or is rebuilt in the
-backward. The graph capture, the partitioner and the scheduler's fusion decisions are the
-GPU's; the code generator is not, so the kernels' names and groupings carry over, their speed does not.
+backward. The graph capture and the partitioner (what the forward saves) are the GPU's; the scheduler's
+fusion rules mostly are (the CPU's code generator fuses some things Triton does not, e.g. a small reduction
+into the element-wise kernel after it), so read the groupings as the GPU's likely ones; speed does not carry.
 
     python docs/bias_grad_schedule.py               # 3 layers of width 64, 0.75 s of audio: ~1 minute
     python docs/bias_grad_schedule.py --per-layer   # every layer looks the bias up itself (a variant)
@@ -124,6 +125,7 @@ def main():
                 print(f"  {kernel.group(1)[:100]}...\n    reads the bias gradients of layers {read}")
     if not grads:
         raise SystemExit("no attention backward call found in the compiled backward: the script is out of date")
+
 
 if __name__ == "__main__":
     main()
