@@ -12,8 +12,9 @@
 # SMOKE=1 runs the reference and icode steps at toy size (batch 2, tiny preset), conv_bench at the paper's
 # shapes with batch 1, the decode bench as always, and no nvidia-smi: a check on a CPU.
 # About 8.5 minutes on an H200 and 9 on an H100 (2026-11-27: reference 49 s, conv_bench 14 s, the compiled
-# step 456 s, 411 of them compiling); each part has its own time limit, so one that fails or hangs still
-# leaves the others' lines in OUT_DIR.
+# step 456 s, 411 of them compiling; decode 7 s); each part has its own time limit, so one that fails or
+# hangs still leaves the others' lines in OUT_DIR, and the compiled step gets the most (540 s): in a job cut
+# at 10 minutes, what it printed is already in OUT_DIR.
 set -u
 out=${1:?usage: bash docs/speed_run.sh OUT_DIR [reference_step.py]}
 ref=${2:-../shared/bench/reference_step.py}
@@ -35,7 +36,7 @@ part() {  # part NAME SECONDS COMMAND...: run with a limit, keep stderr, print a
     local name=$1 limit=$2; shift 2
     echo "== $name"
     local t0=$SECONDS
-    timeout "$limit" "$@" 2>"$out/$name.log" | grep '^{' | tee "$out/$name.jsonl"
+    timeout "$limit" "$@" 2>"$out/$name.log" | grep --line-buffered '^{' | tee "$out/$name.jsonl"
     echo "   ($name: $((SECONDS - t0)) s, exit ${PIPESTATUS[0]}; stderr tail:)"
     tail -n 3 "$out/$name.log" | cut -c1-300
 }
@@ -44,10 +45,10 @@ part reference 120 python "$ref" $size --breakdown
 if [ "${CONVS:-0}" = 1 ] || [ "${SMOKE:-0}" = 1 ]; then
     part conv_bench 60 python docs/conv_bench.py $convs
 fi
-part icode_compile 520 python train.py --benchmark $preset --compile --profile 2
+part icode_compile 540 python train.py --benchmark $preset --compile --profile 2
 # The generated source of the profile's slowest Triton kernels, to read once the job has ended.
 if [ -s "$out/icode_compile.jsonl" ] && [ -d "$TORCHINDUCTOR_CACHE_DIR" ]; then
-    timeout 60 python docs/kernel_sources.py "$out/icode_compile.jsonl" "$TORCHINDUCTOR_CACHE_DIR" --top 8 \
+    timeout 30 python docs/kernel_sources.py "$out/icode_compile.jsonl" "$TORCHINDUCTOR_CACHE_DIR" --top 8 \
         >"$out/kernels.txt" 2>&1
     echo "== kernels: $(grep -c '^# triton_' "$out/kernels.txt") kernel sources in kernels.txt"
 fi
@@ -57,4 +58,4 @@ if [ "${EAGER:-0}" = 1 ] || { [ ! -s "$out/icode_compile.jsonl" ] && [ "$SECONDS
     part icode_eager 180 python train.py --benchmark $preset --profile 2
 fi
 echo "== decode"
-timeout 120 python data.py bench --clip360p -n 32 2>&1 | tail -n 4 | tee "$out/decode.txt"
+timeout 60 python data.py bench --clip360p -n 32 2>&1 | tail -n 4 | tee "$out/decode.txt"
