@@ -247,7 +247,6 @@ def clip_and_step(opt, params, norm, max_norm):
     saves clip_grad_norm_'s separate multiplication, a pass reading and writing every gradient (2.2 ms of the
     paper-preset step on an H100, docs/speed.md). Otherwise: clip_grad_norm_'s own multiplication, then the step.
     """
-    params = [p for p in params if p.grad is not None]
     if all(g.get("fused") for g in opt.param_groups):
         opt.grad_scale = ((norm + 1e-6) / max_norm).clamp(min=1.0).float()  # divide by max(1, norm / max_norm)
         try:
@@ -760,6 +759,7 @@ def main(argv=None):
     loader = D.make_loader(manifests, args.data_weights or [1.0] * len(manifests), dcfg, tokenizer,
                            batch_size=args.batch * args.accum, rank=d.rank, world_size=d.world, seed=args.seed,
                            num_workers=workers, log=log)
+    manifest_of = {ds.name: ds.path for ds in loader.datasets}   # for common_batch's message on a stop
     weights = dict(alpha=args.alpha, beta=args.beta, gamma=args.gamma, lam=args.lam)
     objective = PretrainObjective(model, weights, args.unmasked_contrastive)
     opt = build_optimizer(model, args.lr_fusion, args.lr_encoders, args.weight_decay)
@@ -802,7 +802,7 @@ def main(argv=None):
                 batch = {"stop": str(e)}
             first_batch = first_batch or (batch if args.overfit_batch and not batch.get("empty") else None)
             try:
-                batch = common_batch(batch, args.accum, d, {ds.name: ds.path for ds in loader.datasets})
+                batch = common_batch(batch, args.accum, d, manifest_of)
             except D.TooManyBadExamples as e:  # save what was trained, then stop (the data needs fixing)
                 loader.load_state_dict(rewind)     # the other ranks took this step's batch already: put it back
                 if step > saved_at:

@@ -2,13 +2,32 @@
 project's own argparse options (a quoted "--flag" in its Python files, docs/ scripts included) or an option
 of a tool the docs call (torchrun, SLURM, the off-the-shelf reference script, pip)."""
 import glob
+import importlib.util
 import os
 import re
+import subprocess
+import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OTHER_TOOLS = {  # torchrun, #SBATCH, ../shared/bench/reference_step.py, pip
     "--nproc_per_node", "--nnodes", "--node_rank", "--rdzv_backend", "--rdzv_endpoint", "--rdzv_id",
     "--nodes", "--ntasks-per-node", "--gpus-per-node", "--cpus-per-task", "--size", "--breakdown", "--no-deps"}
+
+
+def docs_module(name):
+    """docs/<name>.py imported as a module (the docs scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "docs", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_docs_script(name, *args):
+    """Run docs/<name>.py in its own process (the scripts that compile or patch modules); its stdout."""
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "docs", f"{name}.py"), *args], capture_output=True,
+                         text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run.stdout
 
 
 def test_documented_options_exist():
@@ -29,13 +48,9 @@ def test_conv_bench_alternatives_compute_the_same():
     give the model's values and gradients: the FFT positional convolution (to the input, weight_g, weight_v,
     bias; an even kernel with HF's last-frame drop, an odd one, one longer than the sequence) and the
     feature encoder as matrix products over windows (an odd length: the stride-2 layers drop a frame)."""
-    import importlib.util
-
     import torch
     from common import assert_same_function
-    spec = importlib.util.spec_from_file_location("conv_bench", os.path.join(ROOT, "docs", "conv_bench.py"))
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = docs_module("conv_bench")
     torch.manual_seed(0)
     cases = []
     for k in (4, 127, 128):
@@ -54,11 +69,8 @@ def test_kernel_sources_prints_the_slowest_kernels_own_files(tmp_path, capsys):
     """docs/kernel_sources.py: for the profile's slowest Triton kernels, in order and only those, the smallest
     cached file defining each (the kernel's own file, not the wrapper that embeds every kernel's source),
     matched by the profile's name cut to 120 characters; a kernel with no file says so."""
-    import importlib.util
     import json
-    spec = importlib.util.spec_from_file_location("kernel_sources", os.path.join(ROOT, "docs", "kernel_sources.py"))
-    ks = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ks)
+    ks = docs_module("kernel_sources")
     long = "triton_per_fused_" + "_".join(["add_mul_embedding_dense_backward"] * 6)   # > 120 characters
     cache = tmp_path / "cache"
     (cache / "ab").mkdir(parents=True)
@@ -87,29 +99,20 @@ def test_bias_grad_schedule_stands_in_for_the_gpu_attention_and_reads_the_backwa
     script finds, in the compiled backward of a 2-layer WavLM, each layer's attention backward call, where its
     bias came from, and the kernels that read its bias gradient (run in a subprocess: it swaps
     model/wavlm.py's attention)."""
-    import importlib.util
-    import subprocess
-    import sys
-
     import torch
     import torch.nn.functional as F
     from common import assert_same_function
-    spec = importlib.util.spec_from_file_location("bias_grad_schedule", os.path.join(ROOT, "docs", "bias_grad_schedule.py"))
-    bgs = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bgs)
+    bgs = docs_module("bias_grad_schedule")
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 3, 13, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
     bias = torch.randn(2, 3, 13, 13, dtype=torch.float64, requires_grad=True)
     assert_same_function(bgs.sdpa(q, k, v, bias), F.scaled_dot_product_attention(q, k, v, attn_mask=bias),
                          [q, k, v, bias])
-    run = subprocess.run([sys.executable, os.path.join(ROOT, "docs", "bias_grad_schedule.py"), "--layers", "2",
-                          "--seconds", "0.5"], capture_output=True, text=True, timeout=900)
-    assert run.returncode == 0, run.stderr[-3000:]
-    calls = re.findall(r"attention backward of layer (\d): its bias \w+ (saved by the forward|rebuilt in the backward)",
-                       run.stdout)
-    assert [layer for layer, _ in calls] == ["1", "0"], run.stdout          # the backward runs last layer first
-    read = [set(map(int, m.split(", "))) for m in re.findall(r"reads the bias gradients of layers \[([\d, ]+)\]", run.stdout)]
-    assert set().union(*read) == {0, 1}, run.stdout   # every layer's bias gradient is read by some kernel
+    out = run_docs_script("bias_grad_schedule", "--layers", "2", "--seconds", "0.5")
+    calls = re.findall(r"attention backward of layer (\d): its bias \w+ (saved by the forward|rebuilt in the backward)", out)
+    assert [layer for layer, _ in calls] == ["1", "0"], out          # the backward runs last layer first
+    read = [set(map(int, m.split(", "))) for m in re.findall(r"reads the bias gradients of layers \[([\d, ]+)\]", out)]
+    assert set().union(*read) == {0, 1}, out   # every layer's bias gradient is read by some kernel
 
 
 def test_bias_grad_bench_gated_bias_is_addcmul_with_its_gradients():
@@ -117,15 +120,10 @@ def test_bias_grad_bench_gated_bias_is_addcmul_with_its_gradients():
     gradient as one batched product): float64 gradcheck, and the same gradients as addcmul's for an upstream
     gradient with padded rows (the memory-efficient attention backward's layout); the script's CPU check runs
     both variants compiled and reports the same gradients (in a subprocess: it compiles and resets Dynamo)."""
-    import importlib.util
     import json
-    import subprocess
-    import sys
 
     import torch
-    spec = importlib.util.spec_from_file_location("bias_grad_bench", os.path.join(ROOT, "docs", "bias_grad_bench.py"))
-    bgb = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bgb)
+    bgb = docs_module("bias_grad_bench")
     torch.manual_seed(0)
     B, H, T = 3, 2, 7
     pad = torch.randn(B, 1, 1, T, dtype=torch.float64)
@@ -137,9 +135,7 @@ def test_bias_grad_bench_gated_bias_is_addcmul_with_its_gradients():
     ref = torch.autograd.grad(torch.addcmul(pad, gate, pos), (gate, pos), up)
     for a, b in zip(ours, ref):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
-    run = subprocess.run([sys.executable, os.path.join(ROOT, "docs", "bias_grad_bench.py"), "--small", "--iters", "1"],
-                         capture_output=True, text=True, timeout=900)
-    assert run.returncode == 0, run.stderr[-3000:]
-    lines = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+    lines = [json.loads(line) for line in run_docs_script("bias_grad_bench", "--small", "--iters", "1").splitlines()
+             if line.startswith("{")]
     assert [r["variant"] for r in lines] == ["model_addcmul", "per_layer_bmm"]
     assert lines[1]["grad_max_rel_diff_vs_model"] < 1e-5 and all(r["fwd_bwd_ms"] > 0 for r in lines)
