@@ -1113,19 +1113,54 @@ def kernel_kind(name):
     return next((kind for kind, pat in KERNEL_KINDS if re.search(pat, name, re.IGNORECASE)), "element-wise / other")
 
 
-def device_time_by_kernel(events, device_type):
-    """{kernel name: [microseconds, calls]} over the profiler's device-side events. Those are kernels, copies
-    and memsets, and also the device spans of record_function ranges (Optimizer.step, Inductor's
-    "## Call CompiledFxGraph ..."), which cover other kernels and would count them twice: left out."""
+def device_work(events, device_type):
+    """The profiler's device-side work: kernels, copies and memsets. The device side also holds the spans of
+    record_function ranges (Optimizer.step, Inductor's "## Call CompiledFxGraph ..."), which cover other
+    kernels and would count them twice: left out."""
     device = [e for e in events if e.device_type == device_type
               and not getattr(e, "is_user_annotation", False) and not e.name.startswith("## ")]
     work = [e for e in device if getattr(e, "activity_type", None) in ("kernel", "gpu_memcpy", "gpu_memset")]
+    return work or device      # torch versions without activity_type: the annotation filter alone
+
+
+def device_time_by_kernel(events, device_type):
+    """{kernel name: [microseconds, calls]} over the profiler's device-side work."""
     totals = {}
-    for e in work or device:   # torch versions without activity_type: the annotation filter alone
+    for e in device_work(events, device_type):
         acc = totals.setdefault(e.name, [0.0, 0])
         acc[0] += e.time_range.elapsed_us()
         acc[1] += 1
     return totals
+
+
+def device_idle(events, n, device_type, top=5):
+    """Where the device waits, per step: the gaps between consecutive pieces of device work (nothing runs: the
+    next kernel was not launched yet, or the CPU was waiting on the device), each filed under the outermost op
+    around the CPU op that launched the kernel after it ("Torch-Compiled Region: 0/0": a compiled forward;
+    "autograd::engine::evaluate_function: CompiledFunctionBackward": its backward; "Optimizer.step#AdamW.step";
+    an eager aten op). Their sum is the part of the step that faster kernels do not shorten. Returns {"kernels": per step, "idle_ms": per step,
+    "by_region": {region: [ms, gaps]}, "largest": [[ms, kernel before, kernel after, region], ...]}."""
+    work = sorted(device_work(events, device_type), key=lambda e: e.time_range.start)
+    # the CPU ops a kernel can link to (the profiler's own rule: events linked to nothing, e.g. not cudaLaunchKernel)
+    cpu = {e.id: e for e in events if e.device_type != device_type and not getattr(e, "linked_correlation_id", 0)}
+    gaps, end, last = [], None, None   # end: when all earlier work has ended (kernels may overlap); last: that work
+    for e in work:
+        if end is not None and e.time_range.start > end:
+            gaps.append((e.time_range.start - end, last, e))
+        if end is None or e.time_range.end > end:
+            end, last = e.time_range.end, e
+    by, rows = collections.defaultdict(lambda: [0.0, 0]), []
+    for us, a, b in gaps:
+        op = cpu.get(getattr(b, "linked_correlation_id", 0))
+        while op is not None and op.cpu_parent is not None:
+            op = op.cpu_parent
+        region = op.name[:60] if op is not None else "(unknown)"
+        by[region][0] += us
+        by[region][1] += 1
+        rows.append((us, a.name[:60], b.name[:60], region))
+    return {"kernels": len(work) // n, "idle_ms": per_step_ms(sum(r[0] for r in rows), n),
+            "by_region": {r: [per_step_ms(us, n), k // n] for r, (us, k) in sorted(by.items(), key=lambda kv: -kv[1][0])},
+            "largest": [[round(us / 1e3, 3), *rest] for us, *rest in sorted(rows, reverse=True)[:top]]}
 
 
 # Where the two matrices of an aten matrix product sit among its recorded input shapes (addmm / baddbmm:
@@ -1195,8 +1230,10 @@ def callers(prof, names, n, cuda, depth=3, per_name=3):
 def profile_steps(step, n, cuda, sync, top=25):
     """Run `step` n times under torch.profiler. Returns per step: wall time, device-busy time (the sum of
     kernel times; on a CPU the ops' self times), that time by kernel kind, the `top` kernels, the ops that
-    launched them (`callers`) and the `top` aten ops by input shapes (`op_table`). Recording shapes slows
-    the CPU side: read wall_ms and busy_share as an upper and a lower bound."""
+    launched them (`callers`), the `top` aten ops by input shapes (`op_table`) and, on a GPU, where the
+    device idles (`device_idle`, from n more steps profiled without shapes, with their own wall_ms). The
+    profiler slows the CPU side, recording shapes more: read wall_ms and idle_ms as upper bounds, busy_share
+    as a lower one."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []),
@@ -1209,8 +1246,16 @@ def profile_steps(step, n, cuda, sync, top=25):
         wall = (time.perf_counter() - t) / n
     if cuda:   # kernels do not nest: their durations add up to the busy time of the device
         totals = device_time_by_kernel(prof.events(), DeviceType.CUDA)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as quiet:   # no shapes: less
+            t = time.perf_counter()                                                       # CPU time added
+            for _ in range(n):
+                step()
+            sync()
+            quiet_wall = (time.perf_counter() - t) / n
+        idle = {"wall_ms": round(quiet_wall * 1e3, 1), **device_idle(quiet.events(), n, DeviceType.CUDA)}
     else:      # CPU ops nest: use self times
         totals = {e.key: [e.self_cpu_time_total, e.count] for e in prof.key_averages() if e.self_cpu_time_total > 0}
+        idle = None
     busy = sum(us for us, _ in totals.values())
     kinds = collections.Counter()
     for name, (us, _) in totals.items():
@@ -1222,7 +1267,7 @@ def profile_steps(step, n, cuda, sync, top=25):
             "by_kind_ms": {k: ms(v) for k, v in kinds.most_common()},
             "top": [[name[:120], ms(us), calls // n] for name, (us, calls) in ranked],
             "callers": callers(prof, [name for name, _ in ranked], n, cuda),
-            "top_ops": op_table(prof, n, cuda, top)}
+            "top_ops": op_table(prof, n, cuda, top), "device_idle": idle}
 
 
 def encoder_breakdown(model, batch, autocast, sync):

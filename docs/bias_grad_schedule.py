@@ -13,7 +13,11 @@ fusion rules mostly are (the CPU's code generator fuses some things Triton does 
 into the element-wise kernel after it), so read the groupings as the GPU's likely ones; speed does not carry.
 
     python docs/bias_grad_schedule.py               # 3 layers of width 64, 0.75 s of audio: ~1 minute
-    python docs/bias_grad_schedule.py --per-layer   # every layer looks the bias up itself (a variant)
+
+What it showed (docs/speed.md): with layer 0's [H, T, T] bias handed on to the other layers, the gradients of
+all layers' biases were reduced in one kernel after the last attention backward (layer 0's); with the
+per-distance biases laid out as a Toeplitz view and each layer looking them up itself (model/wavlm.py now),
+each layer's bias gradient is reduced by a kernel of its own, right after that layer's attention backward.
 """
 import argparse
 import os
@@ -78,7 +82,6 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--layers", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=0.75)
-    ap.add_argument("--per-layer", action="store_true", help="each layer looks up the bias from layer 0's table")
     args = ap.parse_args()
     W.F = argparse.Namespace(**{k: getattr(F, k) for k in dir(F) if not k.startswith("_")})
     W.F.scaled_dot_product_attention = sdpa      # model/wavlm.py's only attention call
@@ -88,11 +91,6 @@ def main():
                          activation_dropout=0.0)
     torch.manual_seed(0)
     model = W.SpeechEncoder(cfg).train()
-    if args.per_layer:
-        shared = W.Attention.forward
-        W.Attention.forward = lambda self, x, pad, bias: shared(self, x, pad, None)
-        for layer in model.layers[1:]:
-            object.__setattr__(layer.attention, "rel_attn_embed", model.layers[0].attention.rel_attn_embed)
     wave = torch.randn(2, int(args.seconds * 16000))
     valid = torch.ones_like(wave, dtype=torch.bool)
     compiled = torch.compile(lambda w, a: model(w, a)[0])

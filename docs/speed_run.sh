@@ -7,7 +7,8 @@
 #   3. this project's paper-preset step with torch.compile, one JSON line, then its profile (JSON);
 #   4. with EAGER=1 (or when step 3 failed early), this project's eager step and its profile;
 #   5. the data loader's decode rate for the paper-preset clip shape;
-#   after 3, the source of the profile's slowest Triton kernels (docs/kernel_sources.py; on a GPU only).
+#   after 3, the source of the profile's slowest Triton kernels and the compiled graphs' ATen calls, their
+#   `aten.sum` lines shown (docs/kernel_sources.py; on a GPU only).
 # Usage, from the repository root:  bash docs/speed_run.sh OUT_DIR [path/to/reference_step.py]
 # SMOKE=1 runs the reference and icode steps at toy size (batch 2, tiny preset), conv_bench at the paper's
 # shapes with batch 1, the decode bench as always, and no nvidia-smi: a check on a CPU.
@@ -48,7 +49,7 @@ fi
 part icode_compile 540 python train.py --benchmark $preset --compile --profile 2
 # The generated source of the profile's slowest Triton kernels, to read once the job has ended.
 if [ -s "$out/icode_compile.jsonl" ] && [ -d "$TORCHINDUCTOR_CACHE_DIR" ]; then
-    timeout 30 python docs/kernel_sources.py "$out/icode_compile.jsonl" "$TORCHINDUCTOR_CACHE_DIR" --top 8 \
+    timeout 30 python docs/kernel_sources.py "$out/icode_compile.jsonl" "$TORCHINDUCTOR_CACHE_DIR" --top 8 --calls 'aten\.sum' \
         >"$out/kernels.txt" 2>&1
     echo "== kernels: $(grep -c '^# triton_' "$out/kernels.txt") kernel sources in kernels.txt"
 fi

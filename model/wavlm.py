@@ -145,10 +145,16 @@ class PositionalConvEmbedding(nn.Module):
         return self.weight_v * (self.weight_g / self.weight_v.norm(dim=(0, 1), keepdim=True))
 
     def forward(self, x):                                     # [B, T, C] -> [B, T, C]
-        y = F.conv1d(x.transpose(1, 2), self.conv_weight(), self.bias, padding=self.k // 2, groups=self.groups)
+        """A 2-D convolution on the channels-last view [B, C, 1, T] of the [B, T, C] memory, as in the feature
+        encoder: the call eager conv1d makes of a transposed view (cuDNN's channels-last grouped kernels). As a
+        conv1d under torch.compile, Inductor gives the convolution a contiguous [B, C, T] copy (it asks a 3-D
+        convolution's input for its output's layout, which has no channels-last), and cuDNN ran 16 per-group
+        kernels each way: 10 ms forward and backward in the compiled step against 3.8 ms eager (docs/speed.md)."""
+        w = self.conv_weight()[:, :, None, :].contiguous(memory_format=torch.channels_last)  # [C, C/groups, 1, k]
+        y = F.conv2d(x.transpose(1, 2)[:, :, None, :], w, self.bias, padding=(0, self.k // 2), groups=self.groups)
         if self.k % 2 == 0:
-            y = y[:, :, :-1]                                  # an even kernel with padding k//2 gives T+1 frames
-        return F.gelu(y).transpose(1, 2)
+            y = y[..., :-1]                                   # an even kernel with padding k//2 gives T+1 frames
+        return F.gelu(y.squeeze(2)).transpose(1, 2)
 
 
 def relative_position_bucket(rel, num_buckets, max_distance):
@@ -161,6 +167,26 @@ def relative_position_bucket(rel, num_buckets, max_distance):
                          * (num_buckets - max_exact)).long()
     large = large.clamp(max=num_buckets - 1)
     return buckets + torch.where(rel < max_exact, rel, large)
+
+
+def distance_bias(embed, t, num_buckets, max_distance):
+    """The per-distance biases [2T - 1, H] of WavLM's relative position bias (Chen et al. 2022, Eq. 5-6): row m for
+    key minus query position m - (T - 1), one bucket lookup in `embed` (the [num_buckets, H] table) per distance."""
+    rel = torch.arange(1 - t, t, device=embed.weight.device)
+    return embed(relative_position_bucket(rel, num_buckets, max_distance))
+
+
+def toeplitz(v, t):
+    """Per-distance biases v [2T - 1, H] -> the [H, T, T] bias, bias[h, i, j] = v[j - i + T - 1, h], as a strided
+    view: window s is w[s, j] = v[s + j] (stride 1 along s and j), and query row i is window T - 1 - i.
+
+    The same values as a bucket lookup per (i, j) pair (Hugging Face's way). Under torch.compile such a lookup
+    is recomputed, bucket logarithm and all, for every element of every layer's [B, H, T, T] bias, and it made
+    the bias two kernels per layer (6 + 3 ms a step at the paper's shapes, docs/speed.md); Inductor stores a
+    strided view's base (v), so here each element is one load and the bias one kernel per layer."""
+    v = v.contiguous()
+    h = v.shape[1]
+    return v.as_strided((t, t, h), (h, h, 1)).flip(0).permute(2, 0, 1)
 
 
 class Attention(nn.Module):
@@ -176,22 +202,22 @@ class Attention(nn.Module):
             self.num_buckets, self.max_distance = cfg.num_buckets, cfg.max_bucket_distance
             self.gru_rel_pos_const = nn.Parameter(torch.ones(1, self.h, 1, 1))
             self.gru_rel_pos_linear = nn.Linear(c // self.h, 8)
-            if has_bias_embedding:                            # layer 0 only; later layers reuse its bias
+            if has_bias_embedding:                            # layer 0 only; every layer looks up in it
                 self.rel_attn_embed = nn.Embedding(cfg.num_buckets, self.h)
 
-    def compute_bias(self, t):
-        pos = torch.arange(t, device=self.rel_attn_embed.weight.device)
-        buckets = relative_position_bucket(pos[None, :] - pos[:, None], self.num_buckets, self.max_distance)
-        return self.rel_attn_embed(buckets).permute(2, 0, 1)  # [H, T, T] (key minus query position)
-
-    def forward(self, x, pad_mask, position_bias):
-        """x [B, T, C]; pad_mask [B, 1, 1, T] additive float or None; position_bias [H, T, T] or None."""
+    def forward(self, x, pad_mask, rel_embed):
+        """x [B, T, C]; pad_mask [B, 1, 1, T] additive float or None; rel_embed: layer 0's bucket table
+        (`rel_attn_embed`; None without the gated bias)."""
         b, t, c = x.shape
         q, k, v = (p(x).view(b, t, self.h, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
         attn_mask = pad_mask
         if self.gated:
-            if position_bias is None:
-                position_bias = self.compute_bias(t)
+            # Every layer looks the 2T - 1 distances up in layer 0's table, where Hugging Face looks them up in
+            # layer 0 and hands the [H, T, T] bias on: the same values and gradients. A lookup per layer gives each
+            # layer's bias gradient its own way back to the table, so under torch.compile it is reduced right after
+            # that layer's attention backward; through one shared tensor, Inductor reduced all 24 layers' at the end
+            # in one kernel (8.9 ms a step at the paper's shapes, ~0.3 TB/s; docs/speed.md).
+            pos = toeplitz(distance_bias(rel_embed, t, self.num_buckets, self.max_distance), t)   # [H, T, T]
             # The gate looks at this layer's input split into heads: two sigmoid gates per head and query frame,
             # gate = a * (b * const - 1) + 2, scaling that query's row of the bias.
             proj = self.gru_rel_pos_linear(x.view(b, t, self.h, -1).transpose(1, 2))  # [B, H, T, 8]
@@ -199,12 +225,12 @@ class Attention(nn.Module):
             gate = gate_a * (gate_b * self.gru_rel_pos_const - 1.0) + 2.0           # [B, H, T, 1]
             # In the compute dtype: the [B, H, T, T] bias is the largest tensor of the layer, and SDPA would
             # cast a float32 one anyway (one pass over it saved, half the bytes written).
-            gate, position_bias = gate.to(q.dtype), position_bias.to(q.dtype)
-            attn_mask = (gate * position_bias if pad_mask is None                    # [B, H, T, T]
-                         else torch.addcmul(pad_mask.to(q.dtype), gate, position_bias))  # one pass, not two
+            gate, pos = gate.to(q.dtype), pos.to(q.dtype)
+            attn_mask = (gate * pos if pad_mask is None                                  # [B, H, T, T]
+                         else torch.addcmul(pad_mask.to(q.dtype), gate, pos))            # one pass, not two
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
                                            dropout_p=self.dropout if self.training else 0.0)
-        return self.out_proj(y.transpose(1, 2).reshape(b, t, c)), position_bias
+        return self.out_proj(y.transpose(1, 2).reshape(b, t, c))
 
 
 class EncoderLayer(nn.Module):
@@ -223,14 +249,12 @@ class EncoderLayer(nn.Module):
     def feed_forward(self, x):
         return self.dropout(self.output_dense(self.act_dropout(F.gelu(self.intermediate_dense(x)))))
 
-    def forward(self, x, pad_mask, position_bias):
+    def forward(self, x, pad_mask, rel_embed):
         if self.pre_ln:
-            a, position_bias = self.attention(self.layer_norm(x), pad_mask, position_bias)
-            x = x + self.dropout(a)
-            return x + self.feed_forward(self.final_layer_norm(x)), position_bias
-        a, position_bias = self.attention(x, pad_mask, position_bias)
-        x = self.layer_norm(x + self.dropout(a))
-        return self.final_layer_norm(x + self.feed_forward(x)), position_bias
+            x = x + self.dropout(self.attention(self.layer_norm(x), pad_mask, rel_embed))
+            return x + self.feed_forward(self.final_layer_norm(x))
+        x = self.layer_norm(x + self.dropout(self.attention(x, pad_mask, rel_embed)))
+        return self.final_layer_norm(x + self.feed_forward(x))
 
 
 class SpeechEncoder(nn.Module):
@@ -277,9 +301,10 @@ class SpeechEncoder(nn.Module):
         if not self.config.do_stable_layer_norm:
             x = self.encoder_norm(x)
         x = self.dropout(x)
-        position_bias = None                           # computed by layer 0 (WavLM), shared by the others
+        gated = self.config.gated_relative_position_bias and len(self.layers) > 0
+        rel_embed = self.layers[0].attention.rel_attn_embed if gated else None   # the bucket table, layer 0's
         for layer in self.layers:
-            x, position_bias = layer(x, pad_mask, position_bias)
+            x = layer(x, pad_mask, rel_embed)
         if self.config.do_stable_layer_norm:
             x = self.encoder_norm(x)
         return x, valid

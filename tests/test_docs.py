@@ -93,6 +93,25 @@ def test_kernel_sources_prints_the_slowest_kernels_own_files(tmp_path, capsys):
     assert "# triton_red_fused_sum_9: 1.0 ms a step, 2 calls a step\n# (not found in " in capsys.readouterr().out
 
 
+def test_kernel_sources_lists_the_wrappers_calls(tmp_path, capsys):
+    """docs/kernel_sources.py --calls: for each compiled graph's wrapper (a file defining `call`, not a kernel's
+    own file), its ATen and extern calls counted, and its lines matching the pattern under the comment above."""
+    import json
+    ks = docs_module("kernel_sources")
+    (tmp_path / "cache" / "ab").mkdir(parents=True)
+    (tmp_path / "cache" / "ab" / "kernel.py").write_text("def triton_red_fused_sum_1(in_ptr0):\n    pass\n")
+    (tmp_path / "cache" / "ab" / "graph.py").write_text(
+        "def call(args):\n    # Source Nodes: [mm], Original ATen: [aten.mm]\n    extern_kernels.mm(a, b, out=c)\n"
+        "    # Source Nodes: [sum_3], Original ATen: [aten.sum]\n    buf3 = torch.ops.aten.sum.dim_IntList(buf2, [0])\n"
+        "    extern_kernels.mm(buf3, b, out=d)\n")
+    prof = tmp_path / "p.jsonl"
+    prof.write_text(json.dumps({"profile": {"top": []}}) + "\n")
+    ks.main([str(prof), str(tmp_path / "cache"), "--top", "0", "--calls", r"aten\.sum"])
+    assert capsys.readouterr().out == (
+        "# wrapper ab/graph.py: extern_kernels.mm x2, torch.ops.aten.sum.dim_IntList x1\n"
+        "  # Source Nodes: [sum_3], Original ATen: [aten.sum]\n    buf3 = torch.ops.aten.sum.dim_IntList(buf2, [0])\n")
+
+
 def test_bias_grad_schedule_stands_in_for_the_gpu_attention_and_reads_the_backward():
     """docs/bias_grad_schedule.py: its stand-in for CUDA's memory-efficient attention computes SDPA's values and
     gradients, the bias's included, with the bias padded as ATen pads it (a length not a multiple of 8); and the
@@ -119,7 +138,8 @@ def test_bias_grad_bench_gated_bias_is_addcmul_with_its_gradients():
     """docs/bias_grad_bench.py's GatedBias is torch.addcmul(pad, gate, P) with a hand-written backward (P's
     gradient as one batched product): float64 gradcheck, and the same gradients as addcmul's for an upstream
     gradient with padded rows (the memory-efficient attention backward's layout); the script's CPU check runs
-    both variants compiled and reports the same gradients (in a subprocess: it compiles and resets Dynamo)."""
+    its three variants (the model's way among them) compiled and reports the same gradients (in a subprocess:
+    it compiles and resets Dynamo)."""
     import json
 
     import torch
@@ -137,5 +157,5 @@ def test_bias_grad_bench_gated_bias_is_addcmul_with_its_gradients():
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     lines = [json.loads(line) for line in run_docs_script("bias_grad_bench", "--small", "--iters", "1").splitlines()
              if line.startswith("{")]
-    assert [r["variant"] for r in lines] == ["model_addcmul", "per_layer_bmm"]
-    assert lines[1]["grad_max_rel_diff_vs_model"] < 1e-5 and all(r["fwd_bwd_ms"] > 0 for r in lines)
+    assert [r["variant"] for r in lines] == ["shared_lookup", "per_layer_bmm", "per_layer_toeplitz"]
+    assert all(r["grad_max_rel_diff_vs_shared_lookup"] < 1e-5 and r["fwd_bwd_ms"] > 0 for r in lines)

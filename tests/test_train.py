@@ -963,6 +963,37 @@ def test_device_time_counts_kernels_once():
     assert train.device_time_by_kernel(old, DeviceType.CUDA) == expected
 
 
+def test_device_idle_files_each_gap_under_the_launch_after_it():
+    """device_idle on events built by hand (two steps): the gaps between pieces of device work, each under the
+    outermost op around the CPU op that launched the work after it, per step; spans and overlaps are no gaps."""
+    from types import SimpleNamespace as E
+    from torch.autograd import DeviceType
+    from torch.autograd.profiler_util import Interval
+
+    fwd = E(name="CompiledFunction", id=1, cpu_parent=None, device_type=DeviceType.CPU)
+    launch_f = E(name="triton_poi_fused_0", id=2, device_type=DeviceType.CPU, cpu_parent=E(
+        name="## Call CompiledFxGraph f ##", id=3, cpu_parent=fwd, device_type=DeviceType.CPU))
+    opt = E(name="Optimizer.step#AdamW.step", id=4, cpu_parent=None, device_type=DeviceType.CPU)
+    launch_o = E(name="aten::_fused_adamw_", id=5, cpu_parent=opt, device_type=DeviceType.CPU)
+    events, t = [fwd, launch_f, launch_f.cpu_parent, opt, launch_o], 0
+    for _ in range(2):      # per step: gemm, 5 us, two fused kernels, the second inside the first, 20 us, AdamW
+        events += [E(name="nvjet_gemm", device_type=DeviceType.CUDA, time_range=Interval(t, t + 30),
+                     activity_type="kernel", linked_correlation_id=2, id=0),
+                   E(name="triton_poi_fused_0", device_type=DeviceType.CUDA, time_range=Interval(t + 35, t + 45),
+                     activity_type="kernel", linked_correlation_id=2, id=0),
+                   E(name="triton_poi_fused_0", device_type=DeviceType.CUDA, time_range=Interval(t + 38, t + 42),
+                     activity_type="kernel", linked_correlation_id=2, id=0),
+                   E(name="## Call CompiledFxGraph f ##", device_type=DeviceType.CUDA, time_range=Interval(t, t + 45),
+                     activity_type="gpu_user_annotation", is_user_annotation=True, id=0),
+                   E(name="multi_tensor_apply_kernel", device_type=DeviceType.CUDA, time_range=Interval(t + 65, t + 90),
+                     activity_type="kernel", linked_correlation_id=5, id=0)]
+        t += 100            # 10 us from one step's AdamW to the next step's gemm: launched by the forward
+    out = train.device_idle(events, 2, DeviceType.CUDA, top=2)
+    assert out["kernels"] == 4 and out["idle_ms"] == pytest.approx((5 + 20 + 10 / 2) / 1e3, abs=1e-4)
+    assert out["by_region"] == {"Optimizer.step#AdamW.step": [0.02, 1], "CompiledFunction": [0.01, 1]}
+    assert out["largest"] == [[0.02, "triton_poi_fused_0", "multi_tensor_apply_kernel", "Optimizer.step#AdamW.step"]] * 2
+
+
 def test_forward_flops_by_part_add_up():
     """count_flops(by_part=True): the parts' forward FLOPs are positive and, with the losses' few, make up
     the whole forward (one forward = total minus backward; here checked against a forward-only count)."""

@@ -66,6 +66,29 @@ def test_layer_norm_stable_matches_hf_with_padding(kind, tmp_path):
     torch.testing.assert_close(out[valid], ref[valid], atol=1e-5, rtol=1e-5)
 
 
+def test_gradients_match_hf_wavlm(tmp_path):
+    """Backward parity, the gated position bias's parameters among them. `Attention.compute_bias` lays the 2T - 1
+    per-distance biases out as a strided Toeplitz view (autograd sums the gradient over its overlapping windows);
+    HF looks up every (query, key) pair. 6000 samples give 18 frames: distances past max_exact = 4 reach the
+    logarithmic buckets."""
+    hf = hf_model("wavlm", "layer", True)
+    ours = roundtrip(hf, tmp_path)
+    wave, mask = batch([6000, 4321])
+    out, valid = ours(wave, mask)
+    ref = hf(wave, attention_mask=mask).last_hidden_state
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(2)) * valid[..., None]
+    (out * w).sum().backward()
+    (ref * w).sum().backward()
+    theirs = convert_hf_state_dict({k: p.grad for k, p in hf.named_parameters() if p.grad is not None})
+    compared = [k for k, p in ours.named_parameters() if k in theirs]
+    assert "layers.0.attention.rel_attn_embed.weight" in compared and len(compared) > 40
+    for k in compared:
+        if k.endswith("k_proj.bias"):   # zero in exact arithmetic (softmax ignores a per-query shift): noise both sides
+            continue
+        scale = theirs[k].abs().max().item()   # float32 rounding, relative to the gradient's largest entry
+        torch.testing.assert_close(dict(ours.named_parameters())[k].grad, theirs[k], atol=1e-5 * scale, rtol=0, msg=k)
+
+
 def test_load_encoder_checks_the_kind_against_the_folder(tmp_path):
     """A HuBERT folder asked for as WavLM (or the other way round) is an error naming both."""
     from model.weights import load_encoder
@@ -290,3 +313,25 @@ def test_layer_norm_feature_encoder_stays_channels_last(monkeypatch):
     for block in enc.conv_layers:
         x = F.gelu(block.layer_norm(block.conv(x).transpose(1, 2))).transpose(1, 2)
     assert_same_function(y, x, [wave] + list(enc.parameters()))
+
+
+@pytest.mark.parametrize("k", [16, 15])
+def test_positional_conv_runs_on_the_channels_last_view(monkeypatch, k):
+    """The positional convolution is a 2-D one on the channels-last view [B, C, 1, T] of the [B, T, C] frames
+    (the input's own memory, no copy: under torch.compile a conv1d got a contiguous [B, C, T] copy, docs/speed.md),
+    and it is the plain grouped conv1d with padding k // 2 (the last frame dropped for an even kernel), then
+    GELU, values and gradients."""
+    import torch.nn.functional as F
+    from model.wavlm import PositionalConvEmbedding
+    torch.manual_seed(0)
+    pc = PositionalConvEmbedding(32, k, 4)
+    x = torch.randn(2, 21, 32, requires_grad=True)
+    seen, conv2d = [], F.conv2d
+    monkeypatch.setattr(F, "conv2d", lambda inp, *a, **kw: seen.append(
+        (inp.dim(), inp.is_contiguous(memory_format=torch.channels_last), inp.data_ptr() == x.data_ptr()))
+        or conv2d(inp, *a, **kw))
+    y = pc(x)
+    monkeypatch.undo()
+    assert seen == [(4, True, True)]
+    ref = F.conv1d(x.transpose(1, 2), pc.conv_weight(), pc.bias, padding=k // 2, groups=4)[:, :, :21]
+    assert_same_function(y, F.gelu(ref).transpose(1, 2), [x] + list(pc.parameters()))
