@@ -1138,8 +1138,9 @@ def device_idle(events, n, device_type, top=5):
     next kernel was not launched yet, or the CPU was waiting on the device), each filed under the outermost op
     around the CPU op that launched the kernel after it ("Torch-Compiled Region: 0/0": a compiled forward;
     "autograd::engine::evaluate_function: CompiledFunctionBackward": its backward; "Optimizer.step#AdamW.step";
-    an eager aten op). Their sum is the part of the step that faster kernels do not shorten. Returns {"kernels": per step, "idle_ms": per step,
-    "by_region": {region: [ms, gaps]}, "largest": [[ms, kernel before, kernel after, region], ...]}."""
+    an eager aten op). Their sum is the part of the step that faster kernels do not shorten. Returns
+    {"kernels": per step, "idle_ms": per step, "by_region": {region: [ms, gaps]},
+     "largest": [[ms, kernel before, kernel after, region], ...]}."""
     work = sorted(device_work(events, device_type), key=lambda e: e.time_range.start)
     # the CPU ops a kernel can link to (the profiler's own rule: events linked to nothing, e.g. not cudaLaunchKernel)
     cpu = {e.id: e for e in events if e.device_type != device_type and not getattr(e, "linked_correlation_id", 0)}
@@ -1236,22 +1237,21 @@ def profile_steps(step, n, cuda, sync, top=25):
     as a lower one."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []),
-                 record_shapes=True) as prof:
-        sync()
-        t = time.perf_counter()
-        for _ in range(n):
-            step()
-        sync()
-        wall = (time.perf_counter() - t) / n
-    if cuda:   # kernels do not nest: their durations add up to the busy time of the device
-        totals = device_time_by_kernel(prof.events(), DeviceType.CUDA)
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as quiet:   # no shapes: less
-            t = time.perf_counter()                                                       # CPU time added
+
+    def profiled(record_shapes):   # n steps under the profiler: (the profile, wall seconds a step)
+        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []),
+                     record_shapes=record_shapes) as p:
+            sync()
+            t = time.perf_counter()
             for _ in range(n):
                 step()
             sync()
-            quiet_wall = (time.perf_counter() - t) / n
+        return p, (time.perf_counter() - t) / n
+
+    prof, wall = profiled(record_shapes=True)
+    if cuda:   # kernels do not nest: their durations add up to the busy time of the device
+        totals = device_time_by_kernel(prof.events(), DeviceType.CUDA)
+        quiet, quiet_wall = profiled(record_shapes=False)      # no shapes: less CPU time added
         idle = {"wall_ms": round(quiet_wall * 1e3, 1), **device_idle(quiet.events(), n, DeviceType.CUDA)}
     else:      # CPU ops nest: use self times
         totals = {e.key: [e.self_cpu_time_total, e.count] for e in prof.key_averages() if e.self_cpu_time_total > 0}

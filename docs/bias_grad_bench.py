@@ -68,10 +68,11 @@ def run(args):
     sync = torch.cuda.synchronize if cuda else (lambda: None)
 
     def loss(variant):
-        shared = table(buckets).permute(2, 0, 1).to(dt)                      # [H, T, T], looked up once
+        per_layer = variant == "per_layer_toeplitz"
+        shared = None if per_layer else table(buckets).permute(2, 0, 1).to(dt)   # [H, T, T], looked up once
         total = 0.0
         for (q, k, v), gate, up in zip(qkv, gates, ups):
-            if variant == "per_layer_toeplitz":
+            if per_layer:
                 bias = torch.addcmul(pad, gate.to(dt), toeplitz(distance_bias(table, T, 320, 800), T).to(dt))
             else:
                 bias = (GatedBias.apply if variant == "per_layer_bmm" else torch.addcmul)(pad, gate.to(dt), shared)

@@ -67,10 +67,11 @@ def test_layer_norm_stable_matches_hf_with_padding(kind, tmp_path):
 
 
 def test_gradients_match_hf_wavlm(tmp_path):
-    """Backward parity, the gated position bias's parameters among them. `Attention.compute_bias` lays the 2T - 1
-    per-distance biases out as a strided Toeplitz view (autograd sums the gradient over its overlapping windows);
-    HF looks up every (query, key) pair. 6000 samples give 18 frames: distances past max_exact = 4 reach the
-    logarithmic buckets."""
+    """Backward parity, the gated position bias's parameters among them. Every layer looks the 2T - 1
+    per-distance biases up in layer 0's table and lays them out as a strided Toeplitz view (`distance_bias`,
+    `toeplitz`; autograd sums the gradient over the view's overlapping windows); HF looks up every (query, key)
+    pair once, in layer 0. 6000 samples give 18 frames: distances past max_exact = 4 reach the logarithmic
+    buckets."""
     hf = hf_model("wavlm", "layer", True)
     ours = roundtrip(hf, tmp_path)
     wave, mask = batch([6000, 4321])
@@ -80,13 +81,13 @@ def test_gradients_match_hf_wavlm(tmp_path):
     (out * w).sum().backward()
     (ref * w).sum().backward()
     theirs = convert_hf_state_dict({k: p.grad for k, p in hf.named_parameters() if p.grad is not None})
-    compared = [k for k, p in ours.named_parameters() if k in theirs]
+    compared = {k: p.grad for k, p in ours.named_parameters() if k in theirs}
     assert "layers.0.attention.rel_attn_embed.weight" in compared and len(compared) > 40
-    for k in compared:
+    for k, grad in compared.items():
         if k.endswith("k_proj.bias"):   # zero in exact arithmetic (softmax ignores a per-query shift): noise both sides
             continue
         scale = theirs[k].abs().max().item()   # float32 rounding, relative to the gradient's largest entry
-        torch.testing.assert_close(dict(ours.named_parameters())[k].grad, theirs[k], atol=1e-5 * scale, rtol=0, msg=k)
+        torch.testing.assert_close(grad, theirs[k], atol=1e-5 * scale, rtol=0, msg=k)
 
 
 def test_load_encoder_checks_the_kind_against_the_folder(tmp_path):
