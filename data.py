@@ -48,22 +48,30 @@ from model.wavlm import SPEECH_KERNELS, SPEECH_STRIDES, conv_output_length
 # Masked language modelling (section 4.2.1, footnote 2)
 
 def mask_tokens(ids, special_mask, mask_id, vocab_size, ratio=0.3, generator=None):
-    """BERT-style masking of a batch of token ids.
+    """BERT-style masking of a batch of token ids, with a per-row count as fairseq draws it.
 
     ids:          [B, L] long, token ids (padding included)
     special_mask: [B, L] bool, True where the token may not be selected ([CLS], [SEP], padding)
-    Selects each eligible token independently with probability `ratio` (30% in the paper); of the
-    selected tokens 80% become `mask_id`, 10% a uniformly random id in [0, vocab_size), 10% stay.
+    Each row selects n = int(ratio * e + U[0, 1)) of its e eligible tokens (fairseq's MaskTokensDataset:
+    ratio * e in expectation, 30% in the paper), uniformly without replacement; of the selected tokens 80%
+    become `mask_id`, 10% a uniformly random id in [0, vocab_size), 10% stay. The count has a bound known
+    from the shape alone (`mask_tokens_max`), which a sync-free selection of the masked positions needs
+    (`masked_rows`); BERT's independent draw per token has none below L.
     Returns (inputs [B, L] long, labels [B, L] long): labels hold the original id at selected positions
     and -100 elsewhere (the ignore index of `losses.masked_unit_loss`).
     """
-    if ids.shape != special_mask.shape:
-        raise ValueError(f"ids {tuple(ids.shape)} and special_mask {tuple(special_mask.shape)} differ in shape")
+    if ids.shape != special_mask.shape or ids.dim() != 2:
+        raise ValueError(f"ids {tuple(ids.shape)} and special_mask {tuple(special_mask.shape)} must be the same [B, L]")
     if not 0.0 <= ratio <= 1.0:
         raise ValueError(f"ratio must be in [0, 1], got {ratio}")
     g = generator
-    u = torch.rand(ids.shape, generator=g, device=ids.device)
-    selected = (u < ratio) & ~special_mask.bool()
+    eligible = ~special_mask.bool()
+    u = torch.rand(ids.shape, generator=g, device=ids.device)              # [B, L] priorities: a uniform subset
+    e = eligible.sum(1)                                                    # [B]
+    n = (ratio * e.double() + torch.rand(e.shape, generator=g, dtype=torch.float64, device=ids.device)).floor()
+    n = torch.minimum(n.long(), e)                                         # [B] tokens to select per row
+    rank = u.masked_fill(~eligible, 2.0).argsort(1).argsort(1)             # [B, L] eligible ones rank first
+    selected = rank < n[:, None]
     labels = torch.where(selected, ids, torch.full_like(ids, -100))
     # One more uniform draw per position decides the replacement: [0, .8) mask, [.8, .9) random, [.9, 1) keep.
     r = torch.rand(ids.shape, generator=g, device=ids.device)
@@ -71,6 +79,12 @@ def mask_tokens(ids, special_mask, mask_id, vocab_size, ratio=0.3, generator=Non
     inputs = torch.where(selected & (r < 0.8), torch.full_like(ids, mask_id), ids)
     inputs = torch.where(selected & (r >= 0.8) & (r < 0.9), random_ids, inputs)
     return inputs, labels
+
+
+def mask_tokens_max(length, ratio=0.3):
+    """The most tokens `mask_tokens` selects in a row of `length`: int(ratio * e + U) <= floor(ratio * L) + 1
+    for e <= L eligible tokens (the + 1 also covers the rounding of ratio * e + U up to an integer)."""
+    return min(length, math.floor(ratio * length) + 1)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -105,6 +119,11 @@ def tube_mask(frames, height, width, ratio=0.5, generator=None):
     mask = torch.zeros(frames, height, width, dtype=torch.bool)
     mask[start:start + length] = flat.view(height, width)
     return mask
+
+
+def tube_mask_max(frames, height, width, ratio=0.5):
+    """The most cells `tube_mask` masks: round(ratio * height * width) in each of at most `frames` frames."""
+    return frames * int(round(ratio * height * width))
 
 
 def tube_to_patch_mask(mask, temporal_patch=2, spatial_ratio=4):
@@ -145,6 +164,51 @@ def span_mask(length, p=0.08, span=10, generator=None):
     for s in starts.tolist():
         mask[s:s + span] = True
     return mask
+
+
+def span_mask_max(length, p=0.08, span=10):
+    """The most frames `span_mask` masks in a sequence of at most `length` frames: int(p * n + U) <=
+    floor(p * length) + 1 starts (at least one), `span` frames each, at most all of them."""
+    return min(length, max(1, math.floor(p * length) + 1) * span)
+
+
+def _example_bounds(cfg, batch):
+    """{modality: (the batch key of its mask or labels, the most positions one example can have masked)}, from
+    the shapes and `cfg`'s masking settings alone."""
+    m, out = batch["modalities"], {}
+    if "text" in m:
+        out["text"] = ("text_labels", mask_tokens_max(batch["text_labels"].shape[1], cfg.text_mask_ratio))
+    if "video" in m:
+        _, T, h, w = batch["video_mask"].shape
+        out["video"] = ("video_mask", tube_mask_max(T, h, w, cfg.tube_ratio))
+    if "audio" in m:
+        out["audio"] = ("audio_mask", span_mask_max(batch["audio_mask"].shape[1], cfg.span_p, cfg.span_len))
+    return out
+
+
+def masked_rows(cfg, batch):
+    """Static bounds on a collated batch's masked positions, from its shapes and the masking settings of
+    `cfg` (a DataConfig) alone: {"text": B * mask_tokens_max, "video": B * tube_mask_max, "audio":
+    B * span_mask_max} for the modalities present. The heads select that many rows instead of as many as
+    are masked (model/heads.py `_select`): no device sync, static shapes, so CUDA graphs can capture the
+    step. It holds for masks drawn by this file's masking functions with `cfg`'s settings, as `collate` and
+    train.py's synthetic batch draw them; `check_masked_rows` checks a batch on the host."""
+    return {k: batch[key].shape[0] * bound for k, (key, bound) in _example_bounds(cfg, batch).items()}
+
+
+def check_masked_rows(cfg, batch):
+    """ValueError if an example of a (host) batch has more masked positions than `masked_rows` allows for it:
+    the heads' static selection would otherwise rely on a device-side assertion alone."""
+    for k, (key, bound) in _example_bounds(cfg, batch).items():
+        t = batch[key]
+        n = (t != PAD_LABEL if key == "text_labels" else t).flatten(1).sum(1)        # [B] masked per example
+        if (n > bound).any():
+            i = int(n.argmax())
+            raise ValueError(f"example {i} of a batch from source {batch.get('source')!r} has {int(n[i])} masked "
+                             f"{k} positions, more than the {bound} its shape allows under the masking settings "
+                             f"(text_mask_ratio={cfg.text_mask_ratio}, tube_ratio={cfg.tube_ratio}, "
+                             f"span_p={cfg.span_p}, span_len={cfg.span_len}): the heads' static selection "
+                             f"(--compile-mode reduce-overhead, data.masked_rows) would not hold them")
 
 
 def span_mask_batch(lengths, max_length=None, p=0.08, span=10, generator=None):

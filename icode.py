@@ -330,18 +330,21 @@ class ICode(nn.Module):
             video_patch_mask=tube_to_patch_mask(batch["video_mask"]) if masked and "video" in m else None,
             audio_frame_mask=batch["audio_mask"] if masked and "audio" in m else None)
 
-    def masked_unit_logits(self, feats, valids, targets):
+    def masked_unit_logits(self, feats, valids, targets, rows=None):
         """Merged fusion pass -> MLM / MVM / MSM heads on masked positions only.
+        rows: None, or {"text" | "video" | "audio": a static bound on the masked positions (`data.masked_rows`)},
+        for a selection without device syncs (model/heads.py `_select`).
         Returns {"mlm" | "mvm" | "msm": (logits [M, V], labels [M])} for the modalities present."""
         fused = self.fusion(feats, valids)
+        rows = rows or {}
         out = {}
         if "text" in fused:
-            out["mlm"] = self.mlm_head(fused["text"], targets["text"])
+            out["mlm"] = self.mlm_head(fused["text"], targets["text"], rows.get("text"))
         if "video" in fused:
             B, T_v, H_v, W_v, _ = feats["video"].shape
-            out["mvm"] = self.mvm_head(fused["video"].reshape(B, T_v, H_v, W_v, -1), targets["video"])
+            out["mvm"] = self.mvm_head(fused["video"].reshape(B, T_v, H_v, W_v, -1), targets["video"], rows.get("video"))
         if "audio" in fused:
-            out["msm"] = self.msm_head(fused["audio"], targets["audio"])
+            out["msm"] = self.msm_head(fused["audio"], targets["audio"], rows.get("audio"))
         return out
 
     def unused_parameters(self, present):

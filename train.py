@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch._dynamo.utils import counters   # Inductor's counts (cudagraph_skips) for the benchmark line
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file, save_model
 from safetensors.torch import load_model as load_safetensors_into
@@ -118,6 +119,14 @@ def precision(bf16, device):
 def torch_version():
     """(major, minor) of the installed torch: (2, 13) for "2.13.0+cpu"."""
     return tuple(int(x) for x in torch.__version__.split(".")[:2])
+
+
+def static_rows(args, dcfg):
+    """The masking settings that size the heads' selections (PretrainObjective.static_rows) under
+    --compile-mode reduce-overhead: CUDA graphs capture only a step without device syncs and with static
+    shapes, so the heads select data.masked_rows rows (padded, the loss unchanged) instead of exactly the
+    masked positions. Otherwise None (the exact selection: fewer rows, one sync per head)."""
+    return dcfg if args.compile and args.compile_mode == "reduce-overhead" else None
 
 
 def compile_step(module, mode="default", backend="inductor", eager_random=False):
@@ -298,9 +307,11 @@ class PretrainObjective(nn.Module):
     (gradient cache), <r, dL/dr> + <tau, dL/dtau> / n_micro whose gradient equals the contrastive one.
     """
 
-    def __init__(self, model, weights, unmasked_contrastive=False):
+    def __init__(self, model, weights, unmasked_contrastive=False, static_rows=None):
         super().__init__()
         self.model, self.weights, self.unmasked_contrastive = model, weights, unmasked_contrastive
+        self.static_rows = static_rows   # a DataConfig: heads select data.masked_rows rows (no device sync,
+                                         # for CUDA graphs); None: exactly the masked positions (a sync each)
 
     def representations(self, batch):
         """Section 4.2.2 representations {m: [b, D]}; masked encoder outputs reused unless configured."""
@@ -314,7 +325,8 @@ class PretrainObjective(nn.Module):
         # The same order of random draws as the cache pass: representations first.
         reps, feats_valids = self.representations(batch)
         feats, valids = feats_valids or self.model.pretrain_features(batch, masked=True)
-        logits = self.model.masked_unit_logits(feats, valids, targets)
+        rows = D.masked_rows(self.static_rows, batch) if self.static_rows is not None else None
+        logits = self.model.masked_unit_logits(feats, valids, targets, rows)
         idx = {"mlm": 0, "mvm": 1, "msm": 2}
         terms = {k: masked_unit_loss(lg, tg, normalizer=norms[idx[k]]) * world for k, (lg, tg) in logits.items()}
         if cache is None:
@@ -761,7 +773,7 @@ def main(argv=None):
                            num_workers=workers, log=log)
     manifest_of = {ds.name: ds.path for ds in loader.datasets}   # for common_batch's message on a stop
     weights = dict(alpha=args.alpha, beta=args.beta, gamma=args.gamma, lam=args.lam)
-    objective = PretrainObjective(model, weights, args.unmasked_contrastive)
+    objective = PretrainObjective(model, weights, args.unmasked_contrastive, static_rows(args, dcfg))
     opt = build_optimizer(model, args.lr_fusion, args.lr_encoders, args.weight_decay)
     ddp = wrap_ddp(objective, d)
     if args.compile:
@@ -815,6 +827,8 @@ def main(argv=None):
             if batch is None:
                 print0(f"step {step}: no rank-wide batch (bad rows beyond the spares), skipped on every rank")
                 continue
+            if objective.static_rows is not None:   # the heads' static selection holds this batch's masks
+                D.check_masked_rows(objective.static_rows, batch)
             batch = to_device(batch, d.device)
             n_step = batch_size(batch) * d.world          # global_batch, unless common_batch shortened it
             t_data = time.perf_counter() - t0
@@ -980,26 +994,26 @@ def plot_history(history, path):
 # ----------------------------------------------------------------------------------------------------
 # --benchmark: this project's real step on synthetic tensors of the paper's shapes (docs/speed.md)
 
-def synthetic_batch(cfg, B, text_len, seconds, frames, res, device, seed=0):
-    """A collated batch of the given shapes with the real masks (30% MLM, tube, span) and offline-cache
-    style targets, as the off-the-shelf reference step uses (../shared/bench/reference_step.py)."""
+def synthetic_batch(cfg, B, text_len, seconds, frames, res, device, seed=0, data=D.PAPER_DATA):
+    """A collated batch of the given shapes with the real masks (30% MLM, tube, span: `data`'s settings) and
+    offline-cache style targets, as the off-the-shelf reference step uses (../shared/bench/reference_step.py)."""
     g = torch.Generator().manual_seed(seed)
     V = cfg.text.vocab_size
     ids = torch.randint(5, V, (B, text_len), generator=g)
     special = torch.zeros(B, text_len, dtype=torch.bool)
-    inputs, labels = D.mask_tokens(ids, special, 4, V, generator=g)
+    inputs, labels = D.mask_tokens(ids, special, 4, V, data.text_mask_ratio, generator=g)
     N = int(seconds * 16000)
     from model.wavlm import conv_output_length
     T_s = conv_output_length(N, cfg.speech.conv_kernel, cfg.speech.conv_stride)
     h = res // 16
     batch = {"modalities": ("video", "text", "audio"), "source": "synthetic",
              "video": torch.randn(B, 3, frames, res, res, generator=g),
-             "video_mask": torch.stack([D.tube_mask(frames, h, h, generator=g) for _ in range(B)]),
+             "video_mask": torch.stack([D.tube_mask(frames, h, h, data.tube_ratio, g) for _ in range(B)]),
              "video_targets": torch.randint(0, cfg.video_codebook, (B, frames, h, h), generator=g),
              "text_ids": inputs, "text_ids_clean": ids, "text_labels": labels,
              "text_attention": torch.ones(B, text_len, dtype=torch.bool),
              "audio": torch.randn(B, N, generator=g), "audio_attention": torch.ones(B, N, dtype=torch.bool),
-             "audio_mask": D.span_mask_batch([T_s] * B, generator=g),
+             "audio_mask": D.span_mask_batch([T_s] * B, None, data.span_p, data.span_len, g),
              "audio_targets": torch.randint(0, cfg.speech_vars, (B, T_s, cfg.speech_groups), generator=g)}
     return to_device(batch, device)
 
@@ -1034,11 +1048,14 @@ def benchmark(args, d):
         enable_checkpointing(model)
     autocast = precision(args.bf16, d.device)
     weights = dict(alpha=args.alpha, beta=args.beta, gamma=args.gamma, lam=args.lam)
-    objective = PretrainObjective(model, weights, args.unmasked_contrastive)
+    dcfg = D.PAPER_DATA if paper else D.TOY_DATA                # the masking settings of the synthetic batch
+    objective = PretrainObjective(model, weights, args.unmasked_contrastive, static_rows(args, dcfg))
     runner = compile_step(objective, args.compile_mode, eager_random=args.accum > 1) if args.compile else objective
     opt = build_optimizer(model, args.lr_fusion, args.lr_encoders, args.weight_decay)
     n = args.batch * args.accum                     # samples a step
-    batch = synthetic_batch(model.cfg, n, device=d.device, **BENCH_SHAPES[args.preset])
+    batch = synthetic_batch(model.cfg, n, device=d.device, data=dcfg, **BENCH_SHAPES[args.preset])
+    if objective.static_rows is not None:
+        D.check_masked_rows(objective.static_rows, batch)
     mbs = split_batch(batch, args.accum)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
 
@@ -1087,6 +1104,8 @@ def benchmark(args, d):
            "mfu_vs_matmul_peak": round(flops / med / peak, 3) if peak else None,
            "peak_mem_GiB": round(peak_mem, 1) if peak_mem is not None else None,
            "loss": round(total.item(), 3), "encoder_fwd_bwd_s": parts,
+           # graphs Inductor left without CUDA graphs under reduce-overhead (its log says why; a CPU counts all)
+           "cudagraph_skips": counters["inductor"]["cudagraph_skips"] if args.compile else None,
            "encoder_fwd_bwd_batch": batch_size(mbs[0])}   # the breakdown's batch: one micro-batch, --batch
     print(json.dumps(out), flush=True)
     if args.profile:
@@ -1133,6 +1152,10 @@ def device_time_by_kernel(events, device_type):
     return totals
 
 
+# The profiler's own CPU-side spans (CUPTI overhead records), never the region that launched a kernel.
+PROFILER_OVERHEAD = ("Buffer Flush", "Command Buffer Full", "Activity Buffer Request", "Instrumentation", "Resource")
+
+
 def device_idle(events, n, device_type, top=5):
     """Where the device waits, per step: the gaps between consecutive pieces of device work (nothing runs: the
     next kernel was not launched yet, or the CPU was waiting on the device), each filed under the outermost op
@@ -1152,10 +1175,12 @@ def device_idle(events, n, device_type, top=5):
             end, last = e.time_range.end, e
     by, rows = collections.defaultdict(lambda: [0.0, 0]), []
     for us, a, b in gaps:
-        op = cpu.get(getattr(b, "linked_correlation_id", 0))
-        while op is not None and op.cpu_parent is not None:
+        op, outer = cpu.get(getattr(b, "linked_correlation_id", 0)), None
+        while op is not None:          # the outermost op that is not the profiler's own (CUPTI's buffer
+            if not (getattr(op, "activity_type", None) == "overhead" or op.name in PROFILER_OVERHEAD):
+                outer = op             # flushes enclose whole steps: on the H100 every gap was filed there)
             op = op.cpu_parent
-        region = op.name[:60] if op is not None else "(unknown)"
+        region = outer.name[:60] if outer is not None else "(unknown)"
         by[region][0] += us
         by[region][1] += 1
         rows.append((us, a.name[:60], b.name[:60], region))

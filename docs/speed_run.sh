@@ -4,7 +4,9 @@
 #   2. with CONVS=1 (and under SMOKE=1), the step's four convolutions, each as the model computes it and the
 #      other way (docs/conv_bench.py; measured on the H100 on 2026-11-27, every one faster the model's way,
 #      so left out by default: its ~15-20 s are the compiled step's margin in a 10-minute job);
-#   3. this project's paper-preset step with torch.compile, one JSON line, then its profile (JSON);
+#   3. this project's paper-preset step with torch.compile (MODE, default reduce-overhead: CUDA graphs over
+#      the sync-free step; MODE=default for the fifteenth and sixteenth sessions' runs), one JSON line, then
+#      its profile (JSON);
 #   4. with EAGER=1 (or when step 3 failed early), this project's eager step and its profile;
 #   5. the data loader's decode rate for the paper-preset clip shape;
 #   after 3, the source of the profile's slowest Triton kernels and the compiled graphs' ATen calls, their
@@ -46,7 +48,8 @@ part reference 120 python "$ref" $size --breakdown
 if [ "${CONVS:-0}" = 1 ] || [ "${SMOKE:-0}" = 1 ]; then
     part conv_bench 60 python docs/conv_bench.py $convs
 fi
-part icode_compile 540 python train.py --benchmark $preset --compile --profile 2
+part icode_compile 540 python train.py --benchmark $preset --compile --compile-mode "${MODE:-reduce-overhead}" --profile 2
+grep -m 3 "skipping cudagraphs" "$out/icode_compile.log" | cut -c1-300   # why a graph ran without CUDA graphs
 # The generated source of the profile's slowest Triton kernels, to read once the job has ended.
 if [ -s "$out/icode_compile.jsonl" ] && [ -d "$TORCHINDUCTOR_CACHE_DIR" ]; then
     timeout 30 python docs/kernel_sources.py "$out/icode_compile.jsonl" "$TORCHINDUCTOR_CACHE_DIR" --top 8 --calls 'aten\.sum' \

@@ -801,6 +801,46 @@ def test_compiled_objective_is_one_graph_whatever_is_masked():
     assert without > 1, without
 
 
+def test_static_rows_make_the_step_capturable_by_cuda_graphs():
+    """--compile-mode reduce-overhead (PretrainObjective.static_rows): the compiled forward and backward hold
+    nothing that keeps Inductor from capturing them as CUDA graphs (torch._inductor.utils
+    .get_first_incompatible_cudagraph_node, the check Inductor runs: ops that sync or have data-dependent
+    shapes), and give the exact selection's loss and gradients. The exact selection (a head without `rows`)
+    is flagged at its `nonzero` (a data-dependent count), which shows the check can fail. Traced on the CPU
+    through AOT autograd without Inductor."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._inductor.utils import get_first_incompatible_cudagraph_node
+    found = []
+
+    def check(gm, example_inputs):
+        found.append(get_first_incompatible_cudagraph_node(gm))
+        return make_boxed_func(gm.forward)
+
+    backend = aot_autograd(fw_compiler=check, bw_compiler=check)
+    model = make_model()
+    batch = make_batch(model, B=3)
+    targets = model.targets(batch)
+    norms = count_targets(targets, False)
+    results = []
+    for run in (PretrainObjective(model, WEIGHTS),          # eager, exact selection: the reference
+                train.compile_step(PretrainObjective(model, WEIGHTS, static_rows=D.TOY_DATA), backend=backend)):
+        torch._dynamo.reset()
+        model.zero_grad(set_to_none=True)
+        loss, _ = run(batch, targets, norms, 1)
+        loss.backward()
+        results.append((loss.detach(), grads(model)))
+    assert len(found) == 2 and found == [None, None], found        # forward and backward: capturable
+    (loss_e, g_e), (loss_s, g_s) = results
+    assert torch.allclose(loss_s, loss_e, rtol=1e-6, atol=0), (loss_s, loss_e)
+    assert_close(g_s, g_e)             # float32 summation order over other row counts: 2.1e-6 seen
+    found.clear()                      # the exact selection, in the MLM head alone
+    head = torch.compile(model.mlm_head, backend=backend)
+    head(torch.randn(2, 10, model.cfg.fusion.dim, requires_grad=True), batch["text_labels"][:2])[0].sum().backward()
+    torch._dynamo.reset()
+    assert any(n is not None and "nonzero" in str(n.target) for n in found), found
+
+
 def test_benchmark_json_and_profile_add_up(capsys, monkeypatch):
     """--benchmark --profile on the tiny preset (CPU), with the run's --accum and --contrastive-inputs: the
     reference's fields, samples/s = batch x accum / median step, and the profile's kinds add up to its busy time;
@@ -965,17 +1005,19 @@ def test_device_time_counts_kernels_once():
 
 def test_device_idle_files_each_gap_under_the_launch_after_it():
     """device_idle on events built by hand (two steps): the gaps between pieces of device work, each under the
-    outermost op around the CPU op that launched the work after it, per step; spans and overlaps are no gaps."""
+    outermost op around the CPU op that launched the work after it (not the profiler's own spans), per step;
+    spans and overlaps are no gaps."""
     from types import SimpleNamespace as E
     from torch.autograd import DeviceType
     from torch.autograd.profiler_util import Interval
 
-    fwd = E(name="CompiledFunction", id=1, cpu_parent=None, device_type=DeviceType.CPU)
+    flush = E(name="Buffer Flush", id=6, cpu_parent=None, device_type=DeviceType.CPU)   # CUPTI's, around a step
+    fwd = E(name="CompiledFunction", id=1, cpu_parent=flush, device_type=DeviceType.CPU)
     launch_f = E(name="triton_poi_fused_0", id=2, device_type=DeviceType.CPU, cpu_parent=E(
         name="## Call CompiledFxGraph f ##", id=3, cpu_parent=fwd, device_type=DeviceType.CPU))
     opt = E(name="Optimizer.step#AdamW.step", id=4, cpu_parent=None, device_type=DeviceType.CPU)
     launch_o = E(name="aten::_fused_adamw_", id=5, cpu_parent=opt, device_type=DeviceType.CPU)
-    events, t = [fwd, launch_f, launch_f.cpu_parent, opt, launch_o], 0
+    events, t = [flush, fwd, launch_f, launch_f.cpu_parent, opt, launch_o], 0
     for _ in range(2):      # per step: gemm, 5 us, two fused kernels, the second inside the first, 20 us, AdamW
         events += [E(name="nvjet_gemm", device_type=DeviceType.CUDA, time_range=Interval(t, t + 30),
                      activity_type="kernel", linked_correlation_id=2, id=0),
