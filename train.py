@@ -943,8 +943,10 @@ FLOP_PARTS = {"text": ("text",), "speech": ("speech",), "vision": ("vision",), "
 def count_flops(objective, mb, autocast, by_part=False):
     """FLOPs of one micro-batch forward + backward, counted once with torch.utils.flop_counter. With
     by_part, also {part: forward FLOPs} for the encoders, the fusion network and the heads (the forward
-    only: the counter's attribution of backward operations to modules is not reliable)."""
+    only: the counter's attribution of backward operations to modules is not reliable). The heads' padding
+    rows under `static_rows` are not counted: the exact selection's work, the same in every mode."""
     from torch.utils.flop_counter import FlopCounterMode
+    objective = PretrainObjective(objective.model, objective.weights, objective.unmasked_contrastive)
     model = objective.model
     targets = model.targets(mb)
     norms = count_targets(targets, model.cfg.msm_combined)

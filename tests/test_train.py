@@ -1038,7 +1038,8 @@ def test_device_idle_files_each_gap_under_the_launch_after_it():
 
 def test_forward_flops_by_part_add_up():
     """count_flops(by_part=True): the parts' forward FLOPs are positive and, with the losses' few, make up
-    the whole forward (one forward = total minus backward; here checked against a forward-only count)."""
+    the whole forward (one forward = total minus backward; here checked against a forward-only count); with
+    static_rows it counts the exact selection's work."""
     from torch.utils.flop_counter import FlopCounterMode
     model = make_model()
     obj = PretrainObjective(model, WEIGHTS)
@@ -1050,6 +1051,12 @@ def test_forward_flops_by_part_add_up():
     fwd = fc.get_total_flops()
     assert all(v > 0 for v in parts.values()), parts
     assert 0.97 * fwd <= sum(parts.values()) <= fwd < total
+    # the heads' padding rows under static_rows are not counted: the same FLOPs, where the step computes more
+    static = PretrainObjective(model, WEIGHTS, static_rows=D.TOY_DATA)
+    assert train.count_flops(static, b, NOCAST, by_part=True) == (total, parts)
+    with FlopCounterMode(display=False) as fc:
+        static(b, targets, count_targets(targets, False), 1)
+    assert fc.get_total_flops() > fwd
 
 
 def test_peak_flops_reads_the_card_from_its_name(monkeypatch):
