@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from model.wavlm import distance_bias, relative_position_bucket, toeplitz  # noqa: E402
+from model.wavlm import WAVLM_LARGE, distance_bias, relative_position_bucket, toeplitz  # noqa: E402
 
 
 class GatedBias(torch.autograd.Function):
@@ -58,9 +58,10 @@ def run(args):
     dt = torch.bfloat16 if cuda else torch.float32
     L, B, H, T, d = (24, 24, 16, 389, 64) if not args.small else (2, 2, 4, 37, 16)
     torch.manual_seed(0)
-    table = torch.nn.Embedding(320, H).to(dev)
+    nb, md = WAVLM_LARGE.num_buckets, WAVLM_LARGE.max_bucket_distance          # 320 buckets, saturating at 800
+    table = torch.nn.Embedding(nb, H).to(dev)
     pos_idx = torch.arange(T, device=dev)
-    buckets = relative_position_bucket(pos_idx[None, :] - pos_idx[:, None], 320, 800)
+    buckets = relative_position_bucket(pos_idx[None, :] - pos_idx[:, None], nb, md)
     qkv = [[torch.randn(B, H, T, d, device=dev, dtype=dt, requires_grad=True) for _ in range(3)] for _ in range(L)]
     gates = [(torch.rand(B, H, T, 1, device=dev) + 0.5).requires_grad_(True) for _ in range(L)]
     ups = [torch.randn(B, H, T, d, device=dev, dtype=dt) for _ in range(L)]
@@ -73,7 +74,7 @@ def run(args):
         total = 0.0
         for (q, k, v), gate, up in zip(qkv, gates, ups):
             if per_layer:
-                bias = torch.addcmul(pad, gate.to(dt), toeplitz(distance_bias(table, T, 320, 800), T).to(dt))
+                bias = torch.addcmul(pad, gate.to(dt), toeplitz(distance_bias(table, T, nb, md), T).to(dt))
             else:
                 bias = (GatedBias.apply if variant == "per_layer_bmm" else torch.addcmul)(pad, gate.to(dt), shared)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)

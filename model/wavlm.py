@@ -149,7 +149,9 @@ class PositionalConvEmbedding(nn.Module):
         encoder: the call eager conv1d makes of a transposed view (cuDNN's channels-last grouped kernels). As a
         conv1d under torch.compile, Inductor gives the convolution a contiguous [B, C, T] copy (it asks a 3-D
         convolution's input for its output's layout, which has no channels-last), and cuDNN ran 16 per-group
-        kernels each way: 10 ms forward and backward in the compiled step against 3.8 ms eager (docs/speed.md)."""
+        kernels each way: 10 ms forward and backward in the compiled step against 3.8 ms eager. Measured in this
+        form (docs/speed.md, sixteenth session): still 16 per-group kernels, 8.1 ms forward and input gradient,
+        so cuDNN's algorithm choice made them, not the layout; the CPU's compiled graph passes the view, no copy."""
         w = self.conv_weight()[:, :, None, :].contiguous(memory_format=torch.channels_last)  # [C, C/groups, 1, k]
         y = F.conv2d(x.transpose(1, 2)[:, :, None, :], w, self.bias, padding=(0, self.k // 2), groups=self.groups)
         if self.k % 2 == 0:
