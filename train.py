@@ -840,6 +840,8 @@ def main(argv=None):
                 state = rng_state(d.device)
                 flops_per_sample = count_flops(objective, mbs[0], autocast) / batch_size(mbs[0])
                 set_rng_state(state, d.device)
+                # before the first step: hand the eager pass's blocks back to the GPU for CUDA graphs' own pool
+                torch.cuda.empty_cache()
             terms = train_step(objective, ddp, mbs, d, autocast, weights)
             total, _ = pretraining_loss(**{k: v for k, v in terms.items()}, **weights)
             finite = torch.isfinite(total).item()
@@ -1068,18 +1070,23 @@ def benchmark(args, d):
         opt.zero_grad(set_to_none=True)
         return terms
 
+    # one forward + backward over a micro-batch, times --accum: the gradient cache's extra forward of the
+    # contrastive representations is not counted (the MFU of train.main counts the same way). Counted eagerly
+    # before the compiled step: CUDA graphs keep their own memory pool (38.5 GiB at the paper preset on the
+    # H100), and the eager pass on top of it ran out of memory; empty_cache hands the eager pass's blocks back.
+    flops, flops_fwd = count_flops(objective, mbs[0], autocast, by_part=True)
+    flops, flops_fwd = flops * args.accum, {k: v * args.accum for k, v in flops_fwd.items()}
+    parts = encoder_breakdown(model, mbs[0], autocast, sync)   # one micro-batch (the step's batch at --accum 1)
+    if cuda:
+        torch.cuda.empty_cache()
+        # from here: CUDA graphs allocate while recording (warm-up and the next steps), not when replayed
+        torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
     step()                                          # warm-up (and compilation)
     sync()
     first_step_s = time.perf_counter() - t          # with --compile: mostly compilation (Inductor's cache helps)
-    # one forward + backward over a micro-batch, times --accum: the gradient cache's extra forward of the
-    # contrastive representations is not counted (the MFU of train.main counts the same way)
-    flops, flops_fwd = count_flops(objective, mbs[0], autocast, by_part=True)
-    flops, flops_fwd = flops * args.accum, {k: v * args.accum for k, v in flops_fwd.items()}
     for _ in range(2):
         step()
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(args.bench_steps):
         sync()
@@ -1092,7 +1099,6 @@ def benchmark(args, d):
     peak_mem = torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None
     peak = matmul_peak(d.device) if cuda else None
     total, _ = pretraining_loss(**terms, **weights)
-    parts = encoder_breakdown(model, mbs[0], autocast, sync)   # one micro-batch (the step's batch at --accum 1)
     out = {"impl": "icode-from-scratch", "size": "full" if paper else "tiny", "batch": args.batch,
            "accum": args.accum, "contrastive_inputs": args.contrastive_inputs, "compile": args.compile,
            "compile_mode": args.compile_mode if args.compile else None, "checkpointing": args.checkpointing,
@@ -1105,6 +1111,7 @@ def benchmark(args, d):
            "matmul_peak_tflops": round(peak / 1e12, 1) if peak else None,
            "mfu_vs_matmul_peak": round(flops / med / peak, 3) if peak else None,
            "peak_mem_GiB": round(peak_mem, 1) if peak_mem is not None else None,
+           "peak_reserved_GiB": round(torch.cuda.max_memory_reserved() / 2 ** 30, 1) if cuda else None,
            "loss": round(total.item(), 3), "encoder_fwd_bwd_s": parts,
            # graphs Inductor left without CUDA graphs under reduce-overhead (its log says why; a CPU counts all)
            "cudagraph_skips": counters["inductor"]["cudagraph_skips"] if args.compile else None,
@@ -1300,7 +1307,7 @@ def profile_steps(step, n, cuda, sync, top=25):
 def encoder_breakdown(model, batch, autocast, sync):
     """Forward + backward time of each encoder alone (median of 4 after one warm-up), as the reference,
     and of two parts of "speech": the convolutional feature encoder and the positional convolution (on
-    frames of the step's shape; eager, in the benchmark's process after its compiled steps, to set beside
+    frames of the step's shape; eager, in the benchmark's process before its compiled steps, to set beside
     that convolution's time inside the compiled step and in docs/conv_bench.py's fresh process)."""
     frames = torch.randn(batch_size(batch), batch["audio_mask"].shape[1], model.speech.hidden_size,
                          device=batch["audio"].device, requires_grad=True)

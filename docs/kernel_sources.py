@@ -1,4 +1,4 @@
-"""The generated source of the slowest Inductor kernels in a profiled benchmark run, to read what they do.
+r"""The generated source of the slowest Inductor kernels in a profiled benchmark run, to read what they do.
 
 `train.py --benchmark --compile --profile N` prints a profile line whose `top` lists the kernels that took
 the most device time; Inductor names its Triton kernels after the ops they fuse (`triton_per_fused_...`,

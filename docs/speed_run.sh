@@ -14,8 +14,10 @@
 # Usage, from the repository root:  bash docs/speed_run.sh OUT_DIR [path/to/reference_step.py]
 # SMOKE=1 runs the reference and icode steps at toy size (batch 2, tiny preset), conv_bench at the paper's
 # shapes with batch 1, the decode bench as always, and no nvidia-smi: a check on a CPU.
-# About 8.5 minutes on an H200 and 9 on an H100 (2026-11-27: reference 49 s, conv_bench 14 s, the compiled
-# step 456 s, 411 of them compiling; decode 7 s); each part has its own time limit, so one that fails or
+# About 8.5 minutes on an H200 and 9.5 on an H100 (2026-11-27, default mode: reference 49 s, conv_bench 14 s,
+# the compiled step 456 s, 411 of them compiling; decode 7 s; reduce-overhead, seventeenth session: reference
+# 62 s, the compiled step 470 s to the end of its warm-up step; a second job with Inductor's cache filled:
+# 46 s and 86 s, 156 s in all); each part has its own time limit, so one that fails or
 # hangs still leaves the others' lines in OUT_DIR, and the compiled step gets the most (540 s): in a job cut
 # at 10 minutes, what it printed is already in OUT_DIR.
 set -u
