@@ -313,6 +313,13 @@ class PretrainObjective(nn.Module):
         self.static_rows = static_rows   # a DataConfig: heads select data.masked_rows rows (no device sync,
                                          # for CUDA graphs); None: exactly the masked positions (a sync each)
 
+    def check_batch(self, batch):
+        """With static_rows, a ValueError if an example has more masked positions than the heads' static
+        selection holds (data.check_masked_rows; train.main calls it on the host batch, the benchmark on its
+        synthetic one); with the exact selection, nothing."""
+        if self.static_rows is not None:
+            D.check_masked_rows(self.static_rows, batch)
+
     def representations(self, batch):
         """Section 4.2.2 representations {m: [b, D]}; masked encoder outputs reused unless configured."""
         if self.unmasked_contrastive and len(batch["modalities"]) < 2:
@@ -827,8 +834,7 @@ def main(argv=None):
             if batch is None:
                 print0(f"step {step}: no rank-wide batch (bad rows beyond the spares), skipped on every rank")
                 continue
-            if objective.static_rows is not None:   # the heads' static selection holds this batch's masks
-                D.check_masked_rows(objective.static_rows, batch)
+            objective.check_batch(batch)           # the heads' static selection holds this batch's masks
             batch = to_device(batch, d.device)
             n_step = batch_size(batch) * d.world          # global_batch, unless common_batch shortened it
             t_data = time.perf_counter() - t0
@@ -1058,8 +1064,7 @@ def benchmark(args, d):
     opt = build_optimizer(model, args.lr_fusion, args.lr_encoders, args.weight_decay)
     n = args.batch * args.accum                     # samples a step
     batch = synthetic_batch(model.cfg, n, device=d.device, data=dcfg, **BENCH_SHAPES[args.preset])
-    if objective.static_rows is not None:
-        D.check_masked_rows(objective.static_rows, batch)
+    objective.check_batch(batch)
     mbs = split_batch(batch, args.accum)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
 
