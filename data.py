@@ -90,7 +90,7 @@ def mask_tokens_max(length, ratio=0.3):
 # ----------------------------------------------------------------------------------------------------
 # Masked vision modelling: tube masking (appendix A.1)
 
-def tube_mask(frames, height, width, ratio=0.5, generator=None):
+def tube_mask(frames, height, width, ratio=0.5, generator=None, static=False):
     """3D tube mask on the visual-token grid (appendix A.1; Wang et al. 2021).
 
     The grid is the MVM prediction grid: `frames` = T, `height` = H/16, `width` = W/16 (one PeCo token
@@ -99,6 +99,10 @@ def tube_mask(frames, height, width, ratio=0.5, generator=None):
       - a tube length l uniform in [ceil(frames/2), frames],
       - a start frame t uniform in [0, frames - l],
     and masks the 2D positions in frames t .. t+l-1 and nowhere else (no wrap-around).
+    static=True (an image as a clip of identical frames, `read_image`): the tube spans every frame (l = T,
+    t = 0). A frame left unmasked would show the very content, and hence the very target ids, of the masked
+    cells of the others; the paper's tube is written for videos and says nothing of images (README,
+    "Differences from the paper").
     Returns mask: [frames, height, width] bool, True is masked.
 
     How the other grids see it (`tube_to_patch_mask`): the Video Swin patch grid is T/2 x H/4 x W/4
@@ -113,9 +117,12 @@ def tube_mask(frames, height, width, ratio=0.5, generator=None):
     k = int(round(ratio * n))
     flat = torch.zeros(n, dtype=torch.bool)
     flat[torch.randperm(n, generator=g)[:k]] = True
-    lo = math.ceil(frames / 2)
-    length = int(torch.randint(lo, frames + 1, (1,), generator=g))
-    start = int(torch.randint(0, frames - length + 1, (1,), generator=g))
+    if static:
+        length, start = frames, 0
+    else:
+        lo = math.ceil(frames / 2)
+        length = int(torch.randint(lo, frames + 1, (1,), generator=g))
+        start = int(torch.randint(0, frames - length + 1, (1,), generator=g))
     mask = torch.zeros(frames, height, width, dtype=torch.bool)
     mask[start:start + length] = flat.view(height, width)
     return mask
@@ -763,7 +770,8 @@ class ManifestDataset(torch.utils.data.Dataset):
     """One JSON Lines manifest -> examples (dicts of numpy arrays and lists); a bad row raises BadExample.
 
     An example holds "source", "line", "modalities", and per modality
-      "video" uint8 [T, H, W, 3] (images: the same frame T times), "audio" float32 [N] at 16 kHz mono,
+      "video" uint8 [T, H, W, 3] (images: the same frame T times, and "static": True), "audio" float32 [N]
+      at 16 kHz mono,
       "text_ids" list of ids ([CLS] ... [SEP]; videos join caption and transcript, section 4.2.2),
     the downstream label fields present in the row, "video_targets"/"audio_targets" when the manifest
     has an offline VQ-target cache written for this DataConfig ("stale_targets": True instead when the row
@@ -856,6 +864,7 @@ class ManifestDataset(torch.utils.data.Dataset):
                 ex["video"] = read_video(self._file(row["video"]), cfg.frames, cfg.image_size, start, end)
             else:
                 ex["video"] = read_image(self._file(row["image"]), cfg.frames, cfg.image_size)
+                ex["static"] = True                   # identical frames: collate masks all of them alike
             timing["video"] = time.perf_counter() - t
         if "audio" in self.modalities:
             t = time.perf_counter()
@@ -886,7 +895,8 @@ class ManifestDataset(torch.utils.data.Dataset):
 def collate(examples, cfg, tokenizer, generator=None):
     """A list of examples from one source -> a batch dict (see the module docstring for the keys).
 
-      video [B, 3, T, H, W] float (normalised, unmasked), video_mask [B, T, H/16, W/16] bool (tube_mask)
+      video [B, 3, T, H, W] float (normalised, unmasked), video_mask [B, T, H/16, W/16] bool (tube_mask; an
+      image's example, "static": True, gets the same 2D mask on all its identical frames)
       text_ids [B, T_l] long (MLM-masked), text_ids_clean [B, T_l], text_attention [B, T_l] bool,
       text_labels [B, T_l] long (-100 where not selected)
       audio [B, N] float, audio_attention [B, N] bool, audio_mask [B, T_s] bool (span_mask_batch over each
@@ -910,8 +920,8 @@ def collate(examples, cfg, tokenizer, generator=None):
         std = torch.tensor(cfg.std).view(1, 3, 1, 1, 1)
         batch["video"] = v.mul_(1.0 / (255.0 * std)).sub_(torch.tensor(cfg.mean).view(1, 3, 1, 1, 1) / std)
         T, H, W = v.shape[2:]
-        batch["video_mask"] = torch.stack([tube_mask(T, H // cfg.token_patch, W // cfg.token_patch, cfg.tube_ratio, g)
-                                           for _ in range(B)])
+        batch["video_mask"] = torch.stack([tube_mask(T, H // cfg.token_patch, W // cfg.token_patch, cfg.tube_ratio, g,
+                                                     static=e.get("static", False)) for e in examples])
         if all("video_targets" in e for e in examples):
             batch["video_targets"] = torch.stack([torch.as_tensor(e["video_targets"]).long() for e in examples])
     if "text" in mods and tokenizer is not None:

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 
 from data import tube_to_patch_mask
-from losses import PAIR_NAMES, LogitScales
+from losses import PAIR_NAMES, WEIGHT_OF, LearnedLossWeights, LogitScales
 from model.deberta import DEBERTA_V3_BASE, Deberta, DebertaConfig
 from model.fusion import MODALITIES, FusionConfig, FusionNetwork, joint_representation, masked_mean
 from model.heads import MLMHead, MSMHead, MVMHead
@@ -37,7 +37,8 @@ from model.wavlm import WAVLM_LARGE, SpeechConfig, SpeechEncoder
 
 # Fields added after the first checkpoints were written, with the value that reproduces what a checkpoint
 # without the field did: from_dict fills them in, so a loaded or resumed model computes what it was trained on.
-FIELDS_ADDED_LATER = {"normalize_audio": False, "video_tokenizer": None, "speech_tokenizer": None}
+FIELDS_ADDED_LATER = {"normalize_audio": False, "video_tokenizer": None, "speech_tokenizer": None,
+                      "learned_loss_weights": False}
 
 
 @dataclass
@@ -59,6 +60,8 @@ class ICodeConfig:
     speech_tokenizer_features: str = "logmel"  # BEST-RQ speech input: "logmel" or "wave"
     normalize_audio: bool = True   # zero mean, unit variance per utterance before the speech encoder, as the
                                    # WavLM-large / HuBERT-large feature extractors do (do_normalize=True)
+    learned_loss_weights: bool = False  # eq. (3) with learned weights (losses.LearnedLossWeights) instead of the
+                                        # paper's fixed alpha, beta, gamma, lambda (section 4.2.2 tried both)
 
     @staticmethod
     def from_dict(d):
@@ -233,6 +236,7 @@ class ICode(nn.Module):
         self.mvm_head = MVMHead(D, cfg.video_codebook)
         self.msm_head = MSMHead(D, groups=cfg.speech_groups, vars=cfg.speech_vars, combined=cfg.msm_combined)
         self.logit_scales = LogitScales()
+        self.loss_weights = LearnedLossWeights() if cfg.learned_loss_weights else None   # eq. (3), learned
         # Frozen target tokenizers (section 4.2.1): pretrained ones where the config has their architectures,
         # BEST-RQ random projections otherwise (README, "Differences from the paper").
         self.video_tokenizer, self.speech_tokenizer = target_tokenizers(cfg, **(tokenizers or {}))
@@ -351,8 +355,9 @@ class ICode(nn.Module):
         """The trainable parameters a pretraining step on a batch holding only `present` modalities
         does not touch: the absent encoders, their projections and heads, co-attention's modules of
         absent modalities (and every cross-attention when one modality is alone), the logit scales of
-        absent pairs. train.py joins them to the graph with a zero coefficient (so DDP needs no
-        `find_unused_parameters`) and then drops their gradients (so AdamW leaves them alone).
+        absent pairs, the learned eq. (3) weights of absent terms. train.py joins them to the graph with a
+        zero coefficient (so DDP needs no `find_unused_parameters`) and then drops their gradients (so AdamW
+        leaves them alone).
         tests/test_icode.py checks this list against autograd for every subset."""
         present = set(present)
         mods = []
@@ -370,6 +375,11 @@ class ICode(nn.Module):
                 mods += [layer.cross_attn[m] for m in present] + [layer.cross_norm[m] for m in present]
         params = [p for mod in mods for p in mod.parameters()]
         params += [self.logit_scales.scale[name] for pair, name in PAIR_NAMES.items() if not set(pair) <= present]
+        if self.loss_weights is not None:   # the learned weights of the terms this batch lacks
+            terms = {"mlm": "text" in present, "mvm": "video" in present, "msm": "audio" in present,
+                     **{name: set(pair) <= present for pair, name in PAIR_NAMES.items()}}
+            used = {WEIGHT_OF[k] for k, on in terms.items() if on}
+            params += [s for w, s in self.loss_weights.s.items() if w not in used]
         seen, out = set(), []
         for p in params:  # de-duplicated: a shared co-attention FFN or a tied decoder appears once
             if p.requires_grad and id(p) not in seen:

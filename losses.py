@@ -6,7 +6,9 @@ Pure functions first, thin modules after (the open_clip / TorchMultimodal patter
     masked_unit_loss   cross-entropy over masked positions only, mean over their count (MLM, MVM eq. (6), MSM)
     info_nce           L_a2b + L_b2a, eq. (1), optionally with negatives from every GPU
     pretraining_loss   eq. (3): alpha L_MLM + beta L_MVM + gamma L_MSM + lambda (L_vl + L_vs + L_ls)
+    learned_weights_loss  eq. (3) with learned weights (Kendall et al. 2018), the paper's other option
     LogitScales        the learnable temperatures tau_vl, tau_vs, tau_ls (CLIP's convention)
+    LearnedLossWeights the learned weights' parameters s_alpha, s_beta, s_gamma, s_lambda
 """
 import math
 
@@ -111,8 +113,10 @@ def info_nce(r_a, r_b, logit_scale, gather=True):
     return a2b + b2a
 
 
-# Eq. (3)'s weights as the paper sets them (section 4.2.2): alpha, beta, gamma and lambda.
+# Eq. (3)'s weights as the paper sets them (section 4.2.2): alpha, beta, gamma and lambda, and which term each
+# multiplies.
 PAPER_WEIGHTS = dict(alpha=0.5, beta=0.6, gamma=1.0, lam=1.0)
+WEIGHT_OF = {"mlm": "alpha", "mvm": "beta", "msm": "gamma", "vl": "lam", "vs": "lam", "ls": "lam"}
 
 
 def pretraining_loss(mlm=None, mvm=None, msm=None, vl=None, vs=None, ls=None, *, alpha=PAPER_WEIGHTS["alpha"],
@@ -122,12 +126,59 @@ def pretraining_loss(mlm=None, mvm=None, msm=None, vl=None, vs=None, ls=None, *,
     Defaults: the paper's (PAPER_WEIGHTS). A term that is None (its modality or pair is absent from the
     batch) is skipped. Returns (total, {name: term}) with the unweighted terms.
     """
-    weights = {"mlm": alpha, "mvm": beta, "msm": gamma, "vl": lam, "vs": lam, "ls": lam}
+    weights = dict(alpha=alpha, beta=beta, gamma=gamma, lam=lam)
     terms = {k: v for k, v in dict(mlm=mlm, mvm=mvm, msm=msm, vl=vl, vs=vs, ls=ls).items() if v is not None}
     if not terms:
         raise ValueError("pretraining_loss got no terms: the batch holds no modality")
-    total = sum(weights[k] * v for k, v in terms.items())
+    total = sum(weights[WEIGHT_OF[k]] * v for k, v in terms.items())
     return total, terms
+
+
+def learned_weights_loss(terms, log_vars):
+    """Eq. (3) with learned combination weights ("we experiment with both fixed and learnable combination
+    weights", section 4.2.2), in the homoscedastic-uncertainty form of Kendall et al. (2018, eq. (7), without
+    its factors 1/2, as it is usually implemented), which cannot lower the loss by driving a weight to zero:
+
+        L = sum_w ( exp(-s_w) L_w + s_w ),   L_w = the sum of the terms weighted by w (lambda: L_vl + L_vs + L_ls)
+
+    over the weights w in {alpha, beta, gamma, lambda} whose terms are present. The effective weight is
+    exp(-s_w); dL/ds_w = 1 - exp(-s_w) L_w, zero where exp(-s_w) = 1 / L_w.
+    terms: {name: term} as `pretraining_loss` takes them (absent terms left out); log_vars: {w: s_w scalar}.
+    Returns (total, {name: term})."""
+    if not terms:
+        raise ValueError("learned_weights_loss got no terms: the batch holds no modality")
+    unknown = set(terms) - set(WEIGHT_OF)
+    if unknown:
+        raise ValueError(f"unknown loss terms {sorted(unknown)}; known: {sorted(WEIGHT_OF)}")
+    total = 0.0
+    for w in dict.fromkeys(WEIGHT_OF.values()):
+        group = [v for k, v in terms.items() if WEIGHT_OF[k] == w]
+        if group:
+            total = total + torch.exp(-log_vars[w]) * sum(group) + log_vars[w]
+    return total, terms
+
+
+class LearnedLossWeights(nn.Module):
+    """The parameters s_w of `learned_weights_loss`, one per weight of eq. (3), initialised so that exp(-s_w)
+    equals the paper's fixed weight (PAPER_WEIGHTS): at the first step the objective is the fixed-weight
+    eq. (3) plus the constant sum_w -ln(w)."""
+
+    def __init__(self, init=PAPER_WEIGHTS):
+        super().__init__()
+        self.s = nn.ParameterDict({w: nn.Parameter(torch.tensor(-math.log(init[w]))) for w in PAPER_WEIGHTS})
+
+    def weights(self):
+        """{w: exp(-s_w)}: the current effective weights (tensors in the graph)."""
+        return {w: torch.exp(-s) for w, s in self.s.items()}
+
+    def penalty(self, present):
+        """sum of s_w over the weights of the present terms: the part of `learned_weights_loss` that is not
+        a weighted term (train.py adds it once per step, not once per micro-batch)."""
+        used = {WEIGHT_OF[k] for k in present}
+        return sum(self.s[w] for w in self.s if w in used)
+
+    def forward(self, terms):
+        return learned_weights_loss(terms, dict(self.s))
 
 
 class LogitScales(nn.Module):

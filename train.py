@@ -40,7 +40,7 @@ from safetensors.torch import load_model as load_safetensors_into
 
 import data as D
 from icode import ICode, ICodeConfig, preset, pretrained_targets, target_fingerprint, target_tokenizers
-from losses import PAIR_NAMES, PAPER_WEIGHTS, masked_unit_loss, pretraining_loss
+from losses import PAIR_NAMES, PAPER_WEIGHTS, LearnedLossWeights, masked_unit_loss, pretraining_loss
 from model.weights import load_state_strict
 
 TERMS = ("mlm", "mvm", "msm", "vl", "vs", "ls")
@@ -221,27 +221,33 @@ def check_preset(ckpt, preset_name, fusion=None):
     return mode
 
 
+SCALARS = ("logit_scales", "loss_weights")   # ICode's scalars in log space: ln(tau) per pair, the learned s_w
+
+
 def no_decay(name, p):
     """No weight decay on norms, biases (1-D tensors) and embedding tables (token, relative-position,
     modality, mask, position-bias tables, logit scales), following BERT / CLIP practice. Projections named
     "embed" (Swin's patch embedding, a convolution) are weights like any other and decay."""
     keys = ("word_embeddings", "position_embeddings", "rel_embeddings", "modality_embed", "mask_token",
-            "relative_position_bias_table", "logit_scales", "rel_attn_embed")
+            "relative_position_bias_table", "rel_attn_embed") + SCALARS
     return p.dim() < 2 or any(k in name for k in keys)
 
 
-def build_optimizer(model, lr_fusion, lr_encoders, weight_decay, fused=None):
-    """AdamW with two learning rates (section 4.2.2: 2e-5 fusion and heads, 1e-5 encoders)."""
+def build_optimizer(model, lr_fusion, lr_encoders, weight_decay, fused=None, lr_scales=None):
+    """AdamW with the learning rates of section 4.2.2 (2e-5 fusion and heads, 1e-5 encoders) and a third for
+    the scalars in log space, the logit scales ln(tau) and the learned eq. (3) weights' s_w (`lr_scales`,
+    default lr_fusion; train.py's --lr-temperature, README "Differences from the paper")."""
     groups = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        enc = name.split(".")[0] in ("text", "vision", "speech")
-        key = (enc, no_decay(name, p))
-        groups.setdefault(key, []).append(p)
-    param_groups = [{"params": ps, "lr": lr_encoders if enc else lr_fusion, "base_lr": lr_encoders if enc else lr_fusion,
-                     "weight_decay": 0.0 if nd else weight_decay, "name": f"{'encoders' if enc else 'fusion'}"
-                     f"{'_no_decay' if nd else ''}"} for (enc, nd), ps in sorted(groups.items())]
+        top = name.split(".")[0]
+        kind = "encoders" if top in ("text", "vision", "speech") else "scales" if top in SCALARS else "fusion"
+        groups.setdefault((kind, no_decay(name, p)), []).append(p)
+    lr = {"encoders": lr_encoders, "fusion": lr_fusion, "scales": lr_fusion if lr_scales is None else lr_scales}
+    param_groups = [{"params": ps, "lr": lr[kind], "base_lr": lr[kind], "weight_decay": 0.0 if nd else weight_decay,
+                     "name": kind + ("_no_decay" if nd and kind != "scales" else "")}
+                    for (kind, nd), ps in sorted(groups.items())]
     if fused is None:
         fused = next(model.parameters()).is_cuda
     return torch.optim.AdamW(param_groups, betas=(0.9, 0.98), eps=1e-6, fused=fused)
@@ -270,6 +276,19 @@ def clip_and_step(opt, params, norm, max_norm):
 def grad_norm(params):
     """Global L2 norm of the gradients of `params` (those that have one), as clip_grad_norm_ computes it."""
     return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+
+
+PAPER_GLOBAL_BATCH = 1728   # section 4.2.2: "effective batch size 1728" on 72 A100 GPUs
+
+
+def steps_for_epochs(epochs, sampler):
+    """Optimiser steps for `epochs` passes over the data (section 4.2.2: "we pretrain for 3 epochs"). One epoch
+    is sum_s E_s steps, E_s = the full batches in one epoch of source s (each rank's share of n_s rows in batches
+    of the per-rank batch, the tail dropped): every full batch of every source once when the mixing weights
+    are proportional to the E_s. Returns (steps, {source: expected passes p_s * steps / E_s})."""
+    per_epoch = [sampler.sizes[s] // sampler.world_size // sampler.batch_size for s in range(len(sampler.sizes))]
+    steps = math.ceil(epochs * sum(per_epoch))
+    return steps, {name: float(p * steps / e) if e else 0.0 for name, p, e in zip(sampler.names, sampler.p, per_epoch)}
 
 
 def lr_factor(step, warmup, total, decay="cosine"):
@@ -305,6 +324,7 @@ class PretrainObjective(nn.Module):
     the gradients add up to those of the single-batch mean, eq. (6).
     Contrastive: without a cache, the InfoNCE terms on this micro-batch (gathered across ranks); with a cache
     (gradient cache), <r, dL/dr> + <tau, dL/dtau> / n_micro whose gradient equals the contrastive one.
+    Eq. (3)'s weights: `weights` (fixed), or the model's learned ones (ICode.loss_weights, `eq3`).
     """
 
     def __init__(self, model, weights, unmasked_contrastive=False, static_rows=None):
@@ -320,6 +340,15 @@ class PretrainObjective(nn.Module):
         if self.static_rows is not None:
             D.check_masked_rows(self.static_rows, batch)
 
+    def eq3(self, terms, n_micro=1):
+        """Eq. (3) over `terms` ({name: term}): the fixed `weights`, or the model's learned weights
+        (losses.learned_weights_loss) whose penalty sum_w s_w is shared among the step's n_micro micro-batches
+        (so a step adds it once)."""
+        learned = self.model.loss_weights
+        if learned is None:
+            return pretraining_loss(**terms, **self.weights)[0]
+        return pretraining_loss(**terms, **learned.weights())[0] + learned.penalty(terms) / n_micro
+
     def representations(self, batch):
         """Section 4.2.2 representations {m: [b, D]}; masked encoder outputs reused unless configured."""
         if self.unmasked_contrastive and len(batch["modalities"]) < 2:
@@ -328,7 +357,7 @@ class PretrainObjective(nn.Module):
         reps = self.model.contrastive_representations(feats, valids) if len(feats) > 1 else {}
         return reps, (None if self.unmasked_contrastive else (feats, valids))
 
-    def forward(self, batch, targets, norms, world, cache=None, touch=()):
+    def forward(self, batch, targets, norms, world, cache=None, touch=(), n_micro=1):
         # The same order of random draws as the cache pass: representations first.
         reps, feats_valids = self.representations(batch)
         feats, valids = feats_valids or self.model.pretrain_features(batch, masked=True)
@@ -338,12 +367,12 @@ class PretrainObjective(nn.Module):
         terms = {k: masked_unit_loss(lg, tg, normalizer=norms[idx[k]]) * world for k, (lg, tg) in logits.items()}
         if cache is None:
             terms.update(self.model.logit_scales(reps))
-            loss, _ = pretraining_loss(**terms, **self.weights)
-        else:
-            rep_grads, scale_grads, n_micro = cache
-            loss, _ = pretraining_loss(**terms, **self.weights) if terms else (0.0, {})
+            loss = self.eq3(terms, n_micro)
+        else:   # gradient cache: the contrastive part through the cached gradients (train_step)
+            rep_grads, scalar_grads = cache
+            loss = self.eq3(terms, n_micro) if terms else 0.0
             loss = loss + sum((reps[m].float() * rep_grads[m]).sum() for m in reps)
-            loss = loss + sum(self.model.logit_scales.scale[k] * g / n_micro for k, g in scale_grads.items())
+            loss = loss + sum(p * g / n_micro for p, g in scalar_grads)
         if touch:  # join unused parameters with coefficient 0 (see ICode.unused_parameters)
             loss = loss + sum(p.reshape(-1)[0] for p in touch) * 0.0
         return loss, {k: v.detach() / world if k in idx else v.detach() for k, v in terms.items()}
@@ -426,7 +455,7 @@ def set_rng_state(state, device):
         torch.cuda.set_rng_state(state[1], device)
 
 
-def train_step(objective, ddp, micro_batches, d, autocast, weights):
+def train_step(objective, ddp, micro_batches, d, autocast):
     """Forward and backward of one optimiser step over `micro_batches` (gradient cache when > 1).
     Returns the global loss terms (all-reduced, for logging) as {name: float tensor}."""
     model = objective.model
@@ -446,24 +475,25 @@ def train_step(objective, ddp, micro_batches, d, autocast, weights):
                 reps.append(objective.representations(mb)[0])
         # 2. contrastive loss on the whole local batch (against every rank's columns) and dL/dr
         cat = {m: torch.cat([r[m] for r in reps]).float().requires_grad_(True) for m in reps[0]}
-        scales = model.logit_scales.scale
         con = model.logit_scales(cat)
-        lam = weights["lam"]
-        total = lam * sum(con.values())
-        grads = torch.autograd.grad(total, list(cat.values()) + [scales[k] for k in con])
+        total = objective.eq3(con)                         # lambda (L_vl + L_vs + L_ls) (+ s_lambda if learned)
+        scalars = [model.logit_scales.scale[k] for k in con]
+        if model.loss_weights is not None:
+            scalars.append(model.loss_weights.s["lam"])
+        grads = torch.autograd.grad(total, list(cat.values()) + scalars)
         rep_grads = dict(zip(cat, grads[:len(cat)]))
-        scale_grads = dict(zip(con, grads[len(cat):]))
+        scalar_grads = list(zip(scalars, grads[len(cat):]))
         con_terms = {k: v.detach() for k, v in con.items()}
         b = batch_size(micro_batches[0])
     terms_sum = {}
     for i, mb in enumerate(micro_batches):
         if n > 1 and len(present) > 1:
             set_rng_state(states[i], d.device)   # 3. same dropout as in pass 1
-            cache = ({m: g[i * b:(i + 1) * b] for m, g in rep_grads.items()}, scale_grads, n)
+            cache = ({m: g[i * b:(i + 1) * b] for m, g in rep_grads.items()}, scalar_grads)
         sync = contextlib.nullcontext() if (i == n - 1 or not hasattr(ddp, "no_sync")) else ddp.no_sync()
         with sync:
             with autocast():
-                loss, terms = ddp(mb, targets[i], norms, d.world, cache, touch)
+                loss, terms = ddp(mb, targets[i], norms, d.world, cache, touch, n)
             loss.backward()
         for k, v in terms.items():
             terms_sum[k] = terms_sum.get(k, 0) + (v / n if k in PAIR_NAMES.values() else v)
@@ -644,12 +674,19 @@ def parse_args(argv=None):
     p.add_argument("--speech-encoder", default=None,
                    help="pretrained WavLM or HuBERT folder (which one, its config.json says)")
     p.add_argument("--vision-encoder", default=None, help="pretrained image Swin folder (inflated to video)")
-    p.add_argument("--batch", type=int, default=16, help="micro-batch per device")
+    p.add_argument("--batch", type=int, default=None,
+                   help="micro-batch per device (default: tiny 16; paper 24, i.e. 1728 over 72 GPUs, section 4.2.2)")
     p.add_argument("--accum", type=int, default=1, help="micro-batches per step (gradient cache when > 1)")
     p.add_argument("--global-batch", type=int, default=None, help="check: must equal batch x accum x world")
     p.add_argument("--steps", type=int, default=None, help="optimiser steps (default: tiny 500, paper 100000)")
+    p.add_argument("--epochs", type=float, default=None,
+                   help="instead of --steps: passes over the data (section 4.2.2: 3), converted to steps from the "
+                        "sources' sizes and the global batch (steps_for_epochs)")
     p.add_argument("--lr-fusion", type=float, default=None, help="fusion + heads LR (paper 2e-5; tiny 3e-4)")
     p.add_argument("--lr-encoders", type=float, default=None, help="encoders LR (paper 1e-5; tiny 3e-4)")
+    p.add_argument("--lr-temperature", type=float, default=None,
+                   help="LR of the logit scales ln(tau) and the learned eq. (3) weights (default: paper 5e-4, CLIP's "
+                        "base LR; tiny 3e-4, its base LR)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up steps (paper 20000; tiny 50)")
     p.add_argument("--decay", default="cosine", choices=["cosine", "linear"], help="decay after warm-up")
     p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
@@ -658,6 +695,9 @@ def parse_args(argv=None):
     p.add_argument("--beta", type=float, default=PAPER_WEIGHTS["beta"], help="eq. (3) weight of L_MVM")
     p.add_argument("--gamma", type=float, default=PAPER_WEIGHTS["gamma"], help="eq. (3) weight of L_MSM")
     p.add_argument("--lam", type=float, default=PAPER_WEIGHTS["lam"], help="eq. (3) weight of the contrastive terms")
+    p.add_argument("--loss-weights", default="fixed", choices=["fixed", "learnable"],
+                   help="eq. (3)'s weights: fixed (--alpha ... --lam) or learned from the paper's values "
+                        "(losses.learned_weights_loss, Kendall et al. 2018)")
     p.add_argument("--contrastive-inputs", default=None, choices=["masked", "unmasked"],
                    help="contrastive branch on the masked encoder outputs (reused, as FLIP; paper default) or on a "
                         "separate unmasked encoder pass (tiny default: from-scratch encoders learn the speech "
@@ -691,10 +731,19 @@ def parse_args(argv=None):
     if a.keep < 1:
         p.error(f"--keep must be at least 1 (the checkpoint --resume needs), got {a.keep}")
     tiny = a.preset == "tiny"
-    a.steps = a.steps if a.steps is not None else (500 if tiny else 100000)
+    if a.steps is not None and a.epochs is not None:
+        p.error("give --steps or --epochs, not both")
+    if a.epochs is not None and a.epochs <= 0:
+        p.error(f"--epochs must be positive, got {a.epochs}")
+    if a.epochs is None:
+        a.steps = a.steps if a.steps is not None else (500 if tiny else 100000)
+    a.batch = a.batch if a.batch is not None else (16 if tiny else 24)
     # tiny: from-scratch encoders; 1e-3 and above collapse the contrastive terms to log(B) (README, Results)
     a.lr_fusion = a.lr_fusion if a.lr_fusion is not None else (3e-4 if tiny else 2e-5)
     a.lr_encoders = a.lr_encoders if a.lr_encoders is not None else (3e-4 if tiny else 1e-5)
+    # ln(tau) starts fresh as in CLIP, which trains it at its model's base LR (5e-4 for ViT-B/32, Radford et al.
+    # 2021, Table 20); at the fusion's 2e-5 Adam could move it by at most ~2 in 100,000 steps (README)
+    a.lr_temperature = a.lr_temperature if a.lr_temperature is not None else (3e-4 if tiny else 5e-4)
     a.warmup = a.warmup if a.warmup is not None else (50 if tiny else 20000)
     a.out = a.out or (TOY_OUT if a.data is None else os.path.join("runs", "pretrain"))
     a.contrastive_inputs = a.contrastive_inputs or ("unmasked" if tiny else "masked")
@@ -713,12 +762,18 @@ def parse_args(argv=None):
 
 
 def build_from_args(args, text_vocab):
+    learned = args.loss_weights == "learnable"
     if args.init:
         if args.video_tokenizer or args.speech_tokenizer:
             raise ValueError(f"--init {args.init} brings its own target tokenizers (its weights): drop "
                              f"--video-tokenizer / --speech-tokenizer")
-        return load_model(args.init)
+        model = load_model(args.init)
+        if model.cfg.learned_loss_weights != learned:   # eq. (3)'s weights from the paper's, the rest from --init
+            model.cfg = replace(model.cfg, learned_loss_weights=learned)
+            model.loss_weights = LearnedLossWeights() if learned else None
+        return model
     fields, toks = pretrained_targets(args.video_tokenizer, args.speech_tokenizer)   # {}, {}: random projections
+    fields["learned_loss_weights"] = learned
     if args.text_encoder or args.speech_encoder or args.vision_encoder:
         from model import load_encoder
         if not (args.text_encoder and args.speech_encoder and args.vision_encoder):
@@ -778,10 +833,17 @@ def main(argv=None):
     loader = D.make_loader(manifests, args.data_weights or [1.0] * len(manifests), dcfg, tokenizer,
                            batch_size=args.batch * args.accum, rank=d.rank, world_size=d.world, seed=args.seed,
                            num_workers=workers, log=log)
+    if args.epochs is not None:
+        args.steps, passes = steps_for_epochs(args.epochs, loader.sampler)
+        print0(f"--epochs {args.epochs:g}: {args.steps} steps of global batch {global_batch}; expected passes per "
+               f"source: " + ", ".join(f"{k} {v:.2f}" for k, v in passes.items()))
+    if args.preset == "paper" and global_batch != PAPER_GLOBAL_BATCH:
+        print0(f"note: global batch {global_batch} (batch {args.batch} x accum {args.accum} x world {d.world}); the "
+               f"paper's is {PAPER_GLOBAL_BATCH} (section 4.2.2)")
     manifest_of = {ds.name: ds.path for ds in loader.datasets}   # for common_batch's message on a stop
     weights = dict(alpha=args.alpha, beta=args.beta, gamma=args.gamma, lam=args.lam)
     objective = PretrainObjective(model, weights, args.unmasked_contrastive, static_rows(args, dcfg))
-    opt = build_optimizer(model, args.lr_fusion, args.lr_encoders, args.weight_decay)
+    opt = build_optimizer(model, args.lr_fusion, args.lr_encoders, args.weight_decay, lr_scales=args.lr_temperature)
     ddp = wrap_ddp(objective, d)
     if args.compile:
         ddp = compile_step(ddp, args.compile_mode, eager_random=args.accum > 1)   # gradient cache: same dropout
@@ -848,8 +910,9 @@ def main(argv=None):
                 set_rng_state(state, d.device)
                 # before the first step: hand the eager pass's blocks back to the GPU for CUDA graphs' own pool
                 torch.cuda.empty_cache()
-            terms = train_step(objective, ddp, mbs, d, autocast, weights)
-            total, _ = pretraining_loss(**{k: v for k, v in terms.items()}, **weights)
+            terms = train_step(objective, ddp, mbs, d, autocast)
+            with torch.no_grad():
+                total = objective.eq3(terms)
             finite = torch.isfinite(total).item()
             gnorm = grad_norm(model.parameters()) if finite else torch.tensor(float("nan"))
             # A finite loss can still have an inf / NaN gradient (an overflow in the backward): AdamW would write
@@ -874,6 +937,8 @@ def main(argv=None):
             rec = {"step": step, "loss": total.item(), **{k: round(v.item(), 5) for k, v in terms.items()},
                    "grad_norm": round(float(gnorm), 4),
                    **{f"logit_scale_{k}": round(p.exp().item(), 3) for k, p in model.logit_scales.scale.items()},
+                   **({f"weight_{w}": round(v.item(), 4) for w, v in model.loss_weights.weights().items()}
+                      if model.loss_weights is not None else {}),
                    **{f"lr_{g['name']}": g["lr"] for g in opt.param_groups},
                    **step_rates(n_step, dt, d.world, flops_per_sample, peak),
                    "data_s": round(t_data, 4), "compute_s": round(dt - t_data, 4), "source": batch.get("source")}
@@ -1061,7 +1126,7 @@ def benchmark(args, d):
     dcfg = D.PAPER_DATA if paper else D.TOY_DATA                # the masking settings of the synthetic batch
     objective = PretrainObjective(model, weights, args.unmasked_contrastive, static_rows(args, dcfg))
     runner = compile_step(objective, args.compile_mode, eager_random=args.accum > 1) if args.compile else objective
-    opt = build_optimizer(model, args.lr_fusion, args.lr_encoders, args.weight_decay)
+    opt = build_optimizer(model, args.lr_fusion, args.lr_encoders, args.weight_decay, lr_scales=args.lr_temperature)
     n = args.batch * args.accum                     # samples a step
     batch = synthetic_batch(model.cfg, n, device=d.device, data=dcfg, **BENCH_SHAPES[args.preset])
     objective.check_batch(batch)
@@ -1069,7 +1134,7 @@ def benchmark(args, d):
     sync = torch.cuda.synchronize if cuda else (lambda: None)
 
     def step():
-        terms = train_step(objective, runner, mbs, d, autocast, weights)
+        terms = train_step(objective, runner, mbs, d, autocast)
         clip_and_step(opt, model.parameters(), grad_norm(model.parameters()), args.clip)
         model.logit_scales.clamp_()
         opt.zero_grad(set_to_none=True)
@@ -1103,7 +1168,8 @@ def benchmark(args, d):
     med = times[len(times) // 2]
     peak_mem = torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None
     peak = matmul_peak(d.device) if cuda else None
-    total, _ = pretraining_loss(**terms, **weights)
+    with torch.no_grad():
+        total = objective.eq3(terms)
     out = {"impl": "icode-from-scratch", "size": "full" if paper else "tiny", "batch": args.batch,
            "accum": args.accum, "contrastive_inputs": args.contrastive_inputs, "compile": args.compile,
            "compile_mode": args.compile_mode if args.compile else None, "checkpointing": args.checkpointing,

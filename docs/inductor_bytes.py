@@ -96,7 +96,7 @@ def measure(preset, batch):
     objective = train.PretrainObjective(model, WEIGHTS)
     b = train.synthetic_batch(model.cfg, batch, device="cpu", **train.BENCH_SHAPES[preset])
     autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
-    train.train_step(objective, train.compile_step(objective), [b], train.Dist(), autocast, WEIGHTS)
+    train.train_step(objective, train.compile_step(objective), [b], train.Dist(), autocast)
     targets = model.targets(b)                    # the same step's attention calls, eagerly, for their shapes
     with RecordSDPA(), autocast():
         objective(b, targets, train.count_targets(targets, model.cfg.msm_combined), 1)

@@ -249,7 +249,10 @@ _HF_DEFAULTS = dict(  # DebertaV2Config defaults (and the getattr defaults in mo
 
 
 def config_from_hf(cfg):
-    """DebertaConfig from a Hugging Face DebertaV2 config.json dict (missing fields take HF's defaults)."""
+    """DebertaConfig from a Hugging Face DebertaV2 config.json dict (missing fields take HF's defaults).
+    DeBERTa-V3 checkpoints are DebertaV2 models: model_type "deberta-v2"."""
+    if cfg.get("model_type", "deberta-v2") != "deberta-v2":
+        raise ValueError(f"model_type {cfg.get('model_type')!r}: expected 'deberta-v2' (DeBERTa-V2 / V3 checkpoints)")
     if cfg.get("conv_kernel_size", 0) > 0 or cfg.get("embedding_size", cfg.get("hidden_size")) != cfg.get("hidden_size"):
         raise ValueError("DeBERTa-V2 conv layer / embedding_size != hidden_size are not supported (V3 uses neither)")
     kw = {f.name: cfg.get(f.name, _HF_DEFAULTS[f.name]) for f in fields(DebertaConfig)}

@@ -5,6 +5,7 @@ Everything runs on real files written here (H.264 MP4 with AAC, JPEG, WAV, FLAC)
 import hashlib
 import itertools
 import json
+import math
 import os
 import shutil
 
@@ -149,6 +150,42 @@ def test_odd_resolution_and_image(tmp_path):
     v = data.read_image(str(tmp_path / "a.jpg"), 4, 32)
     assert v.shape == (4, 32, 32, 3) and all(np.array_equal(v[0], x) for x in v)
     assert v[0, :, :10].mean() < 20 and v[0, :, -10:].mean() > 180  # centre crop keeps both halves
+
+
+def test_collate_masks_images_in_every_frame_and_videos_with_a_tube(tmp_path, tok):
+    """collate gives an image row (a static clip) one 2D mask on all of its frames and keeps appendix A.1's
+    tube for video rows: their lengths spread over [ceil(T/2), T]. Then end to end: on an image batch from a
+    manifest, every masked token cell is hidden in every frame of the encoder's input (the Video Swin patch
+    mask), while the target ids, computed by the model's own tokenizer, are the same in every frame: a frame
+    left visible would hand the encoder the answer."""
+    from icode import ICode, preset
+    from data import tube_to_patch_mask
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(6):
+        data._write_jpeg(str(tmp_path / f"{i}.jpg"), rng.integers(0, 255, (64, 80, 3), dtype=np.uint8))
+        rows.append({"image": f"{i}.jpg", "text": "a red circle"})
+    ds = data.ManifestDataset(_write_manifest(tmp_path / "img.jsonl", rows), CFG, tok)
+    examples = [ds[i] for i in range(len(ds))]
+    assert all(e["static"] for e in examples)
+    T, h = CFG.frames, CFG.image_size // CFG.token_patch
+    g = torch.Generator().manual_seed(0)
+    for _ in range(30):
+        m = data.collate(examples, CFG, tok, g)["video_mask"]                    # [B, T, h, w]
+        assert all(m[b, 0].any() and all(torch.equal(m[b, t], m[b, 0]) for t in range(T)) for b in range(len(m)))
+    video = {k: v for k, v in examples[0].items() if k != "static"}            # the same clip as a video row
+    lengths = {int(data.collate([video] * 8, CFG, tok, g)["video_mask"][b].flatten(1).any(1).sum())
+               for _ in range(20) for b in range(8)}
+    assert lengths == set(range(math.ceil(T / 2), T + 1)), lengths
+    batch = data.collate(examples, CFG, tok, g)
+    model = ICode(preset("tiny", text_vocab=tok.vocab_size))
+    ids = model.targets(batch)["video"]                                         # -100 where not masked
+    full = model.video_tokenizer(batch["video"])                                # [B, T, h, w] every cell's id
+    assert all(torch.equal(full[:, t], full[:, 0]) for t in range(T))           # identical frames, identical ids
+    patch = tube_to_patch_mask(batch["video_mask"])                             # [B, T/2, H/4, W/4]
+    seen = ~patch.reshape(len(examples), T // 2, h, 4, h, 4).all(5).all(3)      # [B, T/2, h, w] cell visible
+    masked = (ids != -100).any(1)                                               # [B, h, w] a masked cell
+    assert masked.any() and not (seen & masked[:, None]).any()
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -132,6 +132,17 @@ def test_unreadable_files_and_configs_are_named(tmp_path):
         load_deberta(str(tmp_path))
 
 
+def test_a_checkpoint_of_another_model_type_is_named(tmp_path):
+    """load_encoder("deberta-v3", DIR) on a BERT folder names the model_type found and the one expected,
+    before any tensor is compared (not "36 missing tensors")."""
+    from transformers import BertConfig, BertModel
+    from model import load_encoder
+    BertModel(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=37)).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"config.json: model_type 'bert': expected 'deberta-v2'"):
+        load_encoder("deberta-v3", str(tmp_path))
+
+
 @pytest.mark.parametrize("relative_attention,pos_att_type", [(False, ["p2c", "c2p"]), (True, ["p2c", "c2p", "p2p"]),
                                                              (True, ["c2p"])])
 def test_attention_scale_counts_configured_terms_like_hf(tmp_path, relative_attention, pos_att_type):

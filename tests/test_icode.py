@@ -174,8 +174,13 @@ def test_a_cache_of_combined_speech_ids_keeps_its_layout():
     assert torch.equal(tg, b["audio_targets"][b["audio_mask"]])
 
 
-def test_unused_parameters_match_autograd(model):
-    """The parameters ICode.unused_parameters names are exactly those without gradient."""
+@pytest.mark.parametrize("learned", [False, True])
+def test_unused_parameters_match_autograd(model, learned):
+    """The parameters ICode.unused_parameters names are exactly those without gradient (with learned eq. (3)
+    weights too: a weight whose terms are absent gets none)."""
+    if learned:
+        torch.manual_seed(0)
+        model = ICode(replace(model.cfg, learned_loss_weights=True)).eval()
     obj = PretrainObjective(model, PAPER_WEIGHTS)
     for subset in SUBSETS:
         b = subset_batch(model, subset)

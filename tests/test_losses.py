@@ -8,7 +8,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from losses import LogitScales, info_nce, info_nce_directions, masked_unit_loss, pretraining_loss
+from losses import (PAPER_WEIGHTS, LearnedLossWeights, LogitScales, info_nce, info_nce_directions,
+                    learned_weights_loss, masked_unit_loss, pretraining_loss)
 
 
 def brute_info_nce(r_a, r_b, scale):
@@ -102,6 +103,34 @@ def test_pretraining_loss_weights_and_skips():
     assert abs(total.item() - (0.1 * 1 + 0.2 * 2 + 0.3 * 3 + 0.05 * (4 + 5 + 6))) < 1e-6
     with pytest.raises(ValueError):
         pretraining_loss()
+
+
+def test_learned_weights_start_at_the_paper_and_have_the_closed_form_gradient():
+    """Eq. (3) with learned weights (Kendall et al. 2018): at initialisation exp(-s_w) is the paper's weight, so
+    the loss is the fixed-weight eq. (3) plus sum_w s_w = sum_w -ln(w) over the weights whose terms are present;
+    dL/ds_w = 1 - exp(-s_w) L_w (lambda's L_w: the three contrastive terms together)."""
+    t = {k: torch.tensor(float(i + 1)) for i, k in enumerate(["mlm", "mvm", "msm", "vl", "vs", "ls"])}
+    m = LearnedLossWeights()
+    total, terms = m(t)
+    fixed, _ = pretraining_loss(**t)
+    const = sum(-math.log(w) for w in PAPER_WEIGHTS.values())
+    assert terms is t and abs(total.item() - (fixed.item() + const)) < 1e-5
+    part = {"mlm": t["mlm"], "vl": t["vl"]}                       # only alpha's and lambda's terms present
+    total, _ = m(part)
+    assert abs(total.item() - (pretraining_loss(**part)[0].item() - math.log(0.5) - math.log(1.0))) < 1e-6
+    with torch.no_grad():                                         # away from the start, other values per weight
+        for w, v in zip(m.s, (0.3, -0.2, 0.7, -0.5)):
+            m.s[w].fill_(v)
+    total, _ = m(t)
+    grads = torch.autograd.grad(total, list(m.s.values()))
+    L = {"alpha": 1.0, "beta": 2.0, "gamma": 3.0, "lam": 4.0 + 5.0 + 6.0}
+    for (w, s), g in zip(m.s.items(), grads):
+        assert abs(g.item() - (1 - math.exp(-s.item()) * L[w])) < 1e-5, w
+    assert {w: round(v.item(), 6) for w, v in m.weights().items()} == \
+        {w: round(math.exp(-v), 6) for w, v in zip(m.s, (0.3, -0.2, 0.7, -0.5))}
+    assert m.penalty(["mlm", "vs"]).item() == pytest.approx(0.3 - 0.5)
+    with pytest.raises(ValueError, match="bogus"):
+        learned_weights_loss({"bogus": t["mlm"]}, dict(m.s))
 
 
 def test_logit_scales_init_and_clamp():

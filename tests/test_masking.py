@@ -78,6 +78,18 @@ def test_tube_mask_exact_count_length_and_contiguity():
     assert ls == {3, 4, 5}
 
 
+def test_static_tube_masks_every_frame_alike():
+    """An image (a static clip of identical frames) gets one non-empty 2D mask on all T frames, for every draw:
+    no frame shows a masked cell's content (and so its target id) to the encoder."""
+    g = torch.Generator().manual_seed(3)
+    for T in (1, 2, 4, 8):
+        for _ in range(100):
+            m = tube_mask(T, 7, 7, ratio=0.5, generator=g, static=True)
+            assert m[0].sum().item() == round(0.5 * 49)
+            assert all(torch.equal(m[t], m[0]) for t in range(T))
+    assert tube_mask_max(8, 7, 7, 0.5) == 8 * round(0.5 * 49)   # the heads' static bound still holds
+
+
 def test_tube_to_patch_mask_maps_grids():
     """A patch covering frames 2t and 2t+1 is masked if either is (so no pixel of a masked token is seen).
     Several draws, so that tubes starting or ending inside a pair of frames occur (one draw whose tube is

@@ -54,24 +54,36 @@ def assert_close(g1, g2, tol=2e-5):
     assert worst < tol, worst
 
 
-@pytest.mark.parametrize("mode,unmasked,lam", [("merge", False, 1.0), ("co", False, 1.0), ("merge", True, 1.0),
-                                              ("merge", False, 0.3)])
-def test_gradient_cache_equals_one_pass(mode, unmasked, lam):
+@pytest.mark.parametrize("mode,unmasked,lam,learned", [("merge", False, 1.0, False), ("co", False, 1.0, False),
+                                                      ("merge", True, 1.0, False), ("merge", False, 0.3, False),
+                                                      ("merge", False, 1.0, True)])
+def test_gradient_cache_equals_one_pass(mode, unmasked, lam, learned):
     """No dropout: 2 micro-batches with gradient cache == the global batch in one pass (float32), with the
-    contrastive branch on the masked encoder outputs or on a separate unmasked pass, and with lambda != 1
-    (the cache carries lambda in its cached gradients)."""
+    contrastive branch on the masked encoder outputs or on a separate unmasked pass, with lambda != 1 (the
+    cache carries lambda in its cached gradients), and with learned eq. (3) weights (s_lambda's gradient goes
+    through the cache, each penalty s_w is added once per step)."""
     model = make_model(mode)
+    if learned:
+        model = ICode(dataclasses.replace(model.cfg, learned_loss_weights=True))
+        with torch.no_grad():   # away from the initial weights, so that a wrong weight cannot hide
+            for w, s in model.loss_weights.s.items():
+                s.fill_({"alpha": 0.3, "beta": -0.2, "gamma": 0.5, "lam": -0.4}[w])
     weights = dict(WEIGHTS, lam=lam)
     obj = PretrainObjective(model, weights, unmasked_contrastive=unmasked)
     batch = make_batch(model)
-    t_one = train_step(obj, obj, [batch], Dist(), NOCAST, weights)
+    t_one = train_step(obj, obj, [batch], Dist(), NOCAST)
     g_one = grads(model)
     model.zero_grad(set_to_none=True)
-    t_cache = train_step(obj, obj, split_batch(batch, 2), Dist(), NOCAST, weights)
+    t_cache = train_step(obj, obj, split_batch(batch, 2), Dist(), NOCAST)
     g_cache = grads(model)
     assert_close(g_cache, g_one)
     for k in t_one:
         assert torch.allclose(t_one[k], t_cache[k], atol=1e-5), k
+    if learned:   # d/ds_w of sum_w exp(-s_w) L_w + s_w is 1 - exp(-s_w) L_w (losses.learned_weights_loss)
+        L = {"alpha": t_one["mlm"], "beta": t_one["mvm"], "gamma": t_one["msm"],
+             "lam": t_one["vl"] + t_one["vs"] + t_one["ls"]}
+        for w, s in model.loss_weights.s.items():
+            torch.testing.assert_close(g_one[f"loss_weights.s.{w}"], 1 - torch.exp(-s.detach()) * L[w])
 
 
 def test_objective_terms_are_the_plain_means_on_one_batch(monkeypatch):
@@ -106,7 +118,7 @@ def test_absent_modalities_are_left_alone():
     obj = PretrainObjective(model, WEIGHTS)
     opt = train.build_optimizer(model, 1e-3, 1e-3, 0.01)
     full = make_batch(model)
-    train_step(obj, obj, [full], Dist(), NOCAST, WEIGHTS)
+    train_step(obj, obj, [full], Dist(), NOCAST)
     opt.step()
     opt.zero_grad(set_to_none=True)
     unused = model.unused_parameters(("video", "text"))
@@ -114,7 +126,7 @@ def test_absent_modalities_are_left_alone():
     assert all(id(p) in ids for p in [*model.speech.parameters(), model.logit_scales.scale["vs"],
                                       model.logit_scales.scale["ls"]])
     before = [p.detach().clone() for p in unused]
-    train_step(obj, obj, [dict(full, modalities=("video", "text"))], Dist(), NOCAST, WEIGHTS)
+    train_step(obj, obj, [dict(full, modalities=("video", "text"))], Dist(), NOCAST)
     assert all(p.grad is None for p in unused)
     assert all(p.grad is not None for p in model.text.parameters() if p.requires_grad)
     opt.step()
@@ -129,7 +141,7 @@ def test_gradient_cache_with_dropout_equals_full_graph():
     obj = PretrainObjective(model, WEIGHTS)
     mbs = split_batch(make_batch(model), 2)
     torch.manual_seed(123)
-    train_step(obj, obj, mbs, Dist(), NOCAST, WEIGHTS)
+    train_step(obj, obj, mbs, Dist(), NOCAST)
     g_cache = grads(model)
     model.zero_grad(set_to_none=True)
     # the reference: RNG states as train_step sees them, then everything in one graph
@@ -181,7 +193,7 @@ def test_compiled_gradient_cache_repeats_the_eager_dropout():
     batch["modalities"] = ("text", "audio")
     mbs = split_batch(batch, 2)
     torch.manual_seed(123)
-    train_step(obj, obj, mbs, Dist(), NOCAST, WEIGHTS)
+    train_step(obj, obj, mbs, Dist(), NOCAST)
     g_eager = grads(model)
     model.zero_grad(set_to_none=True)
     with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True, cache_size_limit=8), \
@@ -191,7 +203,7 @@ def test_compiled_gradient_cache_repeats_the_eager_dropout():
         # off: with captured selections torch 2.10-2.12 reorder the draws (this test fails there), 2.13 does not
         assert not torch._dynamo.config.capture_dynamic_output_shape_ops
         torch.manual_seed(123)
-        train_step(obj, compiled, mbs, Dist(), NOCAST, WEIGHTS)
+        train_step(obj, compiled, mbs, Dist(), NOCAST)
     torch._dynamo.reset()
     assert_close(grads(model), g_eager, tol=1e-3)
 
@@ -207,7 +219,7 @@ def _ddp_worker(rank, world, init_file, accum, out_dir):
     state = train.rng_state(torch.device("cpu"))  # train.main counts the step's FLOPs once, on every rank (its
     train.count_flops(obj, local, NOCAST)         # contrastive terms gather across ranks), RNG state restored
     train.set_rng_state(state, torch.device("cpu"))
-    terms = train_step(obj, ddp, split_batch(local, accum), d, NOCAST, WEIGHTS)
+    terms = train_step(obj, ddp, split_batch(local, accum), d, NOCAST)
     out = {f"grad.{k}": v for k, v in grads(model).items()}
     out.update({f"term.{k}": v.reshape(1) for k, v in terms.items()})
     save_file({k: v.contiguous() for k, v in out.items()}, os.path.join(out_dir, f"rank{rank}.safetensors"))
@@ -220,7 +232,7 @@ def test_ddp_two_processes_equal_one_process(accum):
     losses and gradients of 1 process with batch 2b, contrastive terms included."""
     model = make_model()
     obj = PretrainObjective(model, WEIGHTS)
-    t_ref = train_step(obj, obj, [make_batch(model)], Dist(), NOCAST, WEIGHTS)
+    t_ref = train_step(obj, obj, [make_batch(model)], Dist(), NOCAST)
     g_ref = grads(model)
     with tempfile.TemporaryDirectory() as d:
         mp.spawn(_ddp_worker, args=(2, os.path.join(d, "init"), accum, d), nprocs=2, join=True)
@@ -308,23 +320,31 @@ def test_weight_decay_spares_exactly_norms_biases_and_tables():
 
 def test_learning_rates_warm_up_decay_and_groups():
     """Section 4.2.2: linear warm-up, then cosine (or linear) decay to 0; two learning rates (encoders vs fusion
-    and heads); weight decay 0 exactly in the groups of `no_decay` parameters."""
+    and heads) and a third for the scalars in log space (logit scales, learned eq. (3) weights: --lr-temperature);
+    weight decay 0 exactly in the groups of `no_decay` parameters."""
     assert [train.lr_factor(s, 4, 12) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
     cos = [train.lr_factor(s, 4, 12) for s in (4, 8, 12, 20)]
     assert cos == pytest.approx([1.0, 0.5, 0.0, 0.0], abs=1e-12)
     assert train.lr_factor(6, 4, 12, "linear") == pytest.approx(0.75)
-    model = make_model()
-    opt = train.build_optimizer(model, lr_fusion=2e-5, lr_encoders=1e-5, weight_decay=0.01, fused=False)
+    model = ICode(dataclasses.replace(preset("tiny"), learned_loss_weights=True))
+    opt = train.build_optimizer(model, lr_fusion=2e-5, lr_encoders=1e-5, weight_decay=0.01, fused=False,
+                                lr_scales=5e-4)
     names = {id(p): n for n, p in model.named_parameters()}
-    seen = set()
+    seen, scalars = set(), set()
     for g in opt.param_groups:
         for p in g["params"]:
             n = names[id(p)]
             seen.add(n)
-            enc = n.split(".")[0] in ("text", "vision", "speech")
-            assert g["lr"] == g["base_lr"] == (1e-5 if enc else 2e-5), n
+            top = n.split(".")[0]
+            lr = 1e-5 if top in ("text", "vision", "speech") else 5e-4 if top in train.SCALARS else 2e-5
+            scalars |= {n} if lr == 5e-4 else set()
+            assert g["lr"] == g["base_lr"] == lr, n
             assert g["weight_decay"] == (0.0 if train.no_decay(n, p) else 0.01), n
     assert seen == {n for n, p in model.named_parameters() if p.requires_grad}
+    assert scalars == {f"logit_scales.scale.{k}" for k in ("vl", "vs", "ls")} | \
+        {f"loss_weights.s.{w}" for w in ("alpha", "beta", "gamma", "lam")}
+    fusion = train.build_optimizer(model, 2e-5, 1e-5, 0.01, fused=False)          # default: the fusion rate
+    assert {g["lr"] for g in fusion.param_groups if g["name"] == "scales"} == {2e-5}
 
 
 def test_logit_scales_are_clamped_after_every_step(toy_small, tmp_path, monkeypatch):
@@ -388,6 +408,28 @@ def test_resume_is_exact(toy_small, tmp_path, monkeypatch):
     wb = load_file(os.path.join(train.checkpoints(str(tmp_path / "b"))[-1], "model.safetensors"))
     assert wa.keys() == wb.keys()
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_epochs_and_learned_loss_weights_train_and_resume(toy_small, tmp_path, capsys):
+    """--epochs becomes steps from the sources' sizes (4 toy sources of 64 rows, batch 4: 16 batches each, 64
+    steps an epoch; 0.05 epochs -> ceil(3.2) = 4 steps, said in the log); --loss-weights learnable trains the
+    s_w (logged as weight_*), saves them with the model and resumes them exactly."""
+    sampler = D.MixedBatchSampler([10, 7, 23], [1, 1, 2], 2, names="abc")
+    steps, passes = train.steps_for_epochs(3, sampler)                 # E = 5, 3, 11 batches: 19 steps an epoch
+    assert steps == 57 and passes == pytest.approx({"a": 57 / 4 / 5, "b": 57 / 4 / 3, "c": 57 / 2 / 11})
+    args = ("--epochs", "0.05", "--loss-weights", "learnable", "--log-every", "1", "--warmup", "1")
+    a = _run(toy_small, tmp_path / "a", *args)
+    assert a["step"] == 4 and "--epochs 0.05: 4 steps of global batch 4" in capsys.readouterr().out
+    _run(toy_small, tmp_path / "b", *args, "--stop-at-step", "2")
+    b = _run(toy_small, tmp_path / "b", *args, "--resume")
+    assert [h["loss"] for h in b["history"]] == [h["loss"] for h in a["history"]]
+    wa = load_file(os.path.join(train.checkpoints(str(tmp_path / "a"))[-1], "model.safetensors"))
+    wb = load_file(os.path.join(train.checkpoints(str(tmp_path / "b"))[-1], "model.safetensors"))
+    s = {k: v for k, v in wa.items() if k.startswith("loss_weights.s.")}
+    assert len(s) == 4 and all(torch.equal(v, wb[k]) for k, v in s.items())
+    assert any(abs(v.item() + math.log(PAPER_WEIGHTS[k.split(".")[-1]])) > 1e-4 for k, v in s.items())   # moved
+    rec = [json.loads(line) for line in open(tmp_path / "a" / "metrics.jsonl")]
+    assert len(rec) == 4 and {"weight_alpha", "weight_beta", "weight_gamma", "weight_lam"} <= set(rec[-1])
 
 
 def test_a_target_cache_of_other_tokenizers_stops_the_run(tmp_path, monkeypatch):
@@ -623,14 +665,14 @@ def test_activation_checkpointing_gives_the_same_gradients():
     obj = PretrainObjective(model, WEIGHTS)
     batch = make_batch(model)
     torch.manual_seed(5)
-    train_step(obj, obj, [batch], Dist(), NOCAST, WEIGHTS)
+    train_step(obj, obj, [batch], Dist(), NOCAST)
     g_plain = grads(model)
     model.zero_grad(set_to_none=True)
     train.enable_checkpointing(model)
     blocks = train.transformer_blocks(model)
     assert blocks and all(getattr(b.forward, "func", None) is torch.utils.checkpoint.checkpoint for b in blocks)
     torch.manual_seed(5)
-    train_step(obj, obj, [batch], Dist(), NOCAST, WEIGHTS)
+    train_step(obj, obj, [batch], Dist(), NOCAST)
     assert_close(grads(model), g_plain, tol=1e-6)
     assert set(model.state_dict()) == set(make_model().state_dict())     # parameter names unchanged
 
