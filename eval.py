@@ -17,13 +17,10 @@ Tasks (`--task`) and what the paper reports for them:
     glue       GLUE (Table 7), text only, from GLUE's TSV files: the standard metric per task
     retrieval  R@1/5/10 both directions per modality pair from the contrastive space (no fine-tuning)
 
-The file reads top to bottom: metrics (pure numpy functions, each checked by hand in tests/test_metrics.py),
-the task heads and losses, batches for each task, the fine-tuning loop (early stopping on the validation
-split, best-checkpoint selection, mean +- std over seeds as appendix A.2), zero-shot retrieval, GLUE, and
-the toy-world report. Loading, batching, DDP and checkpoint writing come from `train.py` and `data.py`.
-
-Every metric returns a fraction in [0, 1] (or the raw value for MAE / correlations); the report prints
-accuracies, F1, P, R and correlations x100 as the paper's tables do.
+The file reads top to bottom: the task heads and losses, batches for each task, the fine-tuning loop (early
+stopping on the validation split, best-checkpoint selection, mean +- std over seeds as appendix A.2), the
+command line, and the toy world's report. The metrics, zero-shot retrieval, the GLUE reader and the report's
+write-up are in evaluation/.
 
 Choices where the paper is silent (and differences from it):
   - The multimodal representation averages each modality's fused tokens over its valid positions, then
@@ -38,10 +35,7 @@ Choices where the paper is silent (and differences from it):
   - Retrieval ranks count ties against the positive (pessimistic).
 """
 import argparse
-import csv
-import itertools
 import json
-import math
 import os
 import sys
 import time
@@ -52,209 +46,29 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data as D
-import train as T
+from evaluation.glue import GLUE_SPECS, load_glue
+from evaluation.metrics import GLUE_METRICS, accuracy, glue_metrics, multilabel_metrics, regression_metrics
+from evaluation.report import fmt, plot_report, report_markdown
+from evaluation.retrieval import print_retrieval_table, zero_shot_retrieval
+from icode import ICode, preset
 from model.fusion import MODALITIES, joint_representation
-from train import to_device
-
-# ----------------------------------------------------------------------------------------------------
-# Metrics (pure functions on numpy arrays; no NaN on degenerate inputs: every 0/0 is defined below)
-
-def _vec(x, name):
-    """array-like or tensor -> float64 1-D numpy array; non-finite values are an error, not a NaN metric."""
-    if torch.is_tensor(x):
-        x = x.detach().cpu().numpy()
-    a = np.asarray(x, dtype=np.float64).reshape(-1)
-    if not np.all(np.isfinite(a)):
-        raise ValueError(f"{name} contains {int((~np.isfinite(a)).sum())} non-finite value(s)")
-    return a
-
-
-def _pair(pred, target):
-    p, t = _vec(pred, "pred"), _vec(target, "target")
-    if p.shape != t.shape:
-        raise ValueError(f"pred has {p.size} values but target {t.size}")
-    return p, t
-
-
-def _div(a, b):
-    """a / b, and 0.0 when b == 0 (sklearn's zero_division=0, without the warning)."""
-    return float(a) / float(b) if b else 0.0
-
-
-def accuracy(pred, target):
-    """Share of positions where pred == target. Empty input -> 0.0."""
-    p, t = _pair(pred, target)
-    return _div(np.sum(p == t), p.size)
-
-
-def pearson(x, y):
-    """Pearson correlation r = cov(x, y) / (std x * std y). A constant x or y (zero variance) -> 0.0
-    (scipy returns NaN with a warning; a constant predictor carries no correlation)."""
-    x, y = _pair(x, y)
-    if x.size < 2:
-        return 0.0
-    dx, dy = x - x.mean(), y - y.mean()
-    den = math.sqrt(float(np.sum(dx * dx)) * float(np.sum(dy * dy)))
-    return float(np.clip(np.sum(dx * dy) / den, -1.0, 1.0)) if den > 0 else 0.0
-
-
-def rankdata(x):
-    """Ranks 1..n, ties given the mean of the ranks they span (scipy.stats.rankdata 'average')."""
-    x = _vec(x, "x")
-    order = np.argsort(x, kind="mergesort")
-    ranks = np.empty(x.size)
-    sx = x[order]
-    i = 0
-    while i < x.size:
-        j = i
-        while j + 1 < x.size and sx[j + 1] == sx[i]:
-            j += 1
-        ranks[order[i:j + 1]] = (i + j) / 2 + 1          # positions i..j hold ranks i+1..j+1
-        i = j + 1
-    return ranks
-
-
-def spearman(x, y):
-    """Spearman's rho: Pearson correlation of the average ranks (ties share their mean rank)."""
-    x, y = _pair(x, y)
-    return pearson(rankdata(x), rankdata(y))
-
-
-def binary_prf(pred, target, positive=1):
-    """Precision, recall, F1 of the `positive` class: P = TP/(TP+FP), R = TP/(TP+FN), F1 = 2PR/(P+R).
-    Each 0/0 is 0.0 (a class never predicted has P = 0, hence F1 = 0). Returns (P, R, F1)."""
-    p, t = _pair(pred, target)
-    tp = np.sum((p == positive) & (t == positive))
-    fp = np.sum((p == positive) & (t != positive))
-    fn = np.sum((p != positive) & (t == positive))
-    prec, rec = _div(tp, tp + fp), _div(tp, tp + fn)
-    return prec, rec, _div(2 * prec * rec, prec + rec)
-
-
-def weighted_f1(pred, target):
-    """Support-weighted mean of the per-class F1 over the classes in `target`:
-    F1_w = sum_c (n_c / n) F1_c, n_c = #{target == c}. This is sklearn's f1_score(y_true, y_pred,
-    average='weighted'), the form in Self-MM's evaluation code for MOSEI's binary sentiment (Table 1's F1).
-    Code that hands sklearn the predictions first weighs by the predicted classes' support instead and can
-    print another number for the same predictions.
-    A class that only appears in `pred` has weight 0. Empty input -> 0.0."""
-    p, t = _pair(pred, target)
-    return float(sum(_div(np.sum(t == c), t.size) * binary_prf(p, t, positive=c)[2] for c in np.unique(t)))
-
-
-def matthews_corrcoef(pred, target):
-    """Matthews correlation (CoLA's metric), the multi-class form of Gorodkin (2004) that sklearn uses:
-    MCC = (c s - t.p) / sqrt((s^2 - p.p)(s^2 - t.t)), c = #correct, s = #samples, t_k, p_k the true and
-    predicted counts of class k; for two classes it is (TP TN - FP FN) / sqrt((TP+FP)(TP+FN)(TN+FP)(TN+FN)).
-    A zero denominator (one class only in pred or target) -> 0.0."""
-    p, t = _pair(pred, target)
-    classes = np.union1d(p, t)
-    tk = np.array([np.sum(t == k) for k in classes], dtype=np.float64)
-    pk = np.array([np.sum(p == k) for k in classes], dtype=np.float64)
-    c, s = float(np.sum(p == t)), float(p.size)
-    den = math.sqrt((s * s - pk @ pk) * (s * s - tk @ tk))
-    return (c * s - tk @ pk) / den if den > 0 else 0.0
-
-
-def regression_metrics(pred, target):
-    """CMU-MOSEI sentiment (Tables 1, 9), in the conventions of MulT's / Self-MM's evaluation code.
-
-    pred, target: [N] sentiment scores; target in [-3, 3].
-      mae            mean |pred - target|
-      corr           Pearson correlation (0.0 for a constant prediction)
-      acc2_nonneg    Acc-2, negative vs non-negative: (pred >= 0) == (target >= 0) over all N
-                     (left of "/" in Table 1)
-      f1_nonneg      weighted F1 of the same two classes
-      acc2_pos       Acc-2, negative vs positive excluding zeros: over the rows with target != 0,
-                     (pred > 0) == (target > 0) (right of "/" in Table 1; a prediction of exactly 0 counts
-                     as negative, as in the reference code). No non-zero target -> 0.0.
-      f1_pos         weighted F1 of the same
-      acc7           both clipped to [-3, 3] and rounded to the nearest integer (numpy's round half to even,
-                     as the reference code), then accuracy over the 7 classes -3..3
-    """
-    p, t = _pair(pred, target)
-    nz = t != 0
-    return {
-        "mae": float(np.mean(np.abs(p - t))) if p.size else 0.0,
-        "corr": pearson(p, t),
-        "acc2_nonneg": accuracy(p >= 0, t >= 0),
-        "f1_nonneg": weighted_f1(p >= 0, t >= 0),
-        "acc2_pos": accuracy(p[nz] > 0, t[nz] > 0),
-        "f1_pos": weighted_f1(p[nz] > 0, t[nz] > 0),
-        "acc7": accuracy(np.round(np.clip(p, -3, 3)), np.round(np.clip(t, -3, 3))),
-    }
-
-
-def multilabel_metrics(pred, target):
-    """CMU-MOSEI emotion recognition (Tables 2, 8, 10). pred, target: [N, C] 0/1 (C = 6 Ekman classes).
-
-    With Y_i the true and Z_i the predicted label set of sample i, and TP, FP, FN summed over all N x C
-    cells (micro-averaging):
-      accuracy   (1/N) sum_i |Y_i n Z_i| / |Y_i u Z_i|, the example-based multi-label accuracy (Jaccard
-                 index; Godbole & Sarawagi 2004, Zhang & Zhou 2014 "A review on multi-label learning
-                 algorithms" eq. for Accuracy_exam). This is the "Acc." of the MOSEI emotion baselines
-                 (Zhang et al. 2020 MMS2S, HHMPN, TAILOR); it is not the exact-match "subset accuracy".
-                 A sample with Y_i and Z_i both empty counts 0, as the baselines' evaluation code does
-                 (it clamps |Y_i u Z_i| to 1). Reported here too: `subset_acc` (Y_i == Z_i exactly).
-      precision  TP / (TP + FP)            (0.0 when nothing is predicted)
-      recall     TP / (TP + FN)            (0.0 when no label is true)
-      f1         micro-F1 = 2 P R / (P + R) = 2 TP / (2 TP + FP + FN)   (0.0 when P + R = 0)
-    """
-    p = _vec(pred, "pred") > 0.5
-    t = _vec(target, "target") > 0.5
-    ps, ts = np.shape(pred), np.shape(target)
-    if tuple(ps) != tuple(ts) or len(ps) != 2:
-        raise ValueError(f"pred {tuple(ps)} and target {tuple(ts)} must both be [N, C]")
-    p, t = p.reshape(ps), t.reshape(ts)
-    inter, union = np.sum(p & t, axis=1), np.sum(p | t, axis=1)
-    tp, fp, fn = np.sum(p & t), np.sum(p & ~t), np.sum(~p & t)
-    prec, rec = _div(tp, tp + fp), _div(tp, tp + fn)
-    return {"accuracy": _div(np.sum(inter / np.maximum(union, 1)), len(p)),
-            "f1": _div(2 * prec * rec, prec + rec), "precision": prec, "recall": rec,
-            "subset_acc": _div(np.sum(np.all(p == t, axis=1)), len(p))}
-
-
-def retrieval_recall(sim, ks=(1, 5, 10)):
-    """Recall@K of a similarity matrix whose row i's one positive is column i (queries x gallery).
-
-    sim: [N, N]. The rank of row i's positive is the number of *other* columns j with sim[i, j] >= sim[i, i]:
-    ties are counted pessimistically (a tied negative is placed ahead of the positive), so a constant
-    similarity matrix scores R@K = 0 for every K < N: a collapsed representation cannot look good.
-    R@K = share of rows whose positive has rank < K. Returns {"R@K": fraction} (K >= N gives 1.0).
-    The other direction is `retrieval_recall(sim.T)`.
-    """
-    s = sim.detach().cpu().double().numpy() if torch.is_tensor(sim) else np.asarray(sim, dtype=np.float64)
-    if s.ndim != 2 or s.shape[0] != s.shape[1]:
-        raise ValueError(f"sim must be square [N, N], got {s.shape}")
-    if not np.all(np.isfinite(s)):
-        raise ValueError("sim contains non-finite values")
-    pos = np.diag(s)[:, None]
-    rank = np.sum(s >= pos, axis=1) - 1                   # other columns at least as similar as the positive
-    return {f"R@{k}": _div(np.sum(rank < k), len(s)) for k in ks}
-
-
-# GLUE's standard metric per task (Wang et al. 2018, Table 1 of the GLUE paper; Table 7 here):
-# Matthews for CoLA, Pearson and Spearman for STS-B, F1 and accuracy for MRPC and QQP, accuracy elsewhere.
-GLUE_METRICS = {"CoLA": ("mcc",), "SST-2": ("acc",), "MRPC": ("f1", "acc"), "QQP": ("f1", "acc"),
-                "STS-B": ("pearson", "spearman"), "MNLI": ("acc",), "QNLI": ("acc",), "RTE": ("acc",),
-                "WNLI": ("acc",)}
-
-
-def glue_metrics(task, pred, target):
-    """GLUE's metric(s) for `task`: pred/target are class ids (scores for STS-B). F1 is of class 1
-    ("equivalent" / "duplicate"), as GLUE's evaluation does. Returns {name: value}."""
-    if task not in GLUE_METRICS:
-        raise ValueError(f"unknown GLUE task {task!r}; known: {sorted(GLUE_METRICS)}")
-    fns = {"mcc": matthews_corrcoef, "acc": accuracy, "f1": lambda p, t: binary_prf(p, t, positive=1)[2],
-           "pearson": pearson, "spearman": spearman}
-    return {m: fns[m](pred, target) for m in GLUE_METRICS[task]}
+from pipeline.manifest import load_examples
+from pipeline.text import load_tokenizer
+from pipeline.toy import TOY_DIR, TOY_HELDOUT, TOY_OUT, make_toy
+from train import build_optimizer
+from training.checkpoint import check_preset, checkpoints, save_weights
+from training.distributed import setup_distributed, wrap_ddp
 
 
 # ----------------------------------------------------------------------------------------------------
 # Tasks, the multimodal representation and the heads (sections 5.1-5.4)
 
 MOD_LETTERS = {"V": "video", "L": "text", "S": "audio"}   # the paper's V, L, S -> the project's modality names
+
+
 TASKS = ("sentiment", "emotion", "binary", "mc", "glue")
+
+
 # metric used to pick the best epoch on the validation split, and whether lower is better
 SELECT = {"sentiment": ("mae", True), "emotion": ("f1", False), "binary": ("acc", False), "mc": ("acc", False)}
 
@@ -381,23 +195,6 @@ def task_metrics(task, pred, target, glue_task=None):
 # ----------------------------------------------------------------------------------------------------
 # Examples -> model inputs
 
-def load_split(path, dcfg, tokenizer):
-    """Every decodable example of a manifest, in memory (downstream splits are small; decoding once saves
-    every later epoch). Bad rows are skipped with a count, as the pretraining loader does."""
-    ds = D.ManifestDataset(path, dcfg, tokenizer, use_targets=False)
-    out, bad = [], []
-    for i in range(len(ds)):
-        try:
-            out.append(ds[i])
-        except D.BadExample as e:
-            bad.append(f"line {ds.line(i)}: {e.reason}")
-    if bad:
-        print(f"eval: skipped {len(bad)} of {len(ds)} rows of {path}; first: {bad[0]}", file=sys.stderr)
-    if not out:
-        raise ValueError(f"{path}: no usable example")
-    return out
-
-
 def join_segments(tokenizer, segments, max_len):
     """[CLS] s_1 [SEP] s_2 [SEP] ... s_n [SEP] as ids (sections 5.2-5.3: hypothesis / question, candidate and
     subtitles joined by [SEP]). Past max_len the *last* segment (the subtitles) gets only the room the others
@@ -492,7 +289,7 @@ def encode_examples(icode, examples, task, modalities, dcfg, tokenizer, device, 
     for i in range(0, len(examples), batch_size):
         chunk = examples[i:i + batch_size]
         inputs, _, K = make_inputs(chunk, task, modalities, dcfg, tokenizer)
-        feats, valids = enc.encode(to_device(inputs, device))
+        feats, valids = enc.encode(D.to_device(inputs, device))
         per = {m: [r.cpu() for r in _rows(feats[m], valids[m])] for m in feats}
         for j in range(len(chunk)):
             f = {m: per[m][j] for m in per if m != "text"}
@@ -547,9 +344,9 @@ def _forward(ft, items, task, cached, dcfg, tokenizer, device):
     mods = getattr(ft, "module", ft).modalities
     if cached:
         feats, valids, target, K = collate_features(items, task, mods)
-        return ft(feats=to_device(feats, device), valids=to_device(valids, device), n_candidates=K), target.to(device)
+        return ft(feats=D.to_device(feats, device), valids=D.to_device(valids, device), n_candidates=K), target.to(device)
     inputs, target, K = make_inputs(items, task, mods, dcfg, tokenizer)
-    return ft(to_device(inputs, device), n_candidates=K), target.to(device)
+    return ft(D.to_device(inputs, device), n_candidates=K), target.to(device)
 
 
 @torch.no_grad()
@@ -582,6 +379,26 @@ def _freeze_unused(ft, items, task, cached, dcfg, tokenizer, device):
         p.grad = None
 
 
+def _train_epoch(ft, ddp, opt, items, task, cached, dcfg, tokenizer, d, batch_size, clip, g):
+    """One pass over this rank's share of the training split, in an order drawn from `g` (the same on every
+    rank; every rank takes as many steps), AdamW on gradients clipped at `clip`. Returns the mean loss."""
+    ft.train()
+    perm = torch.randperm(len(items), generator=g).tolist()
+    n = len(perm) // d.world * d.world if d.world > 1 else len(perm)   # equal steps on every rank
+    mine = [items[i] for i in perm[:n][d.rank::d.world]]
+    losses = []
+    for b in _batches(mine, batch_size):
+        logits, target = _forward(ddp, b, task, cached, dcfg, tokenizer, d.device)
+        loss = loss_fn(task, logits, target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if clip:
+            nn.utils.clip_grad_norm_([p for p in ft.parameters() if p.requires_grad], clip)
+        opt.step()
+        losses.append(loss.item())
+    return float(np.mean(losses)) if losses else float("nan")
+
+
 def finetune(task, splits, *, ckpt, fusion, modalities, seed, dcfg, tokenizer, d, preset="tiny", lr=1e-3,
              lr_encoders=0.0, weight_decay=0.01, epochs=10, patience=3, batch_size=32, clip=1.0, glue_task=None,
              feature_cache=None, out_dir=None, log=print):
@@ -589,13 +406,13 @@ def finetune(task, splits, *, ckpt, fusion, modalities, seed, dcfg, tokenizer, d
     best epoch, "best_epoch", "epochs_run", "seconds"}.
 
     splits: {"train" | "validation" | "test": list of examples}. ckpt: pretraining checkpoint folder, or None
-    for no pretraining (fresh initialisation: `train.load_model`). lr_encoders == 0 freezes the encoders;
+    for no pretraining (fresh initialisation: `load_model`). lr_encoders == 0 freezes the encoders;
     their outputs are then computed once per split (and reused across runs through `feature_cache`, a dict),
     so each epoch runs only the fusion network and the head. Constant learning rates, AdamW from
     `train.build_optimizer` (the head joins the fusion group), gradient clipping at `clip`.
     Model selection: the epoch with the best validation metric (SELECT; the first GLUE metric) is kept, and
     training stops after `patience` epochs without improvement. With out_dir, rank 0 writes the best
-    weights there (`train.save_weights`, safetensors).
+    weights there (`training.checkpoint.save_weights`, safetensors).
     """
     t0 = time.time()
     device = d.device
@@ -607,7 +424,7 @@ def finetune(task, splits, *, ckpt, fusion, modalities, seed, dcfg, tokenizer, d
             raise ValueError(f"the {s} split has no {lacking} (its manifest gives "
                              f"{list(modalities_of(examples, task))}); choose --modalities among those")
     torch.manual_seed(seed)                       # the same initial head on every rank (DDP also broadcasts)
-    icode = T.load_model(ckpt, preset, fusion, tokenizer.vocab_size)
+    icode = load_model(ckpt, preset, fusion, tokenizer.vocab_size)
     ft = FineTuner(icode, task, head_outputs(task, glue_task), modalities).to(device)
     cached = lr_encoders == 0
     if cached:
@@ -624,37 +441,23 @@ def finetune(task, splits, *, ckpt, fusion, modalities, seed, dcfg, tokenizer, d
     # stream so that dropout and the rest are the same whether or not an earlier run filled the cache.
     torch.manual_seed(seed)
     _freeze_unused(ft, data["train"], task, cached, dcfg, tokenizer, device)
-    opt = T.build_optimizer(ft.icode, lr, lr_encoders, weight_decay)
+    opt = build_optimizer(ft.icode, lr, lr_encoders, weight_decay)
     opt.add_param_group({"params": list(ft.head.parameters()), "lr": lr, "base_lr": lr,
                          "weight_decay": weight_decay, "name": "head"})
-    ddp = T.wrap_ddp(ft, d)
+    ddp = wrap_ddp(ft, d)
     select, lower = selection_metric(task, glue_task)
     best, best_state, best_epoch, stale, epoch = None, None, -1, 0, 0
     g = torch.Generator().manual_seed(seed)
     for epoch in range(epochs):
-        ft.train()
-        perm = torch.randperm(len(data["train"]), generator=g).tolist()
-        n = len(perm) // d.world * d.world if d.world > 1 else len(perm)   # equal steps on every rank
-        mine = [data["train"][i] for i in perm[:n][d.rank::d.world]]
-        losses = []
-        for b in _batches(mine, batch_size):
-            logits, target = _forward(ddp, b, task, cached, dcfg, tokenizer, device)
-            loss = loss_fn(task, logits, target)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if clip:
-                nn.utils.clip_grad_norm_([p for p in ft.parameters() if p.requires_grad], clip)
-            opt.step()
-            losses.append(loss.item())
+        loss = _train_epoch(ft, ddp, opt, data["train"], task, cached, dcfg, tokenizer, d, batch_size, clip, g)
         val = evaluate(ft, data["validation"], task, cached, dcfg, tokenizer, device, batch_size, glue_task)
         score = val[select]
-        log(f"  epoch {epoch + 1}: train loss {np.mean(losses) if losses else float('nan'):.4f}  "
-            f"val {select} {score:.4f}")
+        log(f"  epoch {epoch + 1}: train loss {loss:.4f}  val {select} {score:.4f}")
         if best is None or (score < best if lower else score > best):
             best, best_epoch, stale, best_val = score, epoch, 0, val
             best_state = {k: p.detach().cpu().clone() for k, p in ft.named_parameters() if p.requires_grad}
             if out_dir is not None and d.is_main:
-                T.save_weights(ft, out_dir)
+                save_weights(ft, out_dir)
         else:
             stale += 1
             if stale >= patience:
@@ -666,6 +469,14 @@ def finetune(task, splits, *, ckpt, fusion, modalities, seed, dcfg, tokenizer, d
     test = evaluate(ft, data["test"], task, cached, dcfg, tokenizer, device, batch_size, glue_task)
     return {"val": best_val, "test": test, "best_epoch": best_epoch + 1, "epochs_run": epoch + 1,
             "seconds": time.time() - t0}
+
+
+def load_model(ckpt, preset_name, fusion, text_vocab):
+    """A pretraining checkpoint's model (`ICode.from_checkpoint`), or with ckpt=None a fresh one of the preset:
+    no pretraining. In training mode."""
+    if ckpt is None:
+        return ICode(preset(preset_name, fusion, text_vocab))
+    return ICode.from_checkpoint(ckpt).train()
 
 
 def modalities_of(examples, task):
@@ -686,137 +497,13 @@ def mean_std(runs):
     return out
 
 
-# ----------------------------------------------------------------------------------------------------
-# Zero-shot retrieval from the contrastive space (section 4.2.2; no fine-tuning)
-
-@torch.no_grad()
-def contrastive_space(model, examples, dcfg, tokenizer, device, batch_size=16):
-    """Unit-norm contrastive vectors {m: [N, D]}: each modality through the fusion network alone, mean-pooled
-    (`ICode.contrastive_representations`), on the unmasked inputs (text: [CLS] caption [SEP] transcript [SEP])."""
-    model.eval()
-    out = {}
-    for b in _batches(examples, batch_size):
-        batch = to_device(D.collate(b, dcfg, tokenizer), device)
-        feats, valids = model.pretrain_features(batch, masked=False)           # the unmasked inputs
-        for m, r in model.contrastive_representations(feats, valids).items():
-            out.setdefault(m, []).append(F.normalize(r.float(), dim=-1).cpu())
-    return {m: torch.cat(v) for m, v in out.items()}
-
-
-def zero_shot_retrieval(model, manifest, dcfg, tokenizer, device="cpu", batch_size=16, ks=(1, 5, 10)):
-    """R@K in both directions for every pair of the manifest's modalities: clip i's modality a retrieves
-    among the N clips' modality b by cosine similarity, its own clip being the one positive.
-    Returns {"n": N, "video->text": {"R@1": ...}, "text->video": {...}, ...} (fractions)."""
-    examples = load_split(manifest, dcfg, tokenizer) if isinstance(manifest, str) else manifest
-    reps = contrastive_space(model, examples, dcfg, tokenizer, device, batch_size)
-    res = {"n": len(examples)}
-    for a, b in itertools.combinations([m for m in MODALITIES if m in reps], 2):
-        sim = reps[a] @ reps[b].T                                          # [N, N], row i's positive: column i
-        res[f"{a}->{b}"] = retrieval_recall(sim, ks)
-        res[f"{b}->{a}"] = retrieval_recall(sim.T, ks)
-    return res
-
-
-def retrieval_table(res, title=None):
-    """Markdown table of zero_shot_retrieval's result (percent)."""
-    dirs = [k for k in res if "->" in k]
-    ks = list(res[dirs[0]]) if dirs else []
-    lines = [f"{title or 'Zero-shot retrieval'} ({res['n']} clips; chance R@1 = {100 / max(1, res['n']):.1f})", "",
-             "| direction | " + " | ".join(ks) + " |", "|---|" + "---|" * len(ks)]
-    lines += [f"| {k} | " + " | ".join(f"{100 * res[k][r]:.1f}" for r in ks) + " |" for k in dirs]
-    return "\n".join(lines)
-
-
-def print_retrieval_table(res):
-    print(retrieval_table(res), flush=True)
-
-
-# ----------------------------------------------------------------------------------------------------
-# GLUE (Table 7): text only, read from GLUE's TSV files
-
-# first text column, second (None for single sentences), label column, head outputs, label values in id order
-GLUE_SPECS = {
-    "CoLA": ("sentence", None, "label", 2, ("0", "1")),           # no header: source, label, author label, sentence
-    "SST-2": ("sentence", None, "label", 2, ("0", "1")),
-    "MRPC": ("#1 String", "#2 String", "Quality", 2, ("0", "1")),
-    "QQP": ("question1", "question2", "is_duplicate", 2, ("0", "1")),
-    "STS-B": ("sentence1", "sentence2", "score", 1, None),         # a similarity score in [0, 5]: regression
-    "MNLI": ("sentence1", "sentence2", "gold_label", 3, ("contradiction", "entailment", "neutral")),
-    "QNLI": ("question", "sentence", "label", 2, ("entailment", "not_entailment")),
-    "RTE": ("sentence1", "sentence2", "label", 2, ("entailment", "not_entailment")),
-    "WNLI": ("sentence1", "sentence2", "label", 2, ("0", "1")),
-}
-
-
-def read_glue_tsv(path, task):
-    """One GLUE TSV (train.tsv / dev.tsv) -> [(text_a, text_b or None, label)], label an id (float for STS-B).
-    Rows with a wrong number of columns or an unknown label (a few in QQP) are skipped with a count."""
-    a_col, b_col, y_col, _, values = GLUE_SPECS[task]
-    rows, bad = [], 0
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-        header = ["source", "label", "author_label", "sentence"] if task == "CoLA" else next(reader)
-        for r in reader:
-            if len(r) != len(header):
-                bad += 1
-                continue
-            r = dict(zip(header, r))
-            try:
-                y = float(r[y_col]) if values is None else values.index(r[y_col])
-            except (KeyError, ValueError):
-                bad += 1
-                continue
-            rows.append((r[a_col], r[b_col] if b_col else None, y))
-    if bad:
-        print(f"eval: skipped {bad} malformed rows of {path}", file=sys.stderr)
-    return rows
-
-
-def load_glue(glue_dir, task, tokenizer, max_len):
-    """Splits for fine-tuning: train.tsv; validation and test both dev.tsv (MNLI: dev_matched.tsv), since
-    GLUE's test labels are hidden. Numbers are dev-set numbers, selected on dev, as BERT / DeBERTa report."""
-    if task not in GLUE_SPECS:
-        raise ValueError(f"--glue-task must be one of {sorted(GLUE_SPECS)}, got {task!r}")
-
-    def exs(name):
-        return [{"text_ids": tokenizer.encode_one(a, b, max_len=max_len), "label": y, "modalities": ("text",)}
-                for a, b, y in read_glue_tsv(os.path.join(glue_dir, name), task)]
-    dev = exs("dev_matched.tsv" if task == "MNLI" else "dev.tsv")
-    return {"train": exs("train.tsv"), "validation": dev, "test": dev}
-
-
-# ----------------------------------------------------------------------------------------------------
-# Formatting
-
-PERCENT = {"corr", "acc2_nonneg", "f1_nonneg", "acc2_pos", "f1_pos", "acc7", "accuracy", "f1", "precision",
-           "recall", "subset_acc", "acc", "mcc", "pearson", "spearman"}
-COLUMNS = {  # (header, metric keys joined by "/") per task, in the paper's column order
-    "sentiment": [("MAE (lower better)", ("mae",)), ("Corr", ("corr",)), ("Acc-2", ("acc2_nonneg", "acc2_pos")),
-                  ("F1", ("f1_nonneg", "f1_pos")), ("Acc-7", ("acc7",))],
-    "emotion": [("Acc", ("accuracy",)), ("F1", ("f1",)), ("Precision", ("precision",)), ("Recall", ("recall",))],
-    "binary": [("Acc", ("acc",))], "mc": [("Acc", ("acc",))],
-}
-
-
-def fmt(key, ms):
-    """(mean, std) -> '84.7+-0.3' (x100 for accuracies, F1, P, R, correlations; 3 decimals for MAE)."""
-    m, s = ms
-    if key in PERCENT:
-        return f"{100 * m:.1f}" + (f"±{100 * s:.1f}" if s else "")
-    return f"{m:.3f}" + (f"±{s:.3f}" if s else "")
-
-
-def metric_cells(task, summary):
-    return [" / ".join(fmt(k, summary[k]) for k in keys) for _, keys in COLUMNS[task]]
-
-
 def resolve_ckpt(path):
     """A checkpoint folder (has state.json), or a run folder -> its latest ckpt_*; 'none' -> None."""
     if path is None or str(path).lower() == "none":
         return None
     if os.path.isfile(os.path.join(path, "state.json")):
         return path
-    found = T.checkpoints(path)
+    found = checkpoints(path)
     if not found:
         raise FileNotFoundError(f"{path!r} is neither a checkpoint folder (state.json) nor a run folder with ckpt_*")
     return found[-1]
@@ -833,7 +520,7 @@ def parse_args(argv=None):
     p.add_argument("--val", default=None, help="validation manifest: early stopping and model selection")
     p.add_argument("--test", default=None, help="test manifest (retrieval: the clips to retrieve among)")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the toy world's)")
-    p.add_argument("--toy-dir", default="toy", help="the toy world (made with data.make_toy if missing)")
+    p.add_argument("--toy-dir", default=TOY_DIR, help="the toy world (made with pipeline.toy.make_toy if missing)")
     p.add_argument("--toy-size", default="default", help="make_toy size when the toy world is missing")
     p.add_argument("--ckpt", default=None, help="pretraining checkpoint or run folder (its latest ckpt_*); "
                    "'none' = no pretraining; default: runs/toy when it holds a checkpoint")
@@ -876,7 +563,7 @@ def parse_args(argv=None):
 def _toy(args):
     if not os.path.isfile(os.path.join(args.toy_dir, "toy_world.json")):
         print(f"making the toy world in {args.toy_dir}/ (size {args.toy_size}) ...", flush=True)
-        D.make_toy(args.toy_dir, size=args.toy_size)
+        make_toy(args.toy_dir, size=args.toy_size)
     return {s: args.__dict__[k] or os.path.join(args.toy_dir, f"downstream_{s}.jsonl")
             for s, k in (("train", "train"), ("validation", "val"), ("test", "test"))}
 
@@ -901,19 +588,19 @@ def run_seeds(task, splits, args, d, ckpt, fusion, modalities, dcfg, tokenizer, 
 
 def main(argv=None):
     args = parse_args(argv)
-    d = T.setup_distributed(args.device)
+    d = setup_distributed(args.device)
     dcfg = D.TOY_DATA if args.preset == "tiny" else D.PAPER_DATA
     if args.task == "report":
         return report(args, d, dcfg)
     paths = _toy(args) if args.task != "glue" and not (args.train or args.test) else \
         {"train": args.train, "validation": args.val, "test": args.test}
     tok_path = args.tokenizer or os.path.join(args.toy_dir, "tokenizer.json")
-    tokenizer = D.load_tokenizer(tok_path)
+    tokenizer = load_tokenizer(tok_path)
     ckpt = resolve_ckpt(args.ckpt if args.ckpt is not None else
-                        (os.path.join("runs", "toy") if T.checkpoints(os.path.join("runs", "toy")) else None))
-    fusion = T.check_preset(ckpt, args.preset, args.fusion) if ckpt else (args.fusion or "merge")
+                        (TOY_OUT if checkpoints(TOY_OUT) else None))
+    fusion = check_preset(ckpt, args.preset, args.fusion) if ckpt else (args.fusion or "merge")
     if args.task == "retrieval":
-        model = T.load_model(ckpt, args.preset, fusion, tokenizer.vocab_size).to(d.device)
+        model = load_model(ckpt, args.preset, fusion, tokenizer.vocab_size).to(d.device)
         res = zero_shot_retrieval(model, paths["test"], dcfg, tokenizer, d.device, args.batch)
         print_retrieval_table(res)
         return res
@@ -923,7 +610,7 @@ def main(argv=None):
         missing = [s for s, p in paths.items() if not p]
         if missing:
             raise ValueError(f"give --train, --val and --test (missing {missing})")
-        splits = {s: load_split(p, dcfg, tokenizer) for s, p in paths.items()}
+        splits = {s: load_examples(p, dcfg, tokenizer) for s, p in paths.items()}
     if args.max_train:
         splits["train"] = splits["train"][:args.max_train]
     mods = ("text",) if args.task == "glue" else parse_modalities(args.modalities)
@@ -945,8 +632,6 @@ def main(argv=None):
 
 SUBSETS = [("video",), ("text",), ("audio",), ("video", "text"), ("video", "audio"), ("text", "audio"),
            ("video", "text", "audio")]                                        # Table 8's seven rows
-HEADLINE = {"sentiment": ("corr", "Corr"), "emotion": ("f1", "micro-F1"), "binary": ("acc", "Acc"),
-            "mc": ("acc", "Acc")}
 
 
 def report(args, d, dcfg):
@@ -954,16 +639,16 @@ def report(args, d, dcfg):
     <out>/report.md, report.png and results.json. Returns the results dict."""
     t0 = time.time()
     paths = _toy(args)
-    tokenizer = D.load_tokenizer(args.tokenizer or os.path.join(args.toy_dir, "tokenizer.json"))
-    run_dir = os.path.join("runs", "toy")
-    ckpt = resolve_ckpt(args.ckpt if args.ckpt is not None else (run_dir if T.checkpoints(run_dir) else None))
+    tokenizer = load_tokenizer(args.tokenizer or os.path.join(args.toy_dir, "tokenizer.json"))
+    run_dir = TOY_OUT
+    ckpt = resolve_ckpt(args.ckpt if args.ckpt is not None else (run_dir if checkpoints(run_dir) else None))
     co_dir = args.ckpt_co or os.path.join("runs", "toy_co")
-    ckpt_co = resolve_ckpt(co_dir) if (args.ckpt_co or T.checkpoints(co_dir)) else None
-    modes = {c: T.check_preset(c, args.preset) for c in (ckpt, ckpt_co) if c}   # their fusion modes
+    ckpt_co = resolve_ckpt(co_dir) if (args.ckpt_co or checkpoints(co_dir)) else None
+    modes = {c: check_preset(c, args.preset) for c in (ckpt, ckpt_co) if c}   # their fusion modes
     if ckpt is None:
         print("eval: no pretraining checkpoint (run `python train.py` first, it writes runs/toy/ckpt_*): "
               "only the no-pretraining rows are run", flush=True)
-    splits = {s: load_split(p, dcfg, tokenizer) for s, p in paths.items()}
+    splits = {s: load_examples(p, dcfg, tokenizer) for s, p in paths.items()}
     if args.max_train:
         splits["train"] = splits["train"][:args.max_train]
     cache, results = {}, {"tables": {}, "subsets": {}, "retrieval": {}}
@@ -988,12 +673,12 @@ def report(args, d, dcfg):
             else:
                 r = run_seeds(task, splits, args, d, best_ckpt, best_fusion, mods, dcfg, tokenizer, cache)
             results["subsets"].setdefault(task, {})[modality_letters(mods)] = r
-    held = os.path.join(args.toy_dir, T.TOY_HELDOUT)
-    held_ex = load_split(held, dcfg, tokenizer)
+    held = os.path.join(args.toy_dir, TOY_HELDOUT)
+    held_ex = load_examples(held, dcfg, tokenizer)
     for name, c, fusion in rows:
         if name.endswith("M") or c is not None:
             torch.manual_seed(args.seed)
-            model = T.load_model(c, args.preset, fusion, tokenizer.vocab_size).to(d.device)
+            model = load_model(c, args.preset, fusion, tokenizer.vocab_size).to(d.device)
             results["retrieval"][name] = zero_shot_retrieval(model, held_ex, dcfg, tokenizer, d.device, args.batch)
     results["seconds"] = time.time() - t0
     results["ckpt"], results["ckpt_co"] = ckpt, ckpt_co
@@ -1009,117 +694,6 @@ def report(args, d, dcfg):
         print(md)
         print(f"wrote {args.out}/report.md, report.png, results.json in {results['seconds']:.0f} s")
     return results
-
-
-def report_markdown(res, args, splits, argv_line):
-    n = {s: len(v) for s, v in splits.items()}
-    L = ["# i-Code downstream evaluation on the toy world", "",
-         f"Command: `{argv_line}` ({res['seconds']:.0f} s, {args.seeds} fine-tuning seed(s) per row"
-         f"{', mean±std' if args.seeds > 1 else ''}).", "",
-         f"Downstream splits: {n['train']} train / {n['validation']} validation / {n['test']} test clips. "
-         f"Pretrained checkpoint (D): `{res['ckpt'] or 'none'}`"
-         + (f"; co-attention: `{res['ckpt_co']}`" if res["ckpt_co"] else "") + ". NP = no pretraining (fresh "
-         "initialisation of encoders *and* fusion: unlike the paper's NP, whose encoders are pretrained "
-         "single-modality models). M / C = merge- / co-attention fusion.", "",
-         f"Fine-tuning: up to {args.epochs} epochs, early stopping after {args.patience} epochs without a better "
-         f"validation metric, test metrics at the best validation epoch; AdamW, LR {args.lr:g} (fusion + head), "
-         + ("encoders frozen (their outputs computed once and cached; `--lr-encoders` > 0 fine-tunes them)"
-            if args.lr_encoders == 0 else f"encoders LR {args.lr_encoders:g}") + f", batch {args.batch}.", ""]
-    titles = {"sentiment": "Table 1 in miniature: sentiment regression (score in [-3, 3]); Acc-2 and F1 as "
-                           "negative/non-negative / negative/positive",
-              "emotion": "Table 2 in miniature: multi-label emotion (6 classes); Acc = Jaccard, micro-F1, P, R"}
-    for task in ("sentiment", "emotion"):
-        L += [f"## {titles[task]}", "", "| model | " + " | ".join(h for h, _ in COLUMNS[task]) + " |",
-              "|---|" + "---|" * len(COLUMNS[task])]
-        L += [f"| i-Code {name} | " + " | ".join(metric_cells(task, r["test"])) + " |"
-              for name, r in res["tables"][task].items()]
-        L.append("")
-    L += ["## Tables 3-6 in miniature: binary classification (label = score > 0) and multiple choice "
-          "(4 candidates; question [SEP] answer [SEP] subtitles)", "", "| model | binary Acc | MC Acc |",
-          "|---|---|---|"]
-    for name in res["tables"]["binary"]:
-        L.append(f"| i-Code {name} | {metric_cells('binary', res['tables']['binary'][name]['test'])[0]} | "
-                 f"{metric_cells('mc', res['tables']['mc'][name]['test'])[0]} |")
-    L += ["", "## Table 8 in miniature: modality subsets at fine-tuning and test time "
-          f"(model {res['subsets_model']})", "",
-          "| V | L | S | emotion Acc | F1 | Precision | Recall | sentiment MAE | Corr |",
-          "|---|---|---|---|---|---|---|---|---|"]
-    for letters, r in res["subsets"]["emotion"].items():
-        s = res["subsets"]["sentiment"][letters]["test"]
-        marks = " | ".join("X" if k in letters.split("+") else "" for k in "VLS")
-        L.append(f"| {marks} | " + " | ".join(metric_cells("emotion", r["test"])) +
-                 f" | {fmt('mae', s['mae'])} | {fmt('corr', s['corr'])} |")
-    L += ["", "## Zero-shot retrieval (contrastive space, no fine-tuning; held-out clips)", ""]
-    for name, r in res["retrieval"].items():
-        L += [retrieval_table(r, f"i-Code {name}"), ""]
-    L += ["## What the numbers say", ""] + observations(res) + [""]
-    return "\n".join(L)
-
-
-def observations(res):
-    """Plain-sentence comparisons the issue asks to state honestly (computed, not hand-written)."""
-    out = []
-    tabs = res["tables"]
-    names = list(tabs["sentiment"])
-    pre = [n for n in names if n.startswith("D+")]
-    if pre:
-        wins = []
-        fresh = f"NP+{pre[0][2]}"  # no pretraining, the same fusion mode
-        for task, (key, label) in HEADLINE.items():
-            a, b = tabs[task][pre[0]]["test"][key][0], tabs[task][fresh]["test"][key][0]
-            wins.append(a > b)
-            out.append(f"- {task}: {pre[0]} {label} {fmt(key, (a, 0))} vs {fresh} {fmt(key, (b, 0))} "
-                       f"({'pretraining helps' if a > b else 'pretraining does NOT help here'}).")
-        out.append(f"- Pretraining beats no pretraining on {sum(wins)} of {len(wins)} headline metrics.")
-    else:
-        out.append("- No pretraining checkpoint: pretrained rows missing (run `python train.py` first).")
-    for task in ("emotion", "sentiment"):
-        key, label = HEADLINE[task]
-        sub = {k: v["test"][key][0] for k, v in res["subsets"][task].items()}
-        full, singles = sub["V+L+S"], {k: sub[k] for k in ("V", "L", "S")}
-        beaten = [k for k, v in singles.items() if v >= full]
-        out.append(f"- {task} {label}: V+L+S {fmt(key, (full, 0))}; single modalities "
-                   + ", ".join(f"{k} {fmt(key, (v, 0))}" for k, v in singles.items())
-                   + (" -> three modalities beat each single one." if not beaten else
-                      f" -> three modalities do NOT beat {', '.join(beaten)}."))
-    ret = res["retrieval"]
-    if len(ret) > 1:
-        r1 = {n: np.mean([v["R@1"] for k, v in r.items() if "->" in k]) for n, r in ret.items()}
-        out.append("- Retrieval, mean R@1 over directions: " + ", ".join(f"{n} {100 * v:.1f}" for n, v in r1.items()))
-    return out
-
-
-def plot_report(res, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
-    ax = axes[0]
-    tasks = list(HEADLINE)
-    names = list(res["tables"]["sentiment"])
-    w = 0.8 / len(names)
-    for i, n in enumerate(names):
-        vals = [100 * res["tables"][t][n]["test"][HEADLINE[t][0]][0] for t in tasks]
-        errs = [100 * res["tables"][t][n]["test"][HEADLINE[t][0]][1] for t in tasks]
-        ax.bar(np.arange(len(tasks)) + i * w, vals, w, yerr=errs, label=f"i-Code {n}")
-    ax.set_xticks(np.arange(len(tasks)) + w * (len(names) - 1) / 2)
-    ax.set_xticklabels([f"{t}\n{HEADLINE[t][1]}" for t in tasks])
-    ax.set_ylabel("test metric x100")
-    ax.set_title("Tables 1-6 in miniature")
-    ax.legend(fontsize=8)
-    ax = axes[1]
-    subsets = list(res["subsets"]["emotion"])
-    for i, t in enumerate(("emotion", "sentiment")):
-        key = HEADLINE[t][0]
-        ax.bar(np.arange(len(subsets)) + i * 0.4, [100 * res["subsets"][t][s]["test"][key][0] for s in subsets], 0.4,
-               label=f"{t} {HEADLINE[t][1]}")
-    ax.set_xticks(np.arange(len(subsets)) + 0.2)
-    ax.set_xticklabels(subsets)
-    ax.set_title("Table 8 in miniature: modality subsets")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -19,16 +19,18 @@ Letters used in shape comments everywhere (docs/CONVENTIONS.md):
 import argparse
 import dataclasses
 import json
+import os
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
+from safetensors.torch import load_model as load_safetensors_into
 
 from data import tube_to_patch_mask
 from losses import PAIR_NAMES, WEIGHT_OF, LearnedLossWeights, LogitScales
 from model.deberta import DEBERTA_V3_BASE, Deberta, DebertaConfig
 from model.fusion import MODALITIES, FusionConfig, FusionNetwork, joint_representation, masked_mean
-from model.heads import MLMHead, MSMHead, MVMHead
+from model.heads import MLMHead, MSMHead, MVMHead, select_masked
 from model.quantizers import (VQGANTokenizer, Wav2Vec2Quantizer, build_default_quantizers, fingerprint,
                               load_quantizer, vqgan_config_from_dict, wav2vec2_config_from_hf)
 from model.swin3d import SWIN_B_VIDEO, SwinConfig, VideoSwin
@@ -83,12 +85,29 @@ class ICodeConfig:
         return ICodeConfig(**d)
 
 
+def checkpoint_config(path):
+    """The ICodeConfig of a checkpoint folder: config.json (an exported folder) or the "config" of train.py's
+    state.json. Fields the file lacks take what the code that wrote it did (FIELDS_ADDED_LATER)."""
+    for name, key in (("config.json", None), ("state.json", "config")):
+        p = os.path.join(path, name)
+        if os.path.isfile(p):
+            with open(p) as f:
+                try:
+                    d = json.load(f)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{p}: not valid JSON ({e})") from None
+            if key is not None and key not in d:
+                raise ValueError(f"{p} has no {key!r}: not a train.py checkpoint")
+            return ICodeConfig.from_dict(d if key is None else d[key])
+    raise FileNotFoundError(f"{path!r} has neither config.json nor state.json: not an i-Code checkpoint folder")
+
+
 def target_tokenizers(cfg: ICodeConfig, video=None, speech=None):
     """The frozen target tokenizers of section 4.2.1 for a config: (video, speech). Where the config holds a
     pretrained one's architecture (cfg.video_tokenizer / cfg.speech_tokenizer), `video` / `speech` is that
     tokenizer, loaded (`pretrained_targets`); without it one is built with the architecture alone, whose weights
     a checkpoint then fills in (`train.load_model`). Otherwise the random projections (BEST-RQ; README,
-    "Differences from the paper"). ICode's own, and those `data.py tokenize` writes offline caches with, so
+    "Differences from the paper"). ICode's own, and those `python -m pipeline tokenize` writes offline caches with, so
     the two always agree. Their codebooks must fit the heads and their grids the model's."""
     rp_video, rp_speech = build_default_quantizers(cfg.tokenizer_seed, cfg.video_codebook, cfg.speech_vars,
                                                    cfg.speech_groups, speech_features=cfg.speech_tokenizer_features)
@@ -248,6 +267,20 @@ class ICode(nn.Module):
                           fusion=fusion or FusionConfig(), **kw)
         return cls(cfg, text=text, vision=vision, speech=speech, tokenizers=tokenizers).train()
 
+    @classmethod
+    def from_checkpoint(cls, path):
+        """A trained model from a checkpoint folder, in eval mode: train.py's `ckpt_XXXXXXX/` or the weights-only
+        folder `python icode.py export` writes. The architecture comes from its config (`checkpoint_config`),
+        every tensor from its model.safetensors (a missing or unexpected one is an error naming it)."""
+        model = cls(checkpoint_config(path))
+        weights = os.path.join(path, "model.safetensors")
+        if not os.path.isfile(weights):
+            raise FileNotFoundError(f"{path!r} has no model.safetensors")
+        missing, unexpected = load_safetensors_into(model, weights, strict=False)
+        if missing or unexpected:
+            raise KeyError(f"{weights}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        return model.eval()
+
     # ---- the four modules of section 4.1 ----
 
     def encode_modalities(self, video=None, text=None, audio=None, text_attention=None, audio_attention=None,
@@ -334,21 +367,22 @@ class ICode(nn.Module):
             video_patch_mask=tube_to_patch_mask(batch["video_mask"]) if masked and "video" in m else None,
             audio_frame_mask=batch["audio_mask"] if masked and "audio" in m else None)
 
-    def masked_unit_logits(self, feats, valids, targets, rows=None):
+    def masked_unit_logits(self, feats, valids, targets, select=None):
         """Merged fusion pass -> MLM / MVM / MSM heads on masked positions only.
-        rows: None, or {"text" | "video" | "audio": a static bound on the masked positions (`data.masked_rows`)},
-        for a selection without device syncs (model/heads.py `_select`).
+        select: None, or {"text" | "video" | "audio": a row selection (x, labels) -> (x [M, D], labels [M])} in
+        place of the heads' own (`model.heads.select_masked`); train.py passes the fixed-size one of
+        training/static_rows.py under CUDA graphs.
         Returns {"mlm" | "mvm" | "msm": (logits [M, V], labels [M])} for the modalities present."""
         fused = self.fusion(feats, valids)
-        rows = rows or {}
+        pick = {**{m: select_masked for m in MODALITIES}, **(select or {})}
         out = {}
         if "text" in fused:
-            out["mlm"] = self.mlm_head(fused["text"], targets["text"], rows.get("text"))
+            out["mlm"] = self.mlm_head(fused["text"], targets["text"], pick["text"])
         if "video" in fused:
             B, T_v, H_v, W_v, _ = feats["video"].shape
-            out["mvm"] = self.mvm_head(fused["video"].reshape(B, T_v, H_v, W_v, -1), targets["video"], rows.get("video"))
+            out["mvm"] = self.mvm_head(fused["video"].reshape(B, T_v, H_v, W_v, -1), targets["video"], pick["video"])
         if "audio" in fused:
-            out["msm"] = self.msm_head(fused["audio"], targets["audio"], rows.get("audio"))
+            out["msm"] = self.msm_head(fused["audio"], targets["audio"], pick["audio"])
         return out
 
     def unused_parameters(self, present):

@@ -4,6 +4,7 @@ eqs. (1)-(2)) and the weighted objective (eq. (3)).
 Pure functions first, thin modules after (the open_clip / TorchMultimodal pattern):
 
     masked_unit_loss   cross-entropy over masked positions only, mean over their count (MLM, MVM eq. (6), MSM)
+    count_targets      those counts, summed over micro-batches and ranks by train.py
     info_nce           L_a2b + L_b2a, eq. (1), optionally with negatives from every GPU
     pretraining_loss   eq. (3): alpha L_MLM + beta L_MVM + gamma L_MSM + lambda (L_vl + L_vs + L_ls)
     learned_weights_loss  eq. (3) with learned weights (Kendall et al. 2018), the paper's other option
@@ -43,6 +44,23 @@ def masked_unit_loss(logits, labels, normalizer=None):
     total = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
     n = (labels != IGNORE_INDEX).sum() if normalizer is None else torch.as_tensor(normalizer, device=total.device)
     return total / n.clamp_min(1)
+
+
+def count_targets(targets, msm_combined):
+    """Masked positions per term, [3] float: mlm, mvm, msm; summed over micro-batches and ranks they are the
+    normalisers `masked_unit_loss` divides by (the |N_m| of eq. (6) for the whole global batch).
+    targets: ICode.targets' {"text" | "video" | "audio": labels, -100 where not masked}; msm_combined: one class
+    per masked frame (combined ids) instead of one per codebook group."""
+    def n(key, combine=False):
+        t = targets.get(key)
+        if t is None:
+            return 0
+        if combine and t.dim() == 3:      # per-group ids [B, T_s, G], one combined class per masked frame
+            return (t != -100).any(-1).sum()
+        return (t != -100).sum()
+    dev = next(iter(targets.values())).device if targets else "cpu"
+    return torch.stack([torch.as_tensor(n("text"), device=dev), torch.as_tensor(n("video"), device=dev),
+                        torch.as_tensor(n("audio", msm_combined), device=dev)]).float()
 
 
 class _GatherWithGrad(torch.autograd.Function):

@@ -5,7 +5,7 @@
     MSMHead  fused speech [B, T_s, D]          -> logits [M*G, vars] per codebook group (or [M, vars**G])
 
 Every head takes the labels too (the target id at masked positions, -100 elsewhere) and returns
-`(logits, targets)` for the masked positions only: positions are selected *before* the vocabulary
+`(logits, targets)` for the masked positions only (`select_masked`): positions are selected *before* the vocabulary
 projection, so a 128k-way text decoder is never applied to unmasked tokens. `losses.masked_unit_loss(logits,
 targets)` (cross-entropy over targets != -100, mean over them) turns the pair into L_MLM, L_MVM, L_MSM.
 Unmasked positions contribute nothing: neither to the loss nor, since they are never selected, to any
@@ -16,39 +16,28 @@ decoder. The vision head follows the deconvolution head of BEVT (Wang et al. 202
 cites. Differences from the paper: the paper does not say whether the MLM decoder is tied, nor the exact
 layers of DeConv; our choices are documented on each class.
 """
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from model.quantizers import combined_index
 
 
-def _select(x, labels, rows=None):
-    """x [*S, D], labels [*S] or [*S, G] -> (x [M, D], labels [M] or [M, G]) at the positions whose label is
-    not -100 (with groups: any group's), in row-major order.
-
-    rows=None: M is the number of such positions, a count only the device knows: `nonzero` makes the step
-    wait for it (one device sync per head).
-    rows=int: M = rows, a bound on that number known from the masking alone (`data.masked_rows`), so the
-    shapes are static and nothing waits (what CUDA graphs need): the positions as above, then padding rows
-    (position 0 with labels -100, which the loss ignores: the same loss and gradients). A count above the
-    bound is a device-side assertion (Triton may compile it out: train.py checks each batch on the host
-    first, `data.check_masked_rows`)."""
+def masked_positions(x, labels):
+    """keep [*S] bool: the positions of x [*S, D] whose label [*S] (or, with codebook groups, [*S, G]: any
+    group's) is not -100."""
     s = x.shape[:-1]
     if labels.shape[:len(s)] != s or labels.dim() > len(s) + 1:
         raise ValueError(f"features {tuple(s)} and labels {tuple(labels.shape)} differ in shape")
     keep = labels != -100
-    if labels.dim() > len(s):
-        keep = keep.any(-1)                                       # [*S] a position counts if any group does
-    if rows is None:
-        idx = keep.nonzero(as_tuple=True)     # one data-dependent step (a device sync), not one per tensor
-        return x[idx], labels[idx]
-    count = keep.sum()
-    torch._assert_async(count <= rows, "more masked positions than the static bound rows (data.masked_rows)")
-    idx = torch.nonzero_static(keep, size=rows, fill_value=0).unbind(1)      # len(S) x [rows], 0 past count
-    pad = torch.arange(rows, device=labels.device) >= count                  # [rows] True at padding rows
-    picked = labels[idx]
-    return x[idx], picked.masked_fill(pad.view(-1, *[1] * (picked.dim() - 1)), -100)
+    return keep.any(-1) if labels.dim() > len(s) else keep
+
+
+def select_masked(x, labels):
+    """x [*S, D], labels [*S] or [*S, G] -> (x [M, D], labels [M] or [M, G]) at the masked positions
+    (`masked_positions`), in row-major order. M is a count only the device knows: `nonzero` waits for it.
+    (training/static_rows.py has the fixed-size form CUDA graphs need, tested equal in loss and gradients.)"""
+    idx = masked_positions(x, labels).nonzero(as_tuple=True)
+    return x[idx], labels[idx]
 
 
 class MLMHead(nn.Module):
@@ -76,10 +65,9 @@ class MLMHead(nn.Module):
                                  f"(vocab_size, dim) = ({vocab_size}, {dim}): tying needs D equal to the text width")
             self.decoder.weight = embedding_weight                # the same Parameter, one tensor in memory
 
-    def forward(self, x, labels, rows=None):
-        """x [B, T_l, D], labels [B, T_l] -> (logits [M, V], targets [M]), M = #labels != -100 (or `rows`,
-        a static bound: `_select`)."""
-        h, targets = _select(x, labels, rows)                     # [M, D], [M]
+    def forward(self, x, labels, select=select_masked):
+        """x [B, T_l, D], labels [B, T_l] -> (logits [M, V], targets [M]), M = #labels != -100."""
+        h, targets = select(x, labels)                            # [M, D], [M]
         h = self.layer_norm(F.gelu(self.dense(h)))                # [M, D]
         return self.decoder(h), targets                           # [M, V]
 
@@ -107,21 +95,14 @@ class MVMHead(nn.Module):
         self.classifier = nn.Linear(dim, codebook_size)           # W, b of eq. (5)
 
     def upsample(self, grid):
-        """Eq. (4): [B, T_v, H_v, W_v, D] -> [B, T, H/16, W/16, D] with T = 2 T_v, H/16 = 2 H_v, W/16 = 2 W_v.
+        """Eq. (4): f_MVM = DeConv(f_mv), [B, T_v, H_v, W_v, D] -> [B, T, H/16, W/16, D] with T = 2 T_v,
+        H/16 = 2 H_v, W/16 = 2 W_v: the 3D deconvolution on the channels-first grid, then LayerNorm and GELU."""
+        x = self.deconv(grid.permute(0, 4, 1, 2, 3))              # [B, D, T, H/16, W/16]
+        return F.gelu(self.layer_norm(x.permute(0, 2, 3, 4, 1)))  # [B, T, H/16, W/16, D]  e.g. 8 x 14 x 14 x 768
 
-        With kernel = stride the deconvolution is a linear map D -> 2 x 2 x 2 x D of each cell, computed so on
-        the channels-last grid (one matrix product, no transposes around a 3D convolution):
-        out[b, 2t + i, 2h + j, 2w + k, o] = sum_c grid[b, t, h, w, c] W[c, o, i, j, k] + bias[o]."""
-        B, T_v, H_v, W_v, D = grid.shape
-        w = self.deconv.weight                                    # [D_in, D_out, 2, 2, 2]
-        x = F.linear(grid, w.permute(2, 3, 4, 1, 0).flatten(0, 3), self.deconv.bias.repeat(8))  # [B, T_v, H_v, W_v, (i, j, k, o)]
-        x = x.view(B, T_v, H_v, W_v, 2, 2, 2, -1).permute(0, 1, 4, 2, 5, 3, 6, 7)  # [B, T_v, i, H_v, j, W_v, k, D]
-        x = x.reshape(B, 2 * T_v, 2 * H_v, 2 * W_v, -1)          # [B, T, H/16, W/16, D]     e.g. 8 x 14 x 14 x 768
-        return F.gelu(self.layer_norm(x))
-
-    def forward(self, grid, labels, rows=None):
+    def forward(self, grid, labels, select=select_masked):
         """grid [B, T_v, H_v, W_v, D], labels [B, T, H/16, W/16] (tube-masked token ids, -100 elsewhere)
-        -> (logits [M, K], targets [M]); `rows`: a static M (`_select`)."""
+        -> (logits [M, K], targets [M])."""
         B, T_v, H_v, W_v, _ = grid.shape
         up = (2 * T_v, 2 * H_v, 2 * W_v)
         if labels.shape[0] != B or labels.dim() != 4 or any(not (u - 1 <= n <= u) for u, n in zip(up, labels.shape[1:])):
@@ -129,7 +110,7 @@ class MVMHead(nn.Module):
                              f"fused grid {tuple(grid.shape[:4])} (at most one padded row / column / frame)")
         T, h, w = labels.shape[1:]
         x = self.upsample(grid)[:, :T, :h, :w]                    # [B, T, H/16, W/16, D] (crop Swin's padding)
-        h, targets = _select(x, labels, rows)                     # [M, D], [M]
+        h, targets = select(x, labels)                            # [M, D], [M]
         return self.classifier(h), targets                        # [M, K]
 
 
@@ -150,9 +131,9 @@ class MSMHead(nn.Module):
         self.groups, self.vars, self.combined = groups, vars, combined
         self.classifier = nn.Linear(dim, vars ** groups if combined else groups * vars)
 
-    def forward(self, x, labels, rows=None):
+    def forward(self, x, labels, select=select_masked):
         """x [B, T_s, D], labels [B, T_s, G] per-group ids (-100 at unmasked frames); with combined=True the
-        labels may also be combined ids [B, T_s]. `rows`: a static number of frames M (`_select`).
+        labels may also be combined ids [B, T_s].
         Returns (logits [M*G, vars], targets [M*G]), or with combined=True (logits [M, vars**G], targets [M])."""
         if labels.dim() == 3:
             if labels.shape[-1] != self.groups:
@@ -162,10 +143,10 @@ class MSMHead(nn.Module):
         elif not self.combined:
             raise ValueError(f"per-group MSM needs labels [B, T_s, {self.groups}], got {tuple(labels.shape)}")
         if self.combined:
-            h, targets = _select(x, labels, rows)                 # [M, D], [M]
+            h, targets = select(x, labels)                        # [M, D], [M]
             return self.classifier(h), targets                    # [M, vars**G]
         if x.shape[:2] != labels.shape[:2]:
             raise ValueError(f"features {tuple(x.shape[:2])} and labels {tuple(labels.shape[:2])} differ in [B, T_s]")
-        h, targets = _select(x, labels, rows)                     # masked frames: [M, D], [M, G]
+        h, targets = select(x, labels)                            # masked frames: [M, D], [M, G]
         logits = self.classifier(h).view(-1, self.groups, self.vars)  # [M, G, vars]
         return logits.reshape(-1, self.vars), targets.reshape(-1)  # [M*G, vars], [M*G]

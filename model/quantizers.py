@@ -511,7 +511,7 @@ def build_default_quantizers(seed=0, video_codebook_size=8192, speech_codebook_s
 def fingerprint(*tokenizers, settings=None):
     """A 16-hex-digit hash of tokenizers' classes, settings (their simple attributes and config), every
     parameter and buffer, and `settings` (a dict of what else decides their ids, e.g. the input normalisation):
-    two tokenizer sets with the same fingerprint compute the same ids. `data.py tokenize` writes it beside an
+    two tokenizer sets with the same fingerprint compute the same ids. `python -m pipeline tokenize` writes it beside an
     offline target cache and train.py compares it with the model's own, so targets of two tokenizers never mix."""
     h = hashlib.sha256(repr(sorted((settings or {}).items())).encode())
     for tok in tokenizers:

@@ -145,13 +145,10 @@ class PositionalConvEmbedding(nn.Module):
         return self.weight_v * (self.weight_g / self.weight_v.norm(dim=(0, 1), keepdim=True))
 
     def forward(self, x):                                     # [B, T, C] -> [B, T, C]
-        """A 2-D convolution on the channels-last view [B, C, 1, T] of the [B, T, C] memory, as in the feature
-        encoder: the call eager conv1d makes of a transposed view (cuDNN's channels-last grouped kernels). As a
-        conv1d under torch.compile, Inductor gives the convolution a contiguous [B, C, T] copy (it asks a 3-D
-        convolution's input for its output's layout, which has no channels-last), and cuDNN ran 16 per-group
-        kernels each way: 10 ms forward and backward in the compiled step against 3.8 ms eager. Measured in this
-        form (docs/speed.md, sixteenth session): still 16 per-group kernels, 8.1 ms forward and input gradient,
-        so cuDNN's algorithm choice made them, not the layout; the CPU's compiled graph passes the view, no copy."""
+        """The grouped convolution over time (Hugging Face's Conv1d), computed as a 2-D convolution on the
+        channels-last view [B, C, 1, T] of the [B, T, C] memory, as in the feature encoder: the call eager conv1d
+        makes of a transposed view, and one that torch.compile keeps a view (as a conv1d it makes a [B, C, T]
+        copy). An even kernel with padding k // 2 gives T + 1 frames: the last is dropped, as Hugging Face does."""
         w = self.conv_weight()[:, :, None, :].contiguous(memory_format=torch.channels_last)  # [C, C/groups, 1, k]
         y = F.conv2d(x.transpose(1, 2)[:, :, None, :], w, self.bias, padding=(0, self.k // 2), groups=self.groups)
         if self.k % 2 == 0:
@@ -182,10 +179,8 @@ def toeplitz(v, t):
     """Per-distance biases v [2T - 1, H] -> the [H, T, T] bias, bias[h, i, j] = v[j - i + T - 1, h], as a strided
     view: window s is w[s, j] = v[s + j] (stride 1 along s and j), and query row i is window T - 1 - i.
 
-    The same values as a bucket lookup per (i, j) pair (Hugging Face's way). Under torch.compile such a lookup
-    is recomputed, bucket logarithm and all, for every element of every layer's [B, H, T, T] bias, and it made
-    the bias two kernels per layer (6 + 3 ms a step at the paper's shapes, docs/speed.md); Inductor stores a
-    strided view's base (v), so here each element is one load and the bias one kernel per layer."""
+    The same values as a bucket lookup per (i, j) pair (Hugging Face's way), with 2T - 1 lookups instead of T^2:
+    under torch.compile each element of the bias is one load from v (docs/speed.md)."""
     v = v.contiguous()
     h = v.shape[1]
     return v.as_strided((t, t, h), (h, h, 1)).flip(0).permute(2, 0, 1)
@@ -215,10 +210,8 @@ class Attention(nn.Module):
         attn_mask = pad_mask
         if self.gated:
             # Every layer looks the 2T - 1 distances up in layer 0's table, where Hugging Face looks them up in
-            # layer 0 and hands the [H, T, T] bias on: the same values and gradients. A lookup per layer gives each
-            # layer's bias gradient its own way back to the table, so under torch.compile it is reduced right after
-            # that layer's attention backward; through one shared tensor, Inductor reduced all 24 layers' at the end
-            # in one kernel (8.9 ms a step at the paper's shapes, ~0.3 TB/s; docs/speed.md).
+            # layer 0 and hands the [H, T, T] bias on: the same values and gradients (each layer's bias gradient
+            # then goes back to the table on its own path; docs/speed.md).
             pos = toeplitz(distance_bias(rel_embed, t, self.num_buckets, self.max_distance), t)   # [H, T, T]
             # The gate looks at this layer's input split into heads: two sigmoid gates per head and query frame,
             # gate = a * (b * const - 1) + 2, scaling that query's row of the bias.

@@ -1,7 +1,7 @@
 """Loading public encoder checkpoints (Hugging Face folder layout) through safetensors.
 
 A checkpoint folder holds `config.json` (the architecture) and `model.safetensors` (the tensors).
-`model/deberta.py` and `model/wavlm.py` each provide two functions:
+`model/deberta.py` and `model/wavlm.py` each provide two functions (`model.load_encoder` picks the encoder):
 
     config_from_hf(cfg: dict) -> <Encoder>Config      # architecture from config.json
     convert_hf_state_dict(sd: dict) -> dict           # checkpoint key names -> this project's names
@@ -129,34 +129,3 @@ def convert_bin_to_safetensors(bin_path, out_dir):
         with open(src_cfg) as f, open(dst_cfg, "w") as g:
             g.write(f.read())
     return os.path.join(out_dir, "model.safetensors")
-
-
-ENCODER_KINDS = ("deberta-v3", "wavlm", "hubert", "swin", "video-swin")
-
-
-def load_encoder(kind, path):
-    """A pretrained single-modality encoder (section 4.1) from a Hugging Face-style folder, in eval mode.
-
-    kind: "deberta-v3" (language), "wavlm" / "hubert" (speech; appendix A.4 swaps HuBERT in),
-          "swin" (an image Swin checkpoint inflated to video, Liu et al. 2021b),
-          "video-swin" (a Video Swin checkpoint in torchvision's swin3d layout).
-    Calls: text enc(input_ids, attention_mask); speech enc(waveform [B, N], attention_mask);
-    vision enc(video [B, 3, T, H, W]); each returns (last hidden state, valid mask or None).
-    """
-    if kind == "deberta-v3":
-        from model.deberta import load_deberta
-        return load_deberta(path)
-    if kind in ("wavlm", "hubert"):
-        from model.wavlm import load_speech_encoder
-        enc = load_speech_encoder(path)
-        if enc.config.gated_relative_position_bias != (kind == "wavlm"):
-            raise ValueError(f"{path}: kind {kind!r} but config.json describes a "
-                             f"{'WavLM' if enc.config.gated_relative_position_bias else 'HuBERT'} model")
-        return enc
-    if kind == "swin":
-        from model.swin3d import inflate_image_swin
-        return inflate_image_swin(path)
-    if kind == "video-swin":
-        from model.swin3d import load_video_swin
-        return load_video_swin(path)
-    raise ValueError(f"kind must be one of {ENCODER_KINDS}, got {kind!r}")

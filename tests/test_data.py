@@ -2,6 +2,8 @@
 
 Everything runs on real files written here (H.264 MP4 with AAC, JPEG, WAV, FLAC) on the CPU.
 """
+import dataclasses
+import functools
 import hashlib
 import itertools
 import json
@@ -16,6 +18,14 @@ import soundfile
 import torch
 
 import data
+import pipeline.commands
+import pipeline.loader
+import pipeline.manifest
+import pipeline.media
+import pipeline.sampler
+import pipeline.targets
+import pipeline.text
+import pipeline.toy
 
 CFG = data.TOY_DATA
 
@@ -23,13 +33,13 @@ CFG = data.TOY_DATA
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("toy"))
-    data.make_toy(out, seed=0, size="tiny")
+    pipeline.toy.make_toy(out, seed=0, size="tiny")
     return out
 
 
 @pytest.fixture(scope="module")
 def tok(toy):
-    return data.load_tokenizer(os.path.join(toy, "tokenizer.json"))
+    return pipeline.text.load_tokenizer(os.path.join(toy, "tokenizer.json"))
 
 
 def _write_manifest(path, rows):
@@ -42,7 +52,7 @@ def _write_manifest(path, rows):
 def _grey_clip(path, n=40, fps=10, keyint=5, audio=None, sr=16000, preset="ultrafast", fmt="mp4"):
     """Frame f is a uniform grey of level 5 * f + 20, so a decoded frame tells its index."""
     frames = np.stack([np.full((48, 64, 3), 5 * f + 20, np.uint8) for f in range(n)])
-    data._write_mp4(str(path), frames, fps, audio, sr, keyint=keyint, preset=preset, fmt=fmt)
+    pipeline.media.write_mp4(str(path), frames, fps, audio, sr, keyint=keyint, preset=preset, fmt=fmt)
     return str(path)
 
 
@@ -60,8 +70,8 @@ def _frame_index(img):
 def test_seek_matches_decoding_everything(tmp_path, preset, fmt):
     path = _grey_clip(tmp_path / "g.vid", n=40, fps=10, keyint=5, preset=preset, fmt=fmt)  # 4 s, keyframe every 0.5 s
     for start, end in [(None, None), (1.3, 3.7), (2.95, 3.05), (0.0, 0.4), (3.0, 4.0), (2.0, 10.0)]:
-        a = data.read_video(path, 4, 32, start, end, seek=True)
-        b = data.read_video(path, 4, 32, start, end, seek=False)
+        a = pipeline.media.read_video(path, 4, 32, start, end, seek=True)
+        b = pipeline.media.read_video(path, 4, 32, start, end, seek=False)
         assert np.array_equal(a, b), (start, end)
         s, e = start or 0.0, min(end or 4.0, 4.0)                 # an end past the file: the file's end
         want = [int((s + (i + 0.5) * (e - s) / 4) * 10 + 1e-6) for i in range(4)]  # frame on display at t
@@ -70,11 +80,11 @@ def test_seek_matches_decoding_everything(tmp_path, preset, fmt):
 
 def test_short_clip_repeats_frames_and_bad_ranges(tmp_path):
     path = _grey_clip(tmp_path / "short.mp4", n=2, fps=10)  # 0.2 s, 2 frames, asked for 8
-    v = data.read_video(path, 8, 32)
+    v = pipeline.media.read_video(path, 8, 32)
     assert v.shape == (8, 32, 32, 3)
     assert [_frame_index(x) for x in v] == [0, 0, 0, 0, 1, 1, 1, 1]
-    with pytest.raises(data.BadExample, match="clip starts"):
-        data.read_video(path, 4, 32, start=5.0, end=6.0)
+    with pytest.raises(pipeline.media.BadExample, match="clip starts"):
+        pipeline.media.read_video(path, 4, 32, start=5.0, end=6.0)
 
 
 def test_rotated_video_is_upright(tmp_path):
@@ -83,11 +93,11 @@ def test_rotated_video_is_upright(tmp_path):
     img[:, 40:] = (30, 30, 220)   # right half blue
     img[:12] = (30, 200, 30)      # top strip green
     frames = np.stack([img] * 6)
-    data._write_mp4(str(tmp_path / "up.mp4"), frames, 10)
+    pipeline.media.write_mp4(str(tmp_path / "up.mp4"), frames, 10)
     # a phone stores the sensor's orientation and a display matrix turning it upright
-    data._write_mp4(str(tmp_path / "rot.mp4"), np.rot90(frames, k=-1, axes=(1, 2)), 10, rotation=90)
-    up = data.read_video(str(tmp_path / "up.mp4"), 2, 64).astype(float)
-    rot = data.read_video(str(tmp_path / "rot.mp4"), 2, 64).astype(float)
+    pipeline.media.write_mp4(str(tmp_path / "rot.mp4"), np.rot90(frames, k=-1, axes=(1, 2)), 10, rotation=90)
+    up = pipeline.media.read_video(str(tmp_path / "up.mp4"), 2, 64).astype(float)
+    rot = pipeline.media.read_video(str(tmp_path / "rot.mp4"), 2, 64).astype(float)
     assert np.abs(up - rot).mean() < 6
     assert rot[0, 40, 10, 0] > 150 and rot[0, 40, 60, 2] > 150 and rot[0, 2, 32, 1] > 150
 
@@ -100,17 +110,17 @@ def test_legacy_rotate_tag_is_applied(tmp_path):
     img[:, 40:] = (30, 30, 220)   # right half blue
     img[:12] = (30, 200, 30)      # top strip green
     frames = np.stack([img] * 6)
-    data._write_mp4(str(tmp_path / "up.mkv"), frames, 10, fmt="matroska")
-    data._write_mp4(str(tmp_path / "tag.mkv"), np.rot90(frames, k=1, axes=(1, 2)), 10, fmt="matroska",
+    pipeline.media.write_mp4(str(tmp_path / "up.mkv"), frames, 10, fmt="matroska")
+    pipeline.media.write_mp4(str(tmp_path / "tag.mkv"), np.rot90(frames, k=1, axes=(1, 2)), 10, fmt="matroska",
                     metadata={"rotate": "90"})
     with av.open(str(tmp_path / "tag.mkv")) as c:  # only the tag: no display matrix for PyAV to report
         assert next(c.decode(video=0)).rotation == 0 and c.streams.video[0].metadata.get("ROTATE") == "90"
-    up = data.read_video(str(tmp_path / "up.mkv"), 2, 64).astype(float)
-    rot = data.read_video(str(tmp_path / "tag.mkv"), 2, 64).astype(float)
+    up = pipeline.media.read_video(str(tmp_path / "up.mkv"), 2, 64).astype(float)
+    rot = pipeline.media.read_video(str(tmp_path / "tag.mkv"), 2, 64).astype(float)
     assert np.abs(up - rot).mean() < 6
-    data._write_mp4(str(tmp_path / "bad.mkv"), frames, 10, fmt="matroska", metadata={"rotate": "sideways"})
-    with pytest.raises(data.BadExample, match=r"unreadable rotate tag: 'sideways' in .*bad\.mkv"):
-        data.read_video(str(tmp_path / "bad.mkv"), 2, 64)
+    pipeline.media.write_mp4(str(tmp_path / "bad.mkv"), frames, 10, fmt="matroska", metadata={"rotate": "sideways"})
+    with pytest.raises(pipeline.media.BadExample, match=r"unreadable rotate tag: 'sideways' in .*bad\.mkv"):
+        pipeline.media.read_video(str(tmp_path / "bad.mkv"), 2, 64)
 
 
 @pytest.mark.parametrize("orientation", range(1, 9))
@@ -122,32 +132,32 @@ def test_jpeg_exif_orientation_is_applied(tmp_path, orientation):
     img[:, 40:] = (30, 30, 220)   # right half blue
     img[:12] = (30, 200, 30)      # top strip green
     inverse = {6: 8, 8: 6}.get(orientation, orientation)  # the others undo themselves
-    stored = np.ascontiguousarray(data.EXIF_ORIENT[inverse](img))
-    data._write_jpeg(str(tmp_path / "up.jpg"), img)
-    data._write_jpeg(str(tmp_path / "sensor.jpg"), stored)
+    stored = np.ascontiguousarray(pipeline.media.EXIF_ORIENT[inverse](img))
+    pipeline.media.write_jpeg(str(tmp_path / "up.jpg"), img)
+    pipeline.media.write_jpeg(str(tmp_path / "sensor.jpg"), stored)
     raw = open(tmp_path / "sensor.jpg", "rb").read()
     tiff = b"II*\x00" + (8).to_bytes(4, "little") + (1).to_bytes(2, "little")  # IFD0 with one entry:
     tiff += bytes.fromhex("1201 0300 01000000") + orientation.to_bytes(2, "little") + bytes(6)  # 0x0112 SHORT
     app1 = b"Exif\x00\x00" + tiff
     (tmp_path / "exif.jpg").write_bytes(raw[:2] + b"\xff\xe1" + (len(app1) + 2).to_bytes(2, "big") + app1 + raw[2:])
-    assert data.jpeg_orientation(str(tmp_path / "exif.jpg")) == orientation
-    assert data.jpeg_orientation(str(tmp_path / "up.jpg")) is None
-    up = data.read_image(str(tmp_path / "up.jpg"), 1, 64).astype(float)
-    exif = data.read_image(str(tmp_path / "exif.jpg"), 1, 64).astype(float)
-    plain = data.read_image(str(tmp_path / "sensor.jpg"), 1, 64).astype(float)
+    assert pipeline.media.jpeg_orientation(str(tmp_path / "exif.jpg")) == orientation
+    assert pipeline.media.jpeg_orientation(str(tmp_path / "up.jpg")) is None
+    up = pipeline.media.read_image(str(tmp_path / "up.jpg"), 1, 64).astype(float)
+    exif = pipeline.media.read_image(str(tmp_path / "exif.jpg"), 1, 64).astype(float)
+    plain = pipeline.media.read_image(str(tmp_path / "sensor.jpg"), 1, 64).astype(float)
     assert np.abs(up - exif).mean() < 6
     assert (np.abs(up - plain).mean() > 40) == (orientation != 1)
 
 
 def test_odd_resolution_and_image(tmp_path):
     rng = np.random.default_rng(0)
-    data._write_mp4(str(tmp_path / "odd.mp4"), rng.integers(0, 255, (5, 61, 97, 3), dtype=np.uint8), 10,
+    pipeline.media.write_mp4(str(tmp_path / "odd.mp4"), rng.integers(0, 255, (5, 61, 97, 3), dtype=np.uint8), 10,
                     pix_fmt="yuv444p")
-    assert data.read_video(str(tmp_path / "odd.mp4"), 4, 64).shape == (4, 64, 64, 3)
+    assert pipeline.media.read_video(str(tmp_path / "odd.mp4"), 4, 64).shape == (4, 64, 64, 3)
     img = np.zeros((50, 90, 3), np.uint8)
     img[:, 45:] = 200
-    data._write_jpeg(str(tmp_path / "a.jpg"), img)
-    v = data.read_image(str(tmp_path / "a.jpg"), 4, 32)
+    pipeline.media.write_jpeg(str(tmp_path / "a.jpg"), img)
+    v = pipeline.media.read_image(str(tmp_path / "a.jpg"), 4, 32)
     assert v.shape == (4, 32, 32, 3) and all(np.array_equal(v[0], x) for x in v)
     assert v[0, :, :10].mean() < 20 and v[0, :, -10:].mean() > 180  # centre crop keeps both halves
 
@@ -163,9 +173,9 @@ def test_collate_masks_images_in_every_frame_and_videos_with_a_tube(tmp_path, to
     rng = np.random.default_rng(0)
     rows = []
     for i in range(6):
-        data._write_jpeg(str(tmp_path / f"{i}.jpg"), rng.integers(0, 255, (64, 80, 3), dtype=np.uint8))
+        pipeline.media.write_jpeg(str(tmp_path / f"{i}.jpg"), rng.integers(0, 255, (64, 80, 3), dtype=np.uint8))
         rows.append({"image": f"{i}.jpg", "text": "a red circle"})
-    ds = data.ManifestDataset(_write_manifest(tmp_path / "img.jsonl", rows), CFG, tok)
+    ds = pipeline.manifest.ManifestDataset(_write_manifest(tmp_path / "img.jsonl", rows), CFG, tok)
     examples = [ds[i] for i in range(len(ds))]
     assert all(e["static"] for e in examples)
     T, h = CFG.frames, CFG.image_size // CFG.token_patch
@@ -206,10 +216,10 @@ def _peak_hz(x, sr=16000):
 def test_resampling_keeps_duration_and_pitch(tmp_path, sr, channels, fmt):
     path = str(tmp_path / f"a.{fmt.lower()}")
     soundfile.write(path, _sine(sr, 1.5, 440, channels), sr, format=fmt)
-    x = data.read_audio(path, 16000)
+    x = pipeline.media.read_audio(path, 16000)
     assert abs(len(x) - 24000) <= 2 and x.dtype == np.float32
     assert abs(_peak_hz(x) - 440) < 3
-    cut = data.read_audio(path, 16000, start=0.25, end=1.0)
+    cut = pipeline.media.read_audio(path, 16000, start=0.25, end=1.0)
     assert abs(len(cut) - 12000) <= 2
 
 
@@ -223,7 +233,7 @@ def test_cut_and_mixdown_of_a_sound_file_are_exact(tmp_path, fmt):
     path = str(tmp_path / f"two.{fmt.lower()}")
     soundfile.write(path, x, sr, format=fmt)
     raw, _ = soundfile.read(path, dtype="float32")                           # [N, 2] as stored
-    y = data.read_audio(path, sr, start=5.0, end=9.0, max_s=2.0)
+    y = pipeline.media.read_audio(path, sr, start=5.0, end=9.0, max_s=2.0)
     assert len(y) == 2 * sr
     np.testing.assert_allclose(y, raw[5 * sr:7 * sr].mean(1), atol=1e-6)
 
@@ -231,17 +241,17 @@ def test_cut_and_mixdown_of_a_sound_file_are_exact(tmp_path, fmt):
 def test_audio_from_video_container(tmp_path):
     wave = _sine(48000, 2.0, 300, 2).T.copy()  # [2, N] stereo 48 kHz AAC
     path = _grey_clip(tmp_path / "av.mp4", n=20, audio=wave, sr=48000)
-    x = data.read_audio(path, 16000)
+    x = pipeline.media.read_audio(path, 16000)
     assert abs(len(x) - 32000) <= 160 and abs(_peak_hz(x) - 300) < 3
-    cut = data.read_audio(path, 16000, start=0.5, end=1.5)
+    cut = pipeline.media.read_audio(path, 16000, start=0.5, end=1.5)
     assert abs(len(cut) - 16000) <= 2
-    assert len(data.read_audio(path, 16000, max_s=1.2)) == 19200
+    assert len(pipeline.media.read_audio(path, 16000, max_s=1.2)) == 19200
     # decoding stops at max_s (a row without `end` in a long file), with the samples a full decode gives
-    head = data._read_audio_av(path, 16000, 0.5, None, max_s=0.5)
+    head = pipeline.media._read_audio_av(path, 16000, 0.5, None, max_s=0.5)
     assert 8000 <= len(head) < 8000 + 1600                      # 0.5 s, and at most ~2 AAC frames more
-    assert np.array_equal(head[:8000], data.read_audio(path, 16000, start=0.5)[:8000])
-    with pytest.raises(data.BadExample, match="no audio stream"):
-        data.read_audio(_grey_clip(tmp_path / "mute.mp4", n=5), 16000)
+    assert np.array_equal(head[:8000], pipeline.media.read_audio(path, 16000, start=0.5)[:8000])
+    with pytest.raises(pipeline.media.BadExample, match="no audio stream"):
+        pipeline.media.read_audio(_grey_clip(tmp_path / "mute.mp4", n=5), 16000)
 
 
 @pytest.mark.parametrize("fmt, start_s", [("mp4", 0.0), ("mpegts", 0.0), ("flv", 0.0), ("matroska", 0.0),
@@ -257,14 +267,14 @@ def test_picture_and_sound_of_one_file_stay_in_sync(tmp_path, fmt, start_s):
         x[int(c * sr):int(c * sr) + 64] = 0.8
     frames = np.stack([np.full((48, 64, 3), 200 if f in (10, 20, 30) else 20, np.uint8) for f in range(40)])
     path = str(tmp_path / f"sync.{fmt}")
-    data._write_mp4(path, frames, 10, x[None], sr, fmt=fmt, start_s=start_s)
+    pipeline.media.write_mp4(path, frames, 10, x[None], sr, fmt=fmt, start_s=start_s)
     manifest = tmp_path / "sync.jsonl"
     manifest.write_text(json.dumps({"video": path, "start": 0.5, "end": 2.5}) + "\n")
-    y = data.ManifestDataset(str(manifest), data.TOY_DATA)[0]["audio"]          # the loader's own path
+    y = pipeline.manifest.ManifestDataset(str(manifest), data.TOY_DATA)[0]["audio"]          # the loader's own path
     assert len(y) == 2 * sr
     clicks = np.flatnonzero(np.abs(y) > 0.3)
     first_click = 0.5 + clicks[0] / sr
-    v = data.read_video(path, 20, 32, start=0.5, end=2.5)          # frame centres 0.55, 0.65, ..., 2.45
+    v = pipeline.media.read_video(path, 20, 32, start=0.5, end=2.5)          # frame centres 0.55, 0.65, ..., 2.45
     bright = [0.5 + (i + 0.5) * 0.1 for i in range(20) if v[i].mean() > 100]
     assert abs(first_click - 1.0) < 0.005, first_click             # measured: 1.000 in all four
     assert abs(bright[0] - 1.05) < 1e-6, bright                    # the frame on display from 1.0 s
@@ -290,7 +300,7 @@ COMBOS = [  # row fields -> modalities
 @pytest.mark.parametrize("row,mods", COMBOS)
 def test_every_field_combination(toy, tok, row, mods):
     path = _write_manifest(os.path.join(toy, "combo.jsonl"), [row, row])
-    ds = data.ManifestDataset(path, CFG, tok)
+    ds = pipeline.manifest.ManifestDataset(path, CFG, tok)
     assert ds.modalities == mods and ds.name == "combo"
     b = data.collate([ds[0], ds[1]], CFG, tok, torch.Generator().manual_seed(0))
     keys = {"video": {"video", "video_mask"}, "text": {"text_ids", "text_ids_clean", "text_attention", "text_labels"},
@@ -318,7 +328,7 @@ def test_every_field_combination(toy, tok, row, mods):
 
 
 def test_collate_masks_respect_padding_and_specials(toy, tok):
-    ds = data.ManifestDataset(os.path.join(toy, "speech_text.jsonl"), CFG, tok)
+    ds = pipeline.manifest.ManifestDataset(os.path.join(toy, "speech_text.jsonl"), CFG, tok)
     exs = [ds[i] for i in range(len(ds))]
     exs[0]["audio"] = exs[0]["audio"][:5000]  # one short row: padding must never be masked
     b = data.collate(exs, CFG, tok, torch.Generator().manual_seed(1))
@@ -342,8 +352,8 @@ def test_collate_draws_each_mask_with_its_own_setting(toy, tok):
     """Ratios unlike the defaults and unlike each other, each visible in its own mask: MLM selects ~20% of the
     eligible tokens; the tube masks round(0.75 * 16) = 12 of a frame's 16 cells; spans of 4 frames started
     at 3% of the frames cover ~11% (~1 - 0.97^4; the defaults give ~57%)."""
-    cfg = data.dataclasses.replace(CFG, text_mask_ratio=0.2, tube_ratio=0.75, span_p=0.03, span_len=4)
-    ds = data.ManifestDataset(os.path.join(toy, "video.jsonl"), cfg, tok)
+    cfg = dataclasses.replace(CFG, text_mask_ratio=0.2, tube_ratio=0.75, span_p=0.03, span_len=4)
+    ds = pipeline.manifest.ManifestDataset(os.path.join(toy, "video.jsonl"), cfg, tok)
     b = data.collate([ds[i] for i in range(len(ds))] * 20, cfg, tok, torch.Generator().manual_seed(0))
     eligible = b["text_attention"] & ~torch.isin(b["text_ids_clean"], torch.tensor(tok.special_ids))
     share = (b["text_labels"] != -100)[eligible].float().mean().item()
@@ -358,10 +368,10 @@ def test_masks_differ_between_ranks_steps_and_examples(toy, tok):
     """The collate generator is seeded by (seed, step, rank): two ranks at one step, or one rank at two steps,
     mask the same rows differently; within a batch each example draws its own masks; and the same
     (seed, step, rank) gives the same masks (what an exact resume needs)."""
-    ds = data.ManifestDataset(os.path.join(toy, "video.jsonl"), CFG, tok)
+    ds = pipeline.manifest.ManifestDataset(os.path.join(toy, "video.jsonl"), CFG, tok)
 
     def batch(rank, step):
-        return data._BatchMaker([ds], CFG, tok, 4, seed=0, rank=rank)[(step, 0, [0, 1, 2, 3], [], None)]["batch"]
+        return pipeline.loader._BatchMaker([ds], functools.partial(data.collate, cfg=CFG, tokenizer=tok), 4, seed=0, rank=rank)[(step, 0, [0, 1, 2, 3], [], None)]["batch"]
     a, other_rank, next_step = batch(0, 5), batch(1, 5), batch(0, 6)
     for k in ("video_mask", "audio_mask", "text_labels"):
         assert not torch.equal(a[k], other_rank[k]) and not torch.equal(a[k], next_step[k]), k
@@ -375,7 +385,7 @@ def test_caption_comes_first_and_the_transcript_is_cut(toy, tok, tmp_path):
     caption, transcript = "a blue square", " ".join(["red circle moving left"] * 20)
     path = _write_manifest(tmp_path / "long.jsonl",
                            [{"video": os.path.join(toy, "video", "000000.mp4"), "caption": caption, "text": transcript}])
-    ids = data.ManifestDataset(path, CFG, tok)[0]["text_ids"]
+    ids = pipeline.manifest.ManifestDataset(path, CFG, tok)[0]["text_ids"]
     cap = tok.tokenizer.encode(caption, add_special_tokens=False).ids
     words = tok.tokenizer.encode(transcript, add_special_tokens=False).ids
     assert len(words) > CFG.max_text_len
@@ -389,7 +399,7 @@ def test_pad_to_max_fixes_the_shapes_and_keeps_the_content(toy, tok):
     the batch-maximum padding, and the padding is masked out and never selected for a loss."""
     import dataclasses
     fixed = dataclasses.replace(CFG, pad_to_max=True)
-    ds = data.ManifestDataset(os.path.join(toy, "speech_text.jsonl"), CFG, tok)
+    ds = pipeline.manifest.ManifestDataset(os.path.join(toy, "speech_text.jsonl"), CFG, tok)
     exs = [dict(ds[i], audio=ds[i]["audio"][:n]) for i, n in enumerate((5000, 12000, 20000))]
     short = dict(exs[1], text_ids=tok.encode_one("red", max_len=CFG.max_text_len))
     for batch in (exs, [exs[0], short]):
@@ -412,7 +422,7 @@ def test_pad_to_max_fixes_the_shapes_and_keeps_the_content(toy, tok):
 
 
 def test_downstream_labels_pass_through(toy, tok):
-    ds = data.ManifestDataset(os.path.join(toy, "downstream_train.jsonl"), CFG, tok)
+    ds = pipeline.manifest.ManifestDataset(os.path.join(toy, "downstream_train.jsonl"), CFG, tok)
     b = data.collate([ds[0], ds[1], ds[2]], CFG, tok)
     lab = b["labels"]
     assert lab["score"].shape == (3,) and lab["emotions"].shape == (3, 6) and lab["label"].dtype == torch.long
@@ -423,7 +433,7 @@ def test_downstream_labels_pass_through(toy, tok):
 def test_manifest_with_byte_order_mark(tmp_path):
     p = tmp_path / "bom.jsonl"
     p.write_bytes(b"\xef\xbb\xbf" + json.dumps({"text": "first", "label": 1}).encode() + b"\n")
-    assert data.read_manifest(str(p)) == [(1, {"text": "first", "label": 1})]
+    assert pipeline.manifest.read_manifest(str(p)) == [(1, {"text": "first", "label": 1})]
 
 
 def test_malformed_labels_are_bad_rows(toy, tok, tmp_path):
@@ -442,17 +452,17 @@ def test_malformed_labels_are_bad_rows(toy, tok, tmp_path):
     rows[6]["label"] = bool(rows[6]["label"])        # JSON true / false: a binary label, not a bad row
     path = _write_manifest(tmp_path / "labels.jsonl", rows)
     lines = []  # check's messages
-    assert data.check_manifest(path, CFG, tok, log=lines.append) == (8, 5)
+    assert pipeline.commands.check_manifest(path, CFG, tok, log=lines.append) == (8, 5)
     for line, reason in {2: "score must be a number", 3: "emotions has 3 entries", 4: "label must be a number",
                          5: "answer must be an index", 6: "answers must be"}.items():
         assert any(m.startswith(f"{path}:{line}: {reason}") for m in lines), (line, reason, lines)
-    ds = data.ManifestDataset(path, CFG, tok)
+    ds = pipeline.manifest.ManifestDataset(path, CFG, tok)
     b = data.collate([ds[0], ds[6], ds[7]], CFG, tok)
     assert b["labels"]["emotions"].shape == (3, 6) and b["labels"]["label"][1] == int(rows[6]["label"])
     # a manifest that is not UTF-8 is reported, not a traceback
     (tmp_path / "latin1.jsonl").write_bytes(b'{"text": "caf\xe9"}\n')
     lines.clear()
-    assert data.check_manifest(str(tmp_path / "latin1.jsonl"), CFG, tok, log=lines.append) == (0, 1)
+    assert pipeline.commands.check_manifest(str(tmp_path / "latin1.jsonl"), CFG, tok, log=lines.append) == (0, 1)
     assert "cannot read the manifest" in lines[0]
 
 
@@ -484,12 +494,12 @@ def bad_manifest(toy, tmp_path):
 def test_check_reports_each_bad_row(bad_manifest, tok):
     path, expected = bad_manifest
     lines = []
-    rows, bad = data.check_manifest(path, CFG, tok, log=lines.append)
+    rows, bad = pipeline.commands.check_manifest(path, CFG, tok, log=lines.append)
     assert (rows, bad) == (20, len(expected))
     for line, reason in expected.items():
         assert any(m.startswith(f"{path}:{line}: {reason}") for m in lines), (line, reason, lines)
     assert "20 rows, 10 bad" in lines[-1]
-    assert data.main(["check", path]) == 1
+    assert pipeline.commands.main(["check", path]) == 1
 
 
 def test_a_mute_that_is_not_a_boolean_decides_nothing(toy, tmp_path):
@@ -498,16 +508,16 @@ def test_a_mute_that_is_not_a_boolean_decides_nothing(toy, tmp_path):
     v = os.path.join(toy, "video", "000000.mp4")
     rows = [{"video": v, "text": "a", "mute": "false"}, {"video": v, "text": "b"}]
     path = _write_manifest(tmp_path / "mute.jsonl", rows)
-    ds = data.ManifestDataset(path, CFG)
+    ds = pipeline.manifest.ManifestDataset(path, CFG)
     assert ds.modalities == ("video", "text", "audio")
-    with pytest.raises(data.BadExample, match="mute must be true or false, got 'false'"):
+    with pytest.raises(pipeline.media.BadExample, match="mute must be true or false, got 'false'"):
         ds[0]
     assert "audio" in ds[1]
 
 
 def test_loader_skips_and_counts_bad_rows(bad_manifest, tok):
     path, expected = bad_manifest
-    cfg = data.dataclasses.replace(CFG, max_bad_share=0.9)
+    cfg = dataclasses.replace(CFG, max_bad_share=0.9)
     logs = []
     loader = data.make_loader([path], [1.0], cfg, tok, batch_size=4, seed=3, spares=0, log=logs.append)
     it = iter(loader)
@@ -525,7 +535,7 @@ def test_loader_skips_and_counts_bad_rows(bad_manifest, tok):
     assert sizes == [4]
     # the default 10% share stops training with the manifest's name
     loader = data.make_loader([path], [1.0], CFG, tok, batch_size=4, seed=3, log=logs.append)
-    with pytest.raises(data.TooManyBadExamples, match="mixed.jsonl"):
+    with pytest.raises(pipeline.loader.TooManyBadExamples, match="mixed.jsonl"):
         for _ in itertools.islice(loader, 50):  # 10 of 20 rows are bad: stops within the first epoch or two
             pass
 
@@ -534,7 +544,7 @@ def test_loader_state_keeps_the_bad_row_accounts(bad_manifest, tok):
     """A resumed run goes on counting bad rows where the first left off (the final report sees the whole run),
     through a JSON round trip as in a checkpoint; its max_bad_share stop judges the rows tried since the resume."""
     path, expected = bad_manifest
-    cfg = data.dataclasses.replace(CFG, max_bad_share=0.9)
+    cfg = dataclasses.replace(CFG, max_bad_share=0.9)
     loader = data.make_loader([path], [1.0], cfg, tok, batch_size=4, seed=3, spares=0, log=lambda m: None)
     it = iter(loader)
     for _ in range(3):
@@ -554,7 +564,7 @@ def test_a_small_all_bad_source_stops_once_every_row_is_tried(tmp_path, tok):
     path = _write_manifest(tmp_path / "allbad.jsonl", [{"video": "nothere.mp4", "text": "x"}] * 6)
     loader = data.make_loader([path], [1.0], CFG, tok, batch_size=2, seed=0, spares=0, log=lambda m: None)
     batches = 0
-    with pytest.raises(data.TooManyBadExamples, match="6 of the 6 rows tried since this run started or resumed were bad"):
+    with pytest.raises(pipeline.loader.TooManyBadExamples, match="6 of the 6 rows tried since this run started or resumed were bad"):
         for _ in itertools.islice(loader, 30):
             batches += 1
     # the stopping batch is not counted: the counters (and a checkpoint saved at the stop) are those after the
@@ -570,7 +580,7 @@ def test_a_small_all_bad_source_stops_once_every_row_is_tried(tmp_path, tok):
 
 def test_sampler_same_source_disjoint_and_resumes():
     sizes, weights, W, bs = [10, 7, 23], [1, 2, 1], 3, 2
-    samplers = [data.MixedBatchSampler(sizes, weights, bs, r, W, seed=5, spares=2, names="abc") for r in range(W)]
+    samplers = [pipeline.sampler.MixedBatchSampler(sizes, weights, bs, r, W, seed=5, spares=2, names="abc") for r in range(W)]
     plans = [[s.next_plan() for _ in range(60)] for s in samplers]
     per_source = {k: [[] for _ in range(W)] for k in range(3)}
     for step in range(60):
@@ -594,25 +604,25 @@ def test_sampler_same_source_disjoint_and_resumes():
         # reshuffled each epoch (seeded by the epoch): rank 0 does not walk the same rows every epoch
         assert len({tuple(per_source[k][0][e * m:(e + 1) * m]) for e in range(epochs)}) > 1, k
     # resume: a fresh sampler loaded from a JSON round trip of step 25's state continues identically
-    s = data.MixedBatchSampler(sizes, weights, bs, 1, W, seed=5, spares=2, names="abc")
+    s = pipeline.sampler.MixedBatchSampler(sizes, weights, bs, 1, W, seed=5, spares=2, names="abc")
     for _ in range(25):
         s.next_plan()
     state = json.loads(json.dumps(s.state_dict()))
-    s2 = data.MixedBatchSampler(sizes, weights, bs, 1, W, seed=5, spares=2, names="abc")
+    s2 = pipeline.sampler.MixedBatchSampler(sizes, weights, bs, 1, W, seed=5, spares=2, names="abc")
     s2.load_state_dict(state)
     assert [s2.next_plan() for _ in range(35)] == plans[1][25:]
 
 
 def test_sampler_follows_the_weights_and_refuses_what_it_cannot_do():
-    s = data.MixedBatchSampler([50, 50, 50], [0.8, 0.2, 0.0], 4, seed=1)
+    s = pipeline.sampler.MixedBatchSampler([50, 50, 50], [0.8, 0.2, 0.0], 4, seed=1)
     counts = np.bincount([s.source_at(k) for k in range(2000)], minlength=3)
     assert abs(counts[0] / 2000 - 0.8) < 0.04 and counts[2] == 0, counts    # std of a share ~0.009
     with pytest.raises(ValueError, match="source 0 has 10 rows, fewer than batch_size x world_size"):
-        data.MixedBatchSampler([10], [1], 4, rank=0, world_size=4)          # 2 rows per rank for batches of 4
-    state = data.MixedBatchSampler([40], [1], 2, rank=0, world_size=2, seed=3).state_dict()
+        pipeline.sampler.MixedBatchSampler([10], [1], 4, rank=0, world_size=4)          # 2 rows per rank for batches of 4
+    state = pipeline.sampler.MixedBatchSampler([40], [1], 2, rank=0, world_size=2, seed=3).state_dict()
     for kw in (dict(world_size=4, seed=3), dict(world_size=2, seed=4)):     # other shards, other permutations
         with pytest.raises(ValueError, match="cannot resume"):
-            data.MixedBatchSampler([40], [1], 2, rank=0, **kw).load_state_dict(state)
+            pipeline.sampler.MixedBatchSampler([40], [1], 2, rank=0, **kw).load_state_dict(state)
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -651,9 +661,10 @@ STOP_SCRIPT = """
 import os, signal, subprocess, sys
 sys.path.insert(0, {root!r})
 import data
+import pipeline.text
 stop = []
 signal.signal(signal.SIGTERM, lambda s, f: stop.append(s))
-tok = data.load_tokenizer({tok!r})
+tok = pipeline.text.load_tokenizer({tok!r})
 it = iter(data.make_loader([{manifest!r}], [1], data.TOY_DATA, tok, batch_size=2, seed=0, num_workers=1))
 next(it)
 os.killpg(os.getpgid(0), signal.SIGTERM)    # what torchrun and `kill -- -PGID` do
@@ -690,27 +701,27 @@ def test_target_cache_round_trip(toy, tok, tmp_path):
         a = batch["audio"].unfold(1, 400, 320)[:, :, :1].abs().mul(1000).long()
         return {"video_targets": ids, "audio_targets": a[:, :, 0]}
 
-    written, bad = data.tokenize_manifest(str(path), CFG, quantize, batch_size=4, name="test")
+    written, bad = pipeline.targets.tokenize_manifest(str(path), CFG, quantize, batch_size=4, name="test")
     assert (written, bad) == (6, 0) and os.path.exists(tmp_path / "v.targets" / "00000001.safetensors")
-    ds = data.ManifestDataset(str(path), CFG, tok)
+    ds = pipeline.manifest.ManifestDataset(str(path), CFG, tok)
     b = data.collate([ds[0], ds[3]], CFG, tok)
     ref = quantize(data.collate([ds[0], ds[3]], CFG, tok))
     assert torch.equal(b["video_targets"], ref["video_targets"])
     assert torch.equal(b["audio_targets"], ref["audio_targets"])
-    stale = data.ManifestDataset(str(path), data.dataclasses.replace(CFG, frames=2), tok)
+    stale = pipeline.manifest.ManifestDataset(str(path), dataclasses.replace(CFG, frames=2), tok)
     assert stale.targets is None
     # the manifest edited after `tokenize`: lines 1 and 2 swapped hold other clips than their files were made
     # from, so they get no cached ids (the device makes them); line 3 keeps its own
     lines = open(path).read().splitlines()
     _write_manifest(path, [lines[1], lines[0]] + lines[2:])
-    ds = data.ManifestDataset(str(path), CFG, tok)
+    ds = pipeline.manifest.ManifestDataset(str(path), CFG, tok)
     assert ["video_targets" in ds[i] for i in range(3)] == [False, False, True]
     assert [ds[i].get("stale_targets", False) for i in range(3)] == [True, True, False]
     # said once per manifest, by the loader's own process (a worker's print would break the progress bar)
     logs = []
     loader = data.make_loader([ds], [1.0], CFG, tok, batch_size=3, seed=0, log=logs.append)
     list(itertools.islice(loader, 4))
-    assert len(logs) == 1 and "v.jsonl:" in logs[0] and "re-run `python data.py tokenize`" in logs[0], logs
+    assert len(logs) == 1 and "v.jsonl:" in logs[0] and "re-run `python -m pipeline tokenize`" in logs[0], logs
     # an interrupted re-run leaves no cache the loader would read (not half old, half new)
     def fail_second(batch, calls=[]):
         calls.append(1)
@@ -718,11 +729,11 @@ def test_target_cache_round_trip(toy, tok, tmp_path):
             raise RuntimeError("pre-empted")
         return quantize(batch)
     with pytest.raises(RuntimeError, match="pre-empted"):
-        data.tokenize_manifest(str(path), CFG, fail_second, batch_size=2, name="test")
-    assert data.ManifestDataset(str(path), CFG, tok).targets is None
+        pipeline.targets.tokenize_manifest(str(path), CFG, fail_second, batch_size=2, name="test")
+    assert pipeline.manifest.ManifestDataset(str(path), CFG, tok).targets is None
     assert sorted(os.listdir(tmp_path / "v.targets")) == ["00000001.safetensors", "00000002.safetensors"]
-    assert data.tokenize_manifest(str(path), CFG, quantize, batch_size=4, name="test") == (6, 0)
-    assert all("video_targets" in e for e in data.ManifestDataset(str(path), CFG, tok))
+    assert pipeline.targets.tokenize_manifest(str(path), CFG, quantize, batch_size=4, name="test") == (6, 0)
+    assert all("video_targets" in e for e in pipeline.manifest.ManifestDataset(str(path), CFG, tok))
 
 
 def _tree_hash(root):
@@ -735,8 +746,8 @@ def _tree_hash(root):
 
 
 def test_toy_world_is_deterministic(toy, tmp_path):
-    data.make_toy(str(tmp_path / "again"), seed=0, size="tiny")
-    data.make_toy(str(tmp_path / "other"), seed=1, size="tiny")
+    pipeline.toy.make_toy(str(tmp_path / "again"), seed=0, size="tiny")
+    pipeline.toy.make_toy(str(tmp_path / "other"), seed=1, size="tiny")
     a, b, c = _tree_hash(toy), _tree_hash(tmp_path / "again"), _tree_hash(tmp_path / "other")
     a = {k: v for k, v in a.items() if not k.startswith("combo")}
     assert a == b and len(a) > 40
@@ -746,11 +757,11 @@ def test_toy_world_is_deterministic(toy, tmp_path):
 def test_toy_world_reads_clean_and_carries_content(toy, tok):
     for name in ("video", "image_text", "speech_text", "video_speech", "video_test",
                  "downstream_train", "downstream_validation", "downstream_test"):
-        rows, bad = data.check_manifest(os.path.join(toy, f"{name}.jsonl"), CFG, tok, log=lambda m: None)
+        rows, bad = pipeline.commands.check_manifest(os.path.join(toy, f"{name}.jsonl"), CFG, tok, log=lambda m: None)
         assert rows > 0 and bad == 0, name
     # the spoken words are audible: the same word said by two speakers correlates more than two words
     rng = np.random.default_rng(0)
-    spec = lambda w: np.abs(np.fft.rfft(data.toy_speech([w], 16000, rng, 0.5)[0]))[:4000]
+    spec = lambda w: np.abs(np.fft.rfft(pipeline.toy.toy_speech([w], 16000, rng, 0.5)[0]))[:4000]
     red1, red2, blue = spec("red"), spec("red"), spec("blue")
     cos = lambda a, b: a @ b / np.linalg.norm(a) / np.linalg.norm(b)
     assert cos(red1, red2) > cos(red1, blue) + 0.1
@@ -758,7 +769,7 @@ def test_toy_world_reads_clean_and_carries_content(toy, tok):
 
 
 def test_cli_bench_and_make_toy(toy, capsys):
-    assert data.main(["bench", os.path.join(toy, "video.jsonl"), "-n", "4"]) == 0
+    assert pipeline.commands.main(["bench", os.path.join(toy, "video.jsonl"), "-n", "4"]) == 0
     out = capsys.readouterr()
     assert "examples/s per worker" in out.out + out.err and "workers" in out.out
     # a bad first row is skipped like the others; a manifest with no good row ends with 1 and a reason
@@ -766,9 +777,9 @@ def test_cli_bench_and_make_toy(toy, capsys):
     good["video"] = os.path.join(toy, good["video"])
     bad = {"video": os.path.join(toy, "nothere.mp4"), "text": "x"}
     tok_arg = ["--tokenizer", os.path.join(toy, "tokenizer.json")]
-    assert data.main(["bench", _write_manifest(os.path.join(toy, "bench1.jsonl"), [bad, good]), "-n", "4"] + tok_arg) == 0
+    assert pipeline.commands.main(["bench", _write_manifest(os.path.join(toy, "bench1.jsonl"), [bad, good]), "-n", "4"] + tok_arg) == 0
     assert "2 examples (2 bad)" in capsys.readouterr().out
-    assert data.main(["bench", _write_manifest(os.path.join(toy, "bench2.jsonl"), [bad, bad]), "-n", "2"] + tok_arg) == 1
+    assert pipeline.commands.main(["bench", _write_manifest(os.path.join(toy, "bench2.jsonl"), [bad, bad]), "-n", "2"] + tok_arg) == 1
     assert "no good row" in capsys.readouterr().err
 
 
@@ -776,7 +787,7 @@ def test_all_bad_plan_yields_an_empty_batch(tmp_path, tok):
     """A plan whose rows and spares are all bad still yields (an empty batch with its step), so every rank
     stays on the same step; train.common_batch then skips it everywhere."""
     path = _write_manifest(tmp_path / "allbad.jsonl", [{"video": "nothere.mp4", "text": "x"}] * 8)
-    cfg = data.dataclasses.replace(CFG, max_bad_share=1.0)
+    cfg = dataclasses.replace(CFG, max_bad_share=1.0)
     loader = data.make_loader([path], [1.0], cfg, tok, batch_size=4, seed=0, spares=1, log=lambda m: None)
     out = list(itertools.islice(loader, 3))
     assert [(b.get("empty"), b["step"], b["index"], b["source"]) for b in out] == [(True, k, [], "allbad") for k in range(3)]
@@ -784,15 +795,15 @@ def test_all_bad_plan_yields_an_empty_batch(tmp_path, tok):
 
 
 def test_offline_targets_are_the_models_own(toy, tok, tmp_path):
-    """`data.py tokenize --preset toy` writes exactly the ids the tiny model computes on the device
+    """`python -m pipeline tokenize --preset toy` writes exactly the ids the tiny model computes on the device
     (same tokenizers, same normalised waveform), and train.py refuses a cache made for another model."""
     import train
     from icode import ICode, preset
     shutil.copytree(os.path.join(toy, "video"), tmp_path / "video")
     path = shutil.copy(os.path.join(toy, "video.jsonl"), tmp_path / "v.jsonl")
-    assert data.main(["tokenize", str(path), "--preset", "toy"]) == 0
-    cached_ds = data.ManifestDataset(str(path), CFG, tok)
-    fresh_ds = data.ManifestDataset(str(path), CFG, tok, use_targets=False)
+    assert pipeline.commands.main(["tokenize", str(path), "--preset", "toy"]) == 0
+    cached_ds = pipeline.manifest.ManifestDataset(str(path), CFG, tok)
+    fresh_ds = pipeline.manifest.ManifestDataset(str(path), CFG, tok, use_targets=False)
     assert cached_ds.targets is not None and fresh_ds.targets is None
     cached = data.collate([cached_ds[i] for i in (0, 2, 3)], CFG, tok, torch.Generator().manual_seed(1))
     fresh = data.collate([fresh_ds[i] for i in (0, 2, 3)], CFG, tok, torch.Generator().manual_seed(1))
@@ -802,8 +813,8 @@ def test_offline_targets_are_the_models_own(toy, tok, tmp_path):
     for k in ("video", "audio"):
         assert (t_fresh[k] != -100).any() and torch.equal(t_cached[k], t_fresh[k]), k
     train.check_target_caches([cached_ds, fresh_ds], model)
-    for other in (data.dataclasses.replace(model.cfg, tokenizer_seed=1),    # same codebook sizes, other codes
-                  data.dataclasses.replace(model.cfg, video_codebook=16)):
+    for other in (dataclasses.replace(model.cfg, tokenizer_seed=1),    # same codebook sizes, other codes
+                  dataclasses.replace(model.cfg, video_codebook=16)):
         with pytest.raises(ValueError, match=r"v\.targets: the target cache was written by tokenizers [0-9a-f]{16} "
                                              r"\(target tokenizers of the tiny model .*the model's are [0-9a-f]{16}"):
             train.check_target_caches([cached_ds], ICode(other))

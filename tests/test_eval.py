@@ -11,6 +11,14 @@ import data as D
 import eval as E
 from common import with_dropout
 from icode import ICode, preset
+import evaluation.glue
+import evaluation.metrics
+import evaluation.retrieval
+import pipeline.manifest
+import pipeline.text
+import pipeline.toy
+import training.checkpoint
+import training.distributed
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -26,13 +34,13 @@ def one_thread():
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
     root = tmp_path_factory.mktemp("toy")
-    D.make_toy(str(root), size="tiny")
+    pipeline.toy.make_toy(str(root), size="tiny")
     return str(root)
 
 
 @pytest.fixture(scope="module")
 def tok(toy):
-    return D.load_tokenizer(os.path.join(toy, "tokenizer.json"))
+    return pipeline.text.load_tokenizer(os.path.join(toy, "tokenizer.json"))
 
 
 def tiny_icode(vocab, fusion="merge", seed=0):
@@ -164,13 +172,13 @@ def test_targets_and_candidate_counts_are_checked():
 
 
 def _splits(toy, tok):
-    return {s: E.load_split(os.path.join(toy, f"downstream_{s}.jsonl"), D.TOY_DATA, tok)
+    return {s: pipeline.manifest.load_examples(os.path.join(toy, f"downstream_{s}.jsonl"), D.TOY_DATA, tok)
             for s in ("train", "validation", "test")}
 
 
 def _finetune_kw(tok, **kw):
     return dict(dict(ckpt=None, fusion="merge", modalities=("video", "text", "audio"), seed=0, dcfg=D.TOY_DATA,
-                     tokenizer=tok, d=E.T.setup_distributed("cpu"), epochs=2, batch_size=4, log=lambda m: None), **kw)
+                     tokenizer=tok, d=training.distributed.setup_distributed("cpu"), epochs=2, batch_size=4, log=lambda m: None), **kw)
 
 
 def test_finetune_is_the_same_with_a_filled_feature_cache(toy, tok):
@@ -281,7 +289,7 @@ def test_run_seeds_uses_consecutive_seeds(monkeypatch):
                         {"test": {"a": float(kw["seed"])}, "val": {"a": 0.0}})
     args = argparse.Namespace(seeds=3, seed=5, preset="tiny", lr=1e-3, lr_encoders=0.0, weight_decay=0.0, epochs=1,
                               patience=1, batch=4, clip=1.0, glue_task=None)
-    res = E.run_seeds("sentiment", {}, args, E.T.setup_distributed("cpu"), None, "merge", ("text",), D.TOY_DATA,
+    res = E.run_seeds("sentiment", {}, args, training.distributed.setup_distributed("cpu"), None, "merge", ("text",), D.TOY_DATA,
                       None, {})
     assert seeds == [5, 6, 7] and res["test"]["a"] == (6.0, 1.0)
 
@@ -289,14 +297,14 @@ def test_run_seeds_uses_consecutive_seeds(monkeypatch):
 def test_read_glue_tsv(tmp_path):
     cola = tmp_path / "cola.tsv"
     cola.write_text("gj04\t1\t\tThe book was read.\ngj04\t0\t*\tBook the read was.\nbroken row\n")
-    assert E.read_glue_tsv(str(cola), "CoLA") == [("The book was read.", None, 1), ("Book the read was.", None, 0)]
+    assert evaluation.glue.read_glue_tsv(str(cola), "CoLA") == [("The book was read.", None, 1), ("Book the read was.", None, 0)]
     sts = tmp_path / "sts.tsv"
     sts.write_text("index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore\n"
                    "0\tx\tx\tx\tx\tx\tx\tA man plays.\tA man is playing.\t4.75\n")
-    assert E.read_glue_tsv(str(sts), "STS-B") == [("A man plays.", "A man is playing.", 4.75)]
+    assert evaluation.glue.read_glue_tsv(str(sts), "STS-B") == [("A man plays.", "A man is playing.", 4.75)]
     rte = tmp_path / "rte.tsv"
     rte.write_text("index\tsentence1\tsentence2\tlabel\n0\tA\tB\tnot_entailment\n1\tC\tD\tentailment\n2\tE\tF\tmaybe\n")
-    assert E.read_glue_tsv(str(rte), "RTE") == [("A", "B", 1), ("C", "D", 0)]   # unknown label skipped
+    assert evaluation.glue.read_glue_tsv(str(rte), "RTE") == [("A", "B", 1), ("C", "D", 0)]   # unknown label skipped
 
 
 def _finite(d):
@@ -313,16 +321,16 @@ def test_finetune_smoke_and_best_checkpoint(toy, tmp_path):
     assert _finite(test)
     with open(os.path.join(out, "sentiment_V+L+S", "results.json")) as f:
         sizes = json.load(f)["examples"]
-    assert sizes == {s: len(D.read_manifest(os.path.join(toy, f"downstream_{s}.jsonl")))
+    assert sizes == {s: len(pipeline.manifest.read_manifest(os.path.join(toy, f"downstream_{s}.jsonl")))
                      for s in ("train", "validation", "test")}
     weights = os.path.join(out, "sentiment_V+L+S", "seed0", "model.safetensors")
     assert os.path.isfile(weights)
     # reload the best weights into a fresh model: same test metrics as reported
     from safetensors.torch import load_model
-    tok = D.load_tokenizer(os.path.join(toy, "tokenizer.json"))
+    tok = pipeline.text.load_tokenizer(os.path.join(toy, "tokenizer.json"))
     ft = E.FineTuner(tiny_icode(tok.vocab_size), "sentiment", 1, ("video", "text", "audio"))
     load_model(ft, weights, strict=False)
-    test_ex = E.load_split(os.path.join(toy, "downstream_test.jsonl"), D.TOY_DATA, tok)
+    test_ex = pipeline.manifest.load_examples(os.path.join(toy, "downstream_test.jsonl"), D.TOY_DATA, tok)
     again = E.evaluate(ft, test_ex, "sentiment", False, D.TOY_DATA, tok, "cpu")
     assert again["mae"] == pytest.approx(test["mae"], abs=1e-4)
 
@@ -344,7 +352,7 @@ def test_finetune_tasks_and_modality_subsets(toy, tmp_path, task, mods, extra):
 
 def test_zero_shot_retrieval(toy, tok):
     model = tiny_icode(tok.vocab_size)
-    res = E.zero_shot_retrieval(model, os.path.join(toy, "video_test.jsonl"), D.TOY_DATA, tok)
+    res = evaluation.retrieval.zero_shot_retrieval(model, os.path.join(toy, "video_test.jsonl"), D.TOY_DATA, tok)
     dirs = {k for k in res if "->" in k}
     assert dirs == {"video->text", "text->video", "video->audio", "audio->video", "text->audio", "audio->text"}
     for k in dirs:
@@ -352,15 +360,15 @@ def test_zero_shot_retrieval(toy, tok):
         assert res[k]["R@10"] == 1.0                                    # 4 held-out clips: K >= N
     # the values: cosine similarities of each modality fused alone (section 4.2.2) on the unmasked inputs,
     # computed here in one batch, against the function's batches of 2, at K < N
-    ex = E.load_split(os.path.join(toy, "video_test.jsonl"), D.TOY_DATA, tok)
-    res = E.zero_shot_retrieval(model, ex, D.TOY_DATA, tok, batch_size=2, ks=(1, 2, 3))
+    ex = pipeline.manifest.load_examples(os.path.join(toy, "video_test.jsonl"), D.TOY_DATA, tok)
+    res = evaluation.retrieval.zero_shot_retrieval(model, ex, D.TOY_DATA, tok, batch_size=2, ks=(1, 2, 3))
     with torch.no_grad():
         feats, valids = model.pretrain_features(D.collate(ex, D.TOY_DATA, tok), masked=False)
         r = {m: torch.nn.functional.normalize(v, dim=-1) for m, v in model.contrastive_representations(feats, valids).items()}
     for a, b in (("video", "text"), ("video", "audio"), ("text", "audio")):
         sim = r[a] @ r[b].T
-        assert res[f"{a}->{b}"] == E.retrieval_recall(sim, (1, 2, 3))
-        assert res[f"{b}->{a}"] == E.retrieval_recall(sim.T, (1, 2, 3))
+        assert res[f"{a}->{b}"] == evaluation.metrics.retrieval_recall(sim, (1, 2, 3))
+        assert res[f"{b}->{a}"] == evaluation.metrics.retrieval_recall(sim.T, (1, 2, 3))
     assert len({tuple(v.values()) for k, v in res.items() if "->" in k}) > 1  # not one constant answer
 
 
@@ -394,8 +402,8 @@ def test_flags_that_would_be_ignored_are_refused(toy, tok, tmp_path):
     --fusion there are errors too. train.py --init checks the preset the same way."""
     import train as T
     model = tiny_icode(tok.vocab_size)
-    ckpt = T.save_checkpoint(str(tmp_path / "run"), 1, model, T.build_optimizer(model, 1e-3, 1e-3, 0.0), None,
-                             T.parse_args([]), T.Dist())
+    ckpt = training.checkpoint.save_checkpoint(str(tmp_path / "run"), 1, model, T.build_optimizer(model, 1e-3, 1e-3, 0.0), None,
+                             T.parse_args([]), training.distributed.Dist())
     common = ["--task", "sentiment", "--toy-dir", toy, "--ckpt", ckpt, "--out", str(tmp_path), "--device", "cpu"]
     with pytest.raises(ValueError, match="pretrained with --preset tiny, this run has --preset paper: give --preset tiny"):
         E.main(common + ["--preset", "paper"])

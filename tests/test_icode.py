@@ -8,9 +8,11 @@ import torch
 
 import icode
 from icode import ICode, ICodeConfig, preset
-from losses import PAPER_WEIGHTS
+import pipeline.targets
+from losses import PAPER_WEIGHTS, count_targets
 from model.fusion import MODALITIES, masked_mean
-from train import PretrainObjective, count_targets, synthetic_batch
+from tools.benchmark import synthetic_batch
+from train import PretrainObjective
 
 SUBSETS = [s for k in (1, 2, 3) for s in itertools.combinations(MODALITIES, k)]
 
@@ -278,10 +280,9 @@ def test_pretrained_target_tokenizers(tmp_path):
         ICode(replace(preset("tiny"), **f8))
     with pytest.raises(ValueError, match="video tokenizer: its architecture .* is not the config's"):
         ICode(replace(cfg, video_tokenizer=asdict(replace(SMALL_VQ, num_res_blocks=2))), tokenizers=toks)
-    import data
     with pytest.raises(ValueError, match="pretrained video tokenizer's architecture but no loaded tokenizer"):
-        data.target_quantize(cfg)          # an offline cache never gets ids of untrained weights
-    assert data.target_quantize(cfg, tokenizers=toks).fingerprint == icode.target_fingerprint(cfg, *toks.values())
+        pipeline.targets.target_quantize(cfg)          # an offline cache never gets ids of untrained weights
+    assert pipeline.targets.target_quantize(cfg, tokenizers=toks).fingerprint == icode.target_fingerprint(cfg, *toks.values())
     with pytest.raises(ValueError, match="a pretrained speech tokenizer was given, but the config has no"):
         ICode(preset("tiny"), tokenizers={"speech": toks["speech"]})
     with pytest.raises(FileNotFoundError, match="nothere"):

@@ -1,12 +1,10 @@
 """Masking statistics (section 4.2.1, appendix A.1) over many draws, with the tolerances stated."""
 import math
 
-import pytest
 import torch
 
-import data as D
-from data import (mask_tokens, mask_tokens_max, span_mask, span_mask_batch, span_mask_max, tube_mask, tube_mask_max,
-                  tube_to_patch_mask)
+from data import mask_tokens, span_mask, span_mask_batch, tube_mask, tube_to_patch_mask
+from training.static_rows import mask_tokens_max, tube_mask_max
 
 
 def test_mask_tokens_ratio_and_80_10_10():
@@ -155,42 +153,3 @@ def test_mask_tokens_count_per_row_is_int_ratio_e_plus_u():
     # ratio 1 selects every eligible token, ratio 0 none
     assert torch.equal(mask_tokens(ids[:8], special[:8], 4, 100, 1.0, g)[1] != -100, ~special[:8])
     assert (mask_tokens(ids[:8], special[:8], 4, 100, 0.0, g)[1] == -100).all()
-
-
-@pytest.mark.parametrize("length", [1, 9, 10, 37, 389])
-def test_static_bounds_hold_and_are_reached(length):
-    """mask_tokens_max, tube_mask_max and span_mask_max (data.masked_rows, the heads' static selections) are
-    never exceeded over many draws, and the tube's and the text's are reached (they are the most possible:
-    a bound that is reached cannot be lowered; the text's at L = 10 one less, see below)."""
-    g = torch.Generator().manual_seed(length)
-    ids = torch.randint(10, 100, (2000, length), generator=g)
-    n = (mask_tokens(ids, torch.zeros_like(ids, dtype=torch.bool), 4, 100, 0.3, g)[1] != -100).sum(1)
-    # floor(0.3 L) + 1 (or all of L); where 0.3 L is a whole number (L = 10) that + 1 is only for rounding
-    assert n.max().item() == mask_tokens_max(length, 0.3) - (length == 10), (n.max(), length)
-    spans = torch.stack([span_mask(length, 0.08, 10, g) for _ in range(300)]).sum(1)
-    assert spans.max().item() <= span_mask_max(length, 0.08, 10), (spans.max(), length)
-    if length <= 9:
-        tubes = torch.stack([tube_mask(8, length, length, 0.5, g) for _ in range(200)]).flatten(1).sum(1)
-        assert tubes.max().item() == tube_mask_max(8, length, length, 0.5), (tubes.max(), length)
-
-
-def test_masked_rows_of_a_collated_batch():
-    """masked_rows from shapes alone: batch 3, 20 text tokens, 4 frames of 4 x 4 cells, 50 speech frames;
-    check_masked_rows on the host."""
-    cfg = D.DataConfig()
-    batch = {"modalities": ("video", "text", "audio"), "text_labels": torch.zeros(3, 20, dtype=torch.long),
-             "video_mask": torch.zeros(3, 4, 4, 4, dtype=torch.bool), "audio_mask": torch.zeros(3, 50, dtype=torch.bool)}
-    # text: floor(0.3 * 20) + 1 = 7; video: 4 frames x round(0.5 * 16) = 32; audio: (floor(0.08 * 50) + 1) * 10 = 50
-    assert D.masked_rows(cfg, batch) == {"text": 21, "video": 96, "audio": 150}
-    assert D.masked_rows(cfg, dict(batch, modalities=("text",))) == {"text": 21}
-    # check_masked_rows: masks as drawn pass; one example over its bound (8 of 20 tokens) is an error
-    g = torch.Generator().manual_seed(0)
-    batch["text_labels"] = mask_tokens(torch.randint(10, 99, (3, 20), generator=g), torch.zeros(3, 20, dtype=torch.bool),
-                                       4, 100, cfg.text_mask_ratio, g)[1]
-    batch["video_mask"] = torch.stack([tube_mask(4, 4, 4, cfg.tube_ratio, g) for _ in range(3)])
-    batch["audio_mask"] = span_mask_batch([50, 50, 31], 50, cfg.span_p, cfg.span_len, g)
-    D.check_masked_rows(cfg, batch)
-    batch["text_labels"][2] = -100
-    batch["text_labels"][2, :8] = 5
-    with pytest.raises(ValueError, match="example 2 .* 8 masked text positions, more than the 7"):
-        D.check_masked_rows(cfg, batch)

@@ -20,7 +20,20 @@ from common import with_dropout
 from icode import ICode, preset
 from model.quantizers import load_quantizer
 from losses import PAPER_WEIGHTS, pretraining_loss
-from train import Dist, PretrainObjective, count_targets, split_batch, synthetic_batch, train_step
+from losses import count_targets
+from tools.benchmark import synthetic_batch
+from train import PretrainObjective, split_batch, train_step
+from training.distributed import Dist
+import pipeline.commands
+import pipeline.loader
+import pipeline.sampler
+import pipeline.text
+import pipeline.toy
+import tools.benchmark
+import tools.profile
+import training.checkpoint
+import training.distributed
+import training.speed
 
 WEIGHTS = PAPER_WEIGHTS
 NOCAST = contextlib.nullcontext
@@ -171,16 +184,16 @@ def test_gradient_cache_with_dropout_equals_full_graph():
 
 def test_compiled_gradient_cache_repeats_the_eager_dropout():
     """--compile with --accum > 1: pass 1 of gradient cache runs eagerly, pass 3 through the compiled
-    objective, and both must draw the same dropout masks (train.compile_step's eager_random). Inductor on
+    objective, and both must draw the same dropout masks (training.speed.compile_step's eager_random). Inductor on
     the CPU, float32: the compiled cached step's gradients equal the eager cached step's to rounding (1e-3 of
     each tensor's largest entry; with Inductor's own masks, eager_random=False, they differ by 3.8x it).
     Text and speech only: two modalities make gradient cache, and leaving out Video Swin cuts a third of the
     compile time (170 s -> 113 s on the 2-core CI machine with an empty Inductor cache); one layer in each
     Transformer a fifth more (247 s -> 203 s there on a slower day). Torch before 2.10
     draws other masks whatever the settings: there compile_step refuses, naming the version."""
-    if train.torch_version() < (2, 10):
+    if training.speed.torch_version() < (2, 10):
         with pytest.raises(ValueError, match=rf"needs torch >= 2\.10, this is {re.escape(torch.__version__)}"):
-            train.compile_step(torch.nn.Linear(1, 1), eager_random=True)
+            training.speed.compile_step(torch.nn.Linear(1, 1), eager_random=True)
         return
     torch.manual_seed(0)
     cfg = with_dropout("tiny", "merge", dropout=0.1)
@@ -199,7 +212,7 @@ def test_compiled_gradient_cache_repeats_the_eager_dropout():
     with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True, cache_size_limit=8), \
             torch._inductor.config.patch(fallback_random=False):       # compile_step sets these; restored after
         torch._dynamo.reset()
-        compiled = train.compile_step(obj, eager_random=True)
+        compiled = training.speed.compile_step(obj, eager_random=True)
         # off: with captured selections torch 2.10-2.12 reorder the draws (this test fails there), 2.13 does not
         assert not torch._dynamo.config.capture_dynamic_output_shape_ops
         torch.manual_seed(123)
@@ -213,12 +226,12 @@ def _ddp_worker(rank, world, init_file, accum, out_dir):
     model = make_model()
     obj = PretrainObjective(model, WEIGHTS)
     d = Dist(rank, rank, world)
-    ddp = train.wrap_ddp(obj, d)
+    ddp = training.distributed.wrap_ddp(obj, d)
     batch = make_batch(model)
     local = split_batch(batch, world)[rank]
-    state = train.rng_state(torch.device("cpu"))  # train.main counts the step's FLOPs once, on every rank (its
-    train.count_flops(obj, local, NOCAST)         # contrastive terms gather across ranks), RNG state restored
-    train.set_rng_state(state, torch.device("cpu"))
+    state = training.checkpoint.rng_state(torch.device("cpu"))  # train.main counts the step's FLOPs once, on every rank (its
+    training.speed.count_flops(obj, local, NOCAST)         # contrastive terms gather across ranks), RNG state restored
+    training.checkpoint.set_rng_state(state, torch.device("cpu"))
     terms = train_step(obj, ddp, split_batch(local, accum), d, NOCAST)
     out = {f"grad.{k}": v for k, v in grads(model).items()}
     out.update({f"term.{k}": v.reshape(1) for k, v in terms.items()})
@@ -246,7 +259,7 @@ def test_ddp_two_processes_equal_one_process(accum):
 
 def _loader_checkpoint_worker(rank, world, init_file, manifest, tok_path, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    d, tok = Dist(rank, rank, world), D.load_tokenizer(tok_path)
+    d, tok = Dist(rank, rank, world), pipeline.text.load_tokenizer(tok_path)
 
     def loader():
         return D.make_loader([manifest], [1.0], D.TOY_DATA, tok, batch_size=2, rank=rank, world_size=world,
@@ -256,10 +269,10 @@ def _loader_checkpoint_worker(rank, world, init_file, manifest, tok_path, out_di
     it = iter(first)
     for _ in range(3):
         next(it)
-    ckpt = train.save_checkpoint(os.path.join(out_dir, "run"), 3, model, opt, first,
+    ckpt = training.checkpoint.save_checkpoint(os.path.join(out_dir, "run"), 3, model, opt, first,
                                  train.parse_args([]), d)
     again = loader()
-    train.restore_checkpoint(ckpt, model, opt, again, d)
+    training.checkpoint.restore_checkpoint(ckpt, model, opt, again, d)
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump({"saved": first.state_dict(), "restored": again.state_dict()}, f)
     dist.destroy_process_group()
@@ -284,25 +297,25 @@ def test_checkpoint_killed_mid_write_keeps_last_good(tmp_path, monkeypatch):
     model = make_model()
     opt = train.build_optimizer(model, 1e-3, 1e-3, 0.01)
     args = train.parse_args(["--out", str(tmp_path)])
-    good = train.save_checkpoint(str(tmp_path), 5, model, opt, None, args, Dist(), keep=2)
-    assert train.checkpoints(str(tmp_path)) == [good]
+    good = training.checkpoint.save_checkpoint(str(tmp_path), 5, model, opt, None, args, Dist(), keep=2)
+    assert training.checkpoint.checkpoints(str(tmp_path)) == [good]
 
     def dies(*a, **k):
         raise KeyboardInterrupt("killed while writing")
-    monkeypatch.setattr(train, "save_model", dies)
+    monkeypatch.setattr(training.checkpoint, "save_model", dies)
     with pytest.raises(KeyboardInterrupt):
-        train.save_checkpoint(str(tmp_path), 6, model, opt, None, args, Dist(), keep=2)
+        training.checkpoint.save_checkpoint(str(tmp_path), 6, model, opt, None, args, Dist(), keep=2)
     assert os.path.isdir(os.path.join(tmp_path, "ckpt_0000006.tmp"))     # the half-written one
-    assert train.checkpoints(str(tmp_path)) == [good]                     # never replaces the good one
+    assert training.checkpoint.checkpoints(str(tmp_path)) == [good]                     # never replaces the good one
     monkeypatch.undo()
     # the good checkpoint loads: weights and optimiser state round-trip without pickle
-    m2 = train.load_model(good)
+    m2 = ICode.from_checkpoint(good)
     for (n, p), (_, q) in zip(model.state_dict().items(), m2.state_dict().items()):
         assert torch.equal(p, q), n
     # keep=2: older ones are removed
     for s in (7, 8, 9):
-        train.save_checkpoint(str(tmp_path), s, model, opt, None, args, Dist(), keep=2)
-    assert [os.path.basename(c) for c in train.checkpoints(str(tmp_path))] == ["ckpt_0000008", "ckpt_0000009"]
+        training.checkpoint.save_checkpoint(str(tmp_path), s, model, opt, None, args, Dist(), keep=2)
+    assert [os.path.basename(c) for c in training.checkpoint.checkpoints(str(tmp_path))] == ["ckpt_0000008", "ckpt_0000009"]
     with pytest.raises(SystemExit):  # keep=0 would have kept everything ([:-0] is empty)
         train.parse_args(["--keep", "0"])
 
@@ -353,7 +366,7 @@ def test_logit_scales_are_clamped_after_every_step(toy_small, tmp_path, monkeypa
     import losses
     monkeypatch.setattr(losses.LogitScales, "INIT", math.log(500.0))
     _run(toy_small, tmp_path / "clamp", "--steps", "2")
-    sd = load_file(os.path.join(train.checkpoints(str(tmp_path / "clamp"))[-1], "model.safetensors"))
+    sd = load_file(os.path.join(training.checkpoint.checkpoints(str(tmp_path / "clamp"))[-1], "model.safetensors"))
     scales = [v.item() for k, v in sd.items() if k.startswith("logit_scales.")]
     assert len(scales) == 3 and all(-1e-3 < s - math.log(100.0) <= 1e-6 for s in scales), scales
 
@@ -404,8 +417,8 @@ def test_resume_is_exact(toy_small, tmp_path, monkeypatch):
     monkeypatch.setattr(train, "preset", with_dropout)   # today's default: normalize_audio=True
     b2 = _run(toy_small, tmp_path / "b", "--steps", "6", "--resume")
     assert [h["loss"] for h in b2["history"]] == [h["loss"] for h in a["history"]]
-    wa = load_file(os.path.join(train.checkpoints(str(tmp_path / "a"))[-1], "model.safetensors"))
-    wb = load_file(os.path.join(train.checkpoints(str(tmp_path / "b"))[-1], "model.safetensors"))
+    wa = load_file(os.path.join(training.checkpoint.checkpoints(str(tmp_path / "a"))[-1], "model.safetensors"))
+    wb = load_file(os.path.join(training.checkpoint.checkpoints(str(tmp_path / "b"))[-1], "model.safetensors"))
     assert wa.keys() == wb.keys()
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
@@ -414,7 +427,7 @@ def test_epochs_and_learned_loss_weights_train_and_resume(toy_small, tmp_path, c
     """--epochs becomes steps from the sources' sizes (4 toy sources of 64 rows, batch 4: 16 batches each, 64
     steps an epoch; 0.05 epochs -> ceil(3.2) = 4 steps, said in the log); --loss-weights learnable trains the
     s_w (logged as weight_*), saves them with the model and resumes them exactly."""
-    sampler = D.MixedBatchSampler([10, 7, 23], [1, 1, 2], 2, names="abc")
+    sampler = pipeline.sampler.MixedBatchSampler([10, 7, 23], [1, 1, 2], 2, names="abc")
     steps, passes = train.steps_for_epochs(3, sampler)                 # E = 5, 3, 11 batches: 19 steps an epoch
     assert steps == 57 and passes == pytest.approx({"a": 57 / 4 / 5, "b": 57 / 4 / 3, "c": 57 / 2 / 11})
     args = ("--epochs", "0.05", "--loss-weights", "learnable", "--log-every", "1", "--warmup", "1")
@@ -423,8 +436,8 @@ def test_epochs_and_learned_loss_weights_train_and_resume(toy_small, tmp_path, c
     _run(toy_small, tmp_path / "b", *args, "--stop-at-step", "2")
     b = _run(toy_small, tmp_path / "b", *args, "--resume")
     assert [h["loss"] for h in b["history"]] == [h["loss"] for h in a["history"]]
-    wa = load_file(os.path.join(train.checkpoints(str(tmp_path / "a"))[-1], "model.safetensors"))
-    wb = load_file(os.path.join(train.checkpoints(str(tmp_path / "b"))[-1], "model.safetensors"))
+    wa = load_file(os.path.join(training.checkpoint.checkpoints(str(tmp_path / "a"))[-1], "model.safetensors"))
+    wb = load_file(os.path.join(training.checkpoint.checkpoints(str(tmp_path / "b"))[-1], "model.safetensors"))
     s = {k: v for k, v in wa.items() if k.startswith("loss_weights.s.")}
     assert len(s) == 4 and all(torch.equal(v, wb[k]) for k, v in s.items())
     assert any(abs(v.item() + math.log(PAPER_WEIGHTS[k.split(".")[-1]])) > 1e-4 for k, v in s.items())   # moved
@@ -433,11 +446,11 @@ def test_epochs_and_learned_loss_weights_train_and_resume(toy_small, tmp_path, c
 
 
 def test_a_target_cache_of_other_tokenizers_stops_the_run(tmp_path, monkeypatch):
-    """train.py trains on a cache `data.py tokenize` wrote for its model, and refuses one written by other
+    """train.py trains on a cache `python -m pipeline tokenize` wrote for its model, and refuses one written by other
     tokenizers (here: the same sizes, another seed) before the first step, naming the cache."""
     toy = str(tmp_path / "toy")
-    D.make_toy(toy, size="tiny")
-    assert D.main(["tokenize", os.path.join(toy, "image_text.jsonl"), "--preset", "toy"]) == 0
+    pipeline.toy.make_toy(toy, size="tiny")
+    assert pipeline.commands.main(["tokenize", os.path.join(toy, "image_text.jsonl"), "--preset", "toy"]) == 0
     assert _run(toy, tmp_path / "same", "--steps", "1")["step"] == 1
     monkeypatch.setattr(train, "preset", lambda *a, **k: dataclasses.replace(preset(*a, **k), tokenizer_seed=1))
     with pytest.raises(ValueError, match=r"image_text\.targets: the target cache was written by tokenizers"):
@@ -448,7 +461,7 @@ def test_a_target_cache_of_other_tokenizers_stops_the_run(tmp_path, monkeypatch)
 def test_pretrained_target_tokenizers_train_resume_and_cache(toy_small, tmp_path):
     """--video-tokenizer / --speech-tokenizer: the run trains on their ids; its checkpoint holds their
     architectures (config) and weights, so it loads without their folders; --resume without the flags is
-    refused, naming the setting; `data.py tokenize` with the same flags writes a cache the run accepts, one
+    refused, naming the setting; `python -m pipeline tokenize` with the same flags writes a cache the run accepts, one
     without them is refused."""
     import shutil
     from common import save_vqgan_folder, save_wav2vec2_folder
@@ -463,7 +476,7 @@ def test_pretrained_target_tokenizers_train_resume_and_cache(toy_small, tmp_path
     for name in ("with", "without"):
         with open(tmp_path / f"{name}.jsonl", "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
-        assert D.main(["tokenize", str(tmp_path / f"{name}.jsonl"), "--preset", "toy"]
+        assert pipeline.commands.main(["tokenize", str(tmp_path / f"{name}.jsonl"), "--preset", "toy"]
                       + (flags if name == "with" else [])) == 0
     data = ["--tokenizer", os.path.join(toy_small, "tokenizer.json"), "--batch", "4", "--workers", "0", "--no-eval"]
     res = train.main(["--data", str(tmp_path / "with.jsonl"), "--out", str(tmp_path / "c1"), "--steps", "1",
@@ -475,14 +488,14 @@ def test_pretrained_target_tokenizers_train_resume_and_cache(toy_small, tmp_path
     want = {k: load_quantizer(k, p).state_dict() for k, p in (("vqgan", vq), ("wav2vec2", w2v))}
     shutil.rmtree(vq)
     shutil.rmtree(w2v)
-    ckpt = train.checkpoints(str(out))[-1]
-    model = train.load_model(ckpt)
+    ckpt = training.checkpoint.checkpoints(str(out))[-1]
+    model = ICode.from_checkpoint(ckpt)
     assert (model.cfg.video_codebook, model.cfg.speech_vars) == (128, 40)
     for k, tok in (("vqgan", model.video_tokenizer), ("wav2vec2", model.speech_tokenizer)):
         assert all(torch.equal(v, want[k][n]) for n, v in tok.state_dict().items())
     # a run that starts from the checkpoint (--init) gets its cache from the checkpoint's tokenizers
     os.rename(tmp_path / "with.targets", tmp_path / "old.targets")
-    assert D.main(["tokenize", str(tmp_path / "with.jsonl"), "--preset", "toy", "--ckpt", ckpt]) == 0
+    assert pipeline.commands.main(["tokenize", str(tmp_path / "with.jsonl"), "--preset", "toy", "--ckpt", ckpt]) == 0
     assert json.loads((tmp_path / "with.targets" / "meta.json").read_text())["tokenizers"] == \
         json.loads((tmp_path / "old.targets" / "meta.json").read_text())["tokenizers"]
     res = train.main(["--data", str(tmp_path / "with.jsonl"), "--out", str(tmp_path / "c3"), "--steps", "1",
@@ -520,7 +533,7 @@ def test_pretrained_encoder_folders_train_and_resume(toy_small, tmp_path):
         assert torch.equal(built.state_dict()[ours], load_file(str(tmp_path / folder / "model.safetensors"))[theirs])
     out = tmp_path / "run"
     res = _run(toy_small, out, "--steps", "2", "--log-every", "1", *flags)
-    model = train.load_model(train.checkpoints(str(out))[-1])
+    model = ICode.from_checkpoint(training.checkpoint.checkpoints(str(out))[-1])
     assert res["step"] == 2 and model.cfg.speech.gated_relative_position_bias and model.cfg.text.hidden_size == 32
     assert model.cfg.vision.depths == (1, 1, 1, 1) and model.cfg.vision.window_size[1:] == (2, 2)
     assert _run(toy_small, out, "--steps", "3", "--resume", *flags)["step"] == 3
@@ -549,7 +562,7 @@ def test_a_preempted_job_saves_its_step_and_resumes(toy_small, tmp_path):
     k = steps[-1]
     assert p.returncode == 0 and f"signal 15: checkpoint saved at step {k}, exiting" in log, log[-3000:]
     assert steps == list(range(1, k + 1)) and k < 1000
-    assert [os.path.basename(c) for c in train.checkpoints(str(out))] == [f"ckpt_{k:07d}"]
+    assert [os.path.basename(c) for c in training.checkpoint.checkpoints(str(out))] == [f"ckpt_{k:07d}"]
     res = _run(toy_small, out, "--steps", str(k + 1), "--resume")
     assert res["step"] == k + 1 and [h["step"] for h in res["history"]] == list(range(1, k + 2))
 
@@ -572,20 +585,20 @@ def test_too_many_bad_rows_save_the_last_step_then_resume_once_repaired(toy_smal
     out = tmp_path / "run"
     args = ["--data", str(manifest), "--tokenizer", os.path.join(toy_small, "tokenizer.json"), "--out", str(out),
             "--batch", "4", "--workers", str(workers), "--no-eval", "--log-every", "1", "--save-every", "100"]
-    with pytest.raises(D.TooManyBadExamples, match=r"pairs\.jsonl: \d+ of the \d+ rows tried since") as e:
+    with pytest.raises(pipeline.loader.TooManyBadExamples, match=r"pairs\.jsonl: \d+ of the \d+ rows tried since") as e:
         train.main(args + ["--steps", "40"])
     k = len((out / "metrics.jsonl").read_text().splitlines())
     assert k >= 3 and str(e.value).endswith(f"Checkpoint saved at step {k}; repair or replace those rows "
                                             f"(same line count), then --resume")
-    assert [os.path.basename(c) for c in train.checkpoints(str(out))] == [f"ckpt_{k:07d}"]
+    assert [os.path.basename(c) for c in training.checkpoint.checkpoints(str(out))] == [f"ckpt_{k:07d}"]
     saved = json.loads((out / f"ckpt_{k:07d}" / "loader_rank0.json").read_text())
     bad, tried = saved["bad"]["pairs"], saved["tried"]["pairs"]
     assert saved["sampler"]["step"] == k and 0 < bad and (bad <= 0.1 * tried or tried < 40), saved  # not beyond
     assert f"data: {manifest}: {bad} of {tried} rows tried were bad and skipped" in capsys.readouterr().err
-    with pytest.raises(D.TooManyBadExamples, match=r"The latest checkpoint is at step \d+; repair"):
+    with pytest.raises(pipeline.loader.TooManyBadExamples, match=r"The latest checkpoint is at step \d+; repair"):
         train.main(args + ["--steps", "40", "--resume", "--save-every", "1", "--keep", "1"])
     j = len((out / "metrics.jsonl").read_text().splitlines())
-    assert j > k + 2 and [os.path.basename(c) for c in train.checkpoints(str(out))] == [f"ckpt_{j:07d}"]
+    assert j > k + 2 and [os.path.basename(c) for c in training.checkpoint.checkpoints(str(out))] == [f"ckpt_{j:07d}"]
     write(rows[-1])
     res = train.main(args + ["--steps", str(j + 2), "--resume"])
     assert res["step"] == j + 2 and [h["step"] for h in res["history"]] == list(range(1, j + 3))
@@ -597,7 +610,7 @@ def _main_worker(rank, world, port, argv, out_dir):
     try:
         res = train.main(argv)
         msg = f"step {res['step']}"
-    except D.TooManyBadExamples as e:
+    except pipeline.loader.TooManyBadExamples as e:
         msg = str(e)
     with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
         f.write(msg)
@@ -614,7 +627,7 @@ def test_two_ranks_stop_on_bad_rows_together_and_resume_in_step(toy_small, tmp_p
 
     # Bad rows only where rank 0 reads in each of the first two epochs (the sampler's own plans: 9 steps of 2
     # rows per rank and epoch), so rank 1 never meets one there and only rank 0's loader stops.
-    plans = [D.MixedBatchSampler([36], [1.0], 2, rank=r, world_size=2, seed=0, spares=0) for r in range(2)]
+    plans = [pipeline.sampler.MixedBatchSampler([36], [1.0], 2, rank=r, world_size=2, seed=0, spares=0) for r in range(2)]
     epochs = [[set(sum((plans[r].next_plan()[2] for _ in range(9)), [])) for _ in range(2)] for r in range(2)]
     bad = sorted(epochs[0][0] & epochs[0][1])[:6]
     assert len(bad) == 6 and not set(bad) & (epochs[1][0] | epochs[1][1])
@@ -668,8 +681,8 @@ def test_activation_checkpointing_gives_the_same_gradients():
     train_step(obj, obj, [batch], Dist(), NOCAST)
     g_plain = grads(model)
     model.zero_grad(set_to_none=True)
-    train.enable_checkpointing(model)
-    blocks = train.transformer_blocks(model)
+    training.speed.enable_checkpointing(model)
+    blocks = training.speed.transformer_blocks(model)
     assert blocks and all(getattr(b.forward, "func", None) is torch.utils.checkpoint.checkpoint for b in blocks)
     torch.manual_seed(5)
     train_step(obj, obj, [batch], Dist(), NOCAST)
@@ -736,16 +749,16 @@ def test_the_loop_applies_schedule_clipping_and_skips(toy_small, tmp_path, monke
     for r in recs:
         assert r["lr_fusion"] == pytest.approx(1e-3 * train.lr_factor(r["step"] - 1, 2, 6, "linear")), r["step"]
     assert len({r["lr_fusion"] for r in recs}) == 4      # warm-up 0.5, 1, then linear decay 0.75, 0.5, 0.25
-    model = train.load_model(None, "tiny")
+    model = ICode(preset("tiny"))
     opt = train.build_optimizer(model, 1e-3, 1e-3, 0.01)
     with pytest.raises(ValueError, match="written by 1 processes, this run has 2"):
-        train.restore_checkpoint(train.checkpoints(str(out))[-1], model, opt, None, Dist(0, 0, 2))
+        training.checkpoint.restore_checkpoint(training.checkpoint.checkpoints(str(out))[-1], model, opt, None, Dist(0, 0, 2))
 
 
 def test_each_rank_seeds_its_own_stream_and_torchrun_devices(toy_small, monkeypatch):
     """Rank r seeds torch with seed + r (different dropout masks per rank); under torchrun the device is the
     node-local GPU (LOCAL_RANK), not the global rank, and the backend nccl (gloo on CPUs)."""
-    seeds, real_seed, setup = [], torch.manual_seed, train.setup_distributed
+    seeds, real_seed, setup = [], torch.manual_seed, training.distributed.setup_distributed
     monkeypatch.setattr(torch, "manual_seed", lambda s: seeds.append(s) or real_seed(s))
     monkeypatch.setattr(train, "setup_distributed", lambda device=None: Dist(rank=1, local_rank=1, world=1))
     with pytest.raises(ValueError, match="rank 1 outside world size 1"):   # the loader stops this odd world
@@ -769,20 +782,20 @@ def test_each_rank_seeds_its_own_stream_and_torchrun_devices(toy_small, monkeypa
 def test_step_rates_by_hand():
     """8 ranks, 4 micro-batches of 12 (384 samples a step) in 2 s; 1 TFLOP per sample's forward + backward
     on a 989 TFLOP/s device: 192 samples/s, 24 per device, MFU 1e12 * 384 / 2 / 8 / 989e12 = 0.0243."""
-    r = train.step_rates(384, 2.0, 8, 1e12, 989e12)
+    r = training.speed.step_rates(384, 2.0, 8, 1e12, 989e12)
     assert r == {"samples_per_s": 192.0, "samples_per_s_per_device": 24.0, "mfu": round(384e12 / 2 / 8 / 989e12, 4)}
-    assert train.step_rates(384, 2.0, 8) == {"samples_per_s": 192.0, "samples_per_s_per_device": 24.0}
+    assert training.speed.step_rates(384, 2.0, 8) == {"samples_per_s": 192.0, "samples_per_s_per_device": 24.0}
 
 
 def test_non_finite_steps_are_skipped_then_stop_with_the_last_good_checkpoint(toy_small, tmp_path):
     out = tmp_path / "nan"
     good = _run(toy_small, out, "--steps", "2", "--save-every", "2")
     assert good["step"] == 2
-    before = load_file(os.path.join(train.checkpoints(str(out))[-1], "model.safetensors"))
+    before = load_file(os.path.join(training.checkpoint.checkpoints(str(out))[-1], "model.safetensors"))
     # alpha = nan makes every step's total non-finite: skipped (weights untouched), then a clear stop
     with pytest.raises(RuntimeError, match="non-finite steps in a row"):
         _run(toy_small, out, "--steps", "10", "--resume", "--alpha", "nan", "--max-bad-steps", "3")
-    ckpts = train.checkpoints(str(out))
+    ckpts = training.checkpoint.checkpoints(str(out))
     assert [os.path.basename(c) for c in ckpts] == ["ckpt_0000002"]
     after = load_file(os.path.join(ckpts[-1], "model.safetensors"))
     assert all(torch.equal(before[k], after[k]) for k in before)
@@ -793,7 +806,7 @@ def test_a_finite_loss_with_an_inf_gradient_is_skipped_too(toy_small, tmp_path, 
     would turn every weight it touches into NaN: the step is skipped like a non-finite loss."""
     out = tmp_path / "inf"
     _run(toy_small, out, "--steps", "2", "--save-every", "2")
-    before = load_file(os.path.join(train.checkpoints(str(out))[-1], "model.safetensors"))
+    before = load_file(os.path.join(training.checkpoint.checkpoints(str(out))[-1], "model.safetensors"))
     models = _overflow_gradients(monkeypatch)
     with pytest.raises(RuntimeError, match="non-finite steps in a row"):
         _run(toy_small, out, "--steps", "10", "--resume", "--max-bad-steps", "2")
@@ -801,7 +814,7 @@ def test_a_finite_loss_with_an_inf_gradient_is_skipped_too(toy_small, tmp_path, 
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-@pytest.mark.skipif(train.torch_version() < (2, 10),
+@pytest.mark.skipif(training.speed.torch_version() < (2, 10),
                     reason="one graph needs Dynamo's data-dependent shapes as in torch >= 2.10 (2.8.0 and 2.9.1 break "
                            "it at the heads; --compile still runs there, in 5 graphs)")
 def test_compiled_objective_is_one_graph_whatever_is_masked():
@@ -831,7 +844,7 @@ def test_compiled_objective_is_one_graph_whatever_is_masked():
         without = len(graphs)
         graphs.clear()
         torch._dynamo.reset()
-        run = train.compile_step(objective, backend=keep)
+        run = training.speed.compile_step(objective, backend=keep)
         counts = []
         for seed, n_text in ((1, 5), (2, 3), (3, 0)):
             batch = synthetic_batch(model.cfg, 2, 12, 0.5, 4, 64, "cpu", seed=seed)
@@ -872,7 +885,7 @@ def test_static_rows_make_the_step_capturable_by_cuda_graphs():
     norms = count_targets(targets, False)
     results = []
     for run in (PretrainObjective(model, WEIGHTS),          # eager, exact selection: the reference
-                train.compile_step(PretrainObjective(model, WEIGHTS, static_rows=D.TOY_DATA), backend=backend)):
+                training.speed.compile_step(PretrainObjective(model, WEIGHTS, static_rows=D.TOY_DATA), backend=backend)):
         torch._dynamo.reset()
         model.zero_grad(set_to_none=True)
         loss, _ = run(batch, targets, norms, 1)
@@ -890,18 +903,19 @@ def test_static_rows_make_the_step_capturable_by_cuda_graphs():
 
 
 def test_benchmark_json_and_profile_add_up(capsys, monkeypatch):
-    """--benchmark --profile on the tiny preset (CPU), with the run's --accum and --contrastive-inputs: the
+    """tools.benchmark --profile on the tiny preset (CPU), with the run's --accum and --contrastive-inputs: the
     reference's fields, samples/s = batch x accum / median step, and the profile's kinds add up to its busy time;
     the step runs --accum micro-batches of --batch with the run's LRs, weight decay and clip."""
     import json
     seen = {"micro": [], "opt": [], "clip": []}
     real_step, real_opt, real_clip = train.train_step, train.build_optimizer, train.clip_and_step
-    monkeypatch.setattr(train, "train_step", lambda obj, runner, mbs, *a: seen["micro"].append(
+    bench = tools.benchmark
+    monkeypatch.setattr(bench, "train_step", lambda obj, runner, mbs, *a: seen["micro"].append(
         [train.batch_size(mb) for mb in mbs]) or real_step(obj, runner, mbs, *a))
-    monkeypatch.setattr(train, "build_optimizer", lambda model, *a: seen["opt"].append(a) or real_opt(model, *a))
-    monkeypatch.setattr(train, "clip_and_step", lambda opt, ps, norm, c: seen["clip"].append(c) or
+    monkeypatch.setattr(bench, "build_optimizer", lambda model, *a, **k: seen["opt"].append(a) or real_opt(model, *a, **k))
+    monkeypatch.setattr(bench, "clip_and_step", lambda opt, ps, norm, c: seen["clip"].append(c) or
                         real_clip(opt, ps, norm, c))
-    out = train.main(["--benchmark", "--preset", "tiny", "--batch", "1", "--accum", "2", "--bench-steps", "3",
+    out = bench.main(["--preset", "tiny", "--batch", "1", "--accum", "2", "--bench-steps", "3",
                       "--profile", "1", "--device", "cpu", "--lr-fusion", "1e-4", "--lr-encoders", "2e-5",
                       "--weight-decay", "0.05", "--clip", "0.5"])
     assert set(map(tuple, seen["micro"])) == {(1, 1)} and seen["opt"] == [(1e-4, 2e-5, 0.05)]
@@ -918,9 +932,9 @@ def test_benchmark_json_and_profile_add_up(capsys, monkeypatch):
     assert out["first_step_s"] >= out["step_s_min"] - 0.005  # the warm-up step (compilation, with --compile)
     # units: the FLOPs of one step (counted again here, the unmasked pass included), in TFLOP; achieved =
     # those over the median step
-    obj = PretrainObjective(train.load_model(None, "tiny"), WEIGHTS, unmasked_contrastive=True)
-    b = synthetic_batch(obj.model.cfg, 2, device="cpu", **train.BENCH_SHAPES["tiny"])
-    assert out["tflop_per_step"] == pytest.approx(train.count_flops(obj, b, NOCAST) / 1e12, rel=2e-2, abs=1e-3)
+    obj = PretrainObjective(ICode(preset("tiny")), WEIGHTS, unmasked_contrastive=True)
+    b = synthetic_batch(obj.model.cfg, 2, device="cpu", **tools.benchmark.BENCH_SHAPES["tiny"])
+    assert out["tflop_per_step"] == pytest.approx(training.speed.count_flops(obj, b, NOCAST) / 1e12, rel=2e-2, abs=1e-3)
     assert out["achieved_tflops"] == pytest.approx(out["tflop_per_step"] / out["step_s_median"], rel=2e-2, abs=0.1)
     prof = lines[1]["profile"]
     assert sum(prof["by_kind_ms"].values()) == pytest.approx(prof["busy_ms"], abs=0.05 * len(prof["by_kind_ms"]))
@@ -943,7 +957,7 @@ def test_callers_file_each_op_under_the_ops_around_it():
                 torch.nn.functional.linear(x, w, b)
                 torch.nn.functional.linear(x, w, b)
             torch.addmm(b, x, w.t())
-    rows = train.callers(prof, ["aten::addmm"], 2, cuda=False)["aten::addmm"]
+    rows = tools.profile.callers(prof, ["aten::addmm"], 2, cuda=False)["aten::addmm"]
     assert {chain: calls for chain, _, calls in rows} == {"aten::linear < outer": 2, "(none)": 1}
     own_ms = next(e.self_cpu_time_total for e in prof.key_averages() if e.key == "aten::addmm") / 2 / 1e3
     assert sum(ms for _, ms, _ in rows) == pytest.approx(own_ms, abs=0.02)
@@ -959,11 +973,11 @@ def test_matmul_flop_from_recorded_shapes():
         torch.nn.functional.linear(x, w, b)
         torch.bmm(torch.randn(3, 5, 7), torch.randn(3, 7, 2))
         torch.mm(x, w.t(), out=torch.empty(64, 16))
-    flops = {e.key: train.matmul_flop(e.key, e.input_shapes) for e in prof.key_averages(group_by_input_shape=True)}
+    flops = {e.key: tools.profile.matmul_flop(e.key, e.input_shapes) for e in prof.key_averages(group_by_input_shape=True)}
     assert flops["aten::addmm"] == 2 * 64 * 32 * 16
     assert flops["aten::bmm"] == 2 * 3 * 5 * 7 * 2
     assert flops["aten::mm"] == 2 * 64 * 32 * 16
-    assert flops["aten::linear"] is None and train.matmul_flop("aten::mm", [[4, 3], [5, 2]]) is None
+    assert flops["aten::linear"] is None and tools.profile.matmul_flop("aten::mm", [[4, 3], [5, 2]]) is None
 
 
 @pytest.mark.parametrize("name, kind", [
@@ -980,7 +994,7 @@ def test_matmul_flop_from_recorded_shapes():
     ("void at::native::vectorized_elementwise_kernel<4, GeluCUDAKernelImpl>", "element-wise / other"),
 ])
 def test_kernel_kinds(name, kind):
-    assert train.kernel_kind(name) == kind
+    assert tools.profile.kernel_kind(name) == kind
 
 
 def _common_batch_worker(rank, world, init_file, sizes, accum, out_dir):
@@ -990,7 +1004,7 @@ def _common_batch_worker(rank, world, init_file, sizes, accum, out_dir):
              {"text_ids": torch.arange(n)[:, None], "index": list(range(n)), "source": "s"})
     try:
         out = train.common_batch(batch, accum, Dist(rank, rank, world), {"s": "/data/s.jsonl"})
-    except D.TooManyBadExamples as e:
+    except pipeline.loader.TooManyBadExamples as e:
         with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
             f.write(str(e))
         return dist.destroy_process_group()
@@ -1025,7 +1039,7 @@ def test_a_rank_stopped_by_bad_rows_stops_every_rank(sizes):
     last = max(r for r in range(2) if sizes[r] == "stop")
     assert msgs == [f"rank {r}'s source" if sizes[r] == "stop" else f"rank {last} stopped on too many bad rows "
                     "of source s (/data/s.jsonl; that rank's message has the counts and reasons)." for r in range(2)]
-    with pytest.raises(D.TooManyBadExamples, match="^one$"):
+    with pytest.raises(pipeline.loader.TooManyBadExamples, match="^one$"):
         train.common_batch({"stop": "one"}, 1, Dist())
 
 
@@ -1045,10 +1059,10 @@ def test_device_time_counts_kernels_once():
              ev("Optimizer.step#AdamW.step", 40, 72, activity_type="gpu_user_annotation", is_user_annotation=True),
              ev("aten::mm", 0, 70, dev=DeviceType.CPU, activity_type="cpu_op")]
     expected = {"nvjet_gemm": [60.0, 2], "triton_poi_fused_0": [5.0, 1], "Memcpy DtoD": [2.0, 1]}
-    assert train.device_time_by_kernel(kernels + spans, DeviceType.CUDA) == expected
+    assert tools.profile.device_time_by_kernel(kernels + spans, DeviceType.CUDA) == expected
     # older torch: no activity_type on events; the annotation flag and the "## " prefix still filter
     old = [E(**{k: v for k, v in vars(e).items() if k != "activity_type"}) for e in kernels + spans]
-    assert train.device_time_by_kernel(old, DeviceType.CUDA) == expected
+    assert tools.profile.device_time_by_kernel(old, DeviceType.CUDA) == expected
 
 
 def test_device_idle_files_each_gap_under_the_launch_after_it():
@@ -1078,7 +1092,7 @@ def test_device_idle_files_each_gap_under_the_launch_after_it():
                    E(name="multi_tensor_apply_kernel", device_type=DeviceType.CUDA, time_range=Interval(t + 65, t + 90),
                      activity_type="kernel", linked_correlation_id=5, id=0)]
         t += 100            # 10 us from one step's AdamW to the next step's gemm: launched by the forward
-    out = train.device_idle(events, 2, DeviceType.CUDA, top=2)
+    out = tools.profile.device_idle(events, 2, DeviceType.CUDA, top=2)
     assert out["kernels"] == 4 and out["idle_ms"] == pytest.approx((5 + 20 + 10 / 2) / 1e3, abs=1e-4)
     assert out["by_region"] == {"Optimizer.step#AdamW.step": [0.02, 1], "CompiledFunction": [0.01, 1]}
     assert out["largest"] == [[0.02, "triton_poi_fused_0", "multi_tensor_apply_kernel", "Optimizer.step#AdamW.step"]] * 2
@@ -1092,7 +1106,7 @@ def test_forward_flops_by_part_add_up():
     model = make_model()
     obj = PretrainObjective(model, WEIGHTS)
     b = make_batch(model)
-    total, parts = train.count_flops(obj, b, NOCAST, by_part=True)
+    total, parts = training.speed.count_flops(obj, b, NOCAST, by_part=True)
     targets = model.targets(b)
     with FlopCounterMode(display=False) as fc:
         obj(b, targets, count_targets(targets, False), 1)
@@ -1101,7 +1115,7 @@ def test_forward_flops_by_part_add_up():
     assert 0.97 * fwd <= sum(parts.values()) <= fwd < total
     # the heads' padding rows under static_rows are not counted: the same FLOPs, where the step computes more
     static = PretrainObjective(model, WEIGHTS, static_rows=D.TOY_DATA)
-    assert train.count_flops(static, b, NOCAST, by_part=True) == (total, parts)
+    assert training.speed.count_flops(static, b, NOCAST, by_part=True) == (total, parts)
     with FlopCounterMode(display=False) as fc:
         static(b, targets, count_targets(targets, False), 1)
     assert fc.get_total_flops() > fwd
@@ -1113,4 +1127,4 @@ def test_peak_flops_reads_the_card_from_its_name(monkeypatch):
     for name, want in (("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H200", 989e12), ("NVIDIA A100-SXM4-40GB", 312e12),
                        ("NVIDIA A10G", 125e12), ("NVIDIA L40S", 362e12), ("NVIDIA GeForce RTX 4090", None)):
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, n=name: n)
-        assert train.peak_flops(torch.device("cuda")) == want, name
+        assert training.speed.peak_flops(torch.device("cuda")) == want, name

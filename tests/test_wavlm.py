@@ -92,7 +92,7 @@ def test_gradients_match_hf_wavlm(tmp_path):
 
 def test_load_encoder_checks_the_kind_against_the_folder(tmp_path):
     """A HuBERT folder asked for as WavLM (or the other way round) is an error naming both."""
-    from model.weights import load_encoder
+    from model import load_encoder
     hf_model("hubert", "group", False).save_pretrained(tmp_path / "hubert")
     hf_model("wavlm", "group", False).save_pretrained(tmp_path / "wavlm")
     assert not load_encoder("hubert", str(tmp_path / "hubert")).config.gated_relative_position_bias

@@ -12,24 +12,21 @@ backward. The graph capture and the partitioner (what the forward saves) are the
 fusion rules mostly are (the CPU's code generator fuses some things Triton does not, e.g. a small reduction
 into the element-wise kernel after it), so read the groupings as the GPU's likely ones; speed does not carry.
 
-    python docs/bias_grad_schedule.py               # 3 layers of width 64, 0.75 s of audio: ~1 minute
+    python -m tools.bias_grad_schedule              # 3 layers of width 64, 0.75 s of audio: ~1 minute
 
-What it showed (docs/speed.md): with layer 0's [H, T, T] bias handed on to the other layers, the gradients of
-all layers' biases were reduced in one kernel after the last attention backward (layer 0's); with the
-per-distance biases laid out as a Toeplitz view and each layer looking them up itself (model/wavlm.py now),
-each layer's bias gradient is reduced by a kernel of its own, right after that layer's attention backward.
+What it shows (docs/speed.md): with layer 0's [H, T, T] bias handed on to the other layers, the gradients of
+all layers' biases are reduced in one kernel after the last attention backward (layer 0's); with the
+per-distance biases laid out as a Toeplitz view and each layer looking them up itself (model/wavlm.py), each
+layer's bias gradient is reduced by a kernel of its own, right after that layer's attention backward.
 """
 import argparse
-import os
 import re
-import sys
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import model.wavlm as W  # noqa: E402
+import model.wavlm as W
 
 
 @torch.library.custom_op("bias_grad_schedule::attn", mutates_args=())

@@ -1,36 +1,31 @@
-"""WavLM's gated position bias through 24 layers of attention, compiled, forward + backward, three ways. A GPU
-measurement to make when a device session has a few minutes left after docs/speed_run.sh (~1-2 minutes, most
-of it compiling).
+"""WavLM's gated position bias through 24 layers of attention, compiled, forward + backward, three ways (a GPU
+measurement of about 1-2 minutes, most of it compiling; docs/speed.md):
 
-- `shared_lookup`: the model until the fifteenth session. Layer 0 looks up the [H, T, T] position bias P, one
-  bucket per (i, j) pair, and every layer builds its bias as `addcmul(pad, gate, P)`, the [B, H, T, 1] gate
-  times P. Under torch.compile the gradient of P was one kernel over all layers' bias gradients after the last
-  attention backward (8.9 ms a step on an H100, ~0.3 TB/s; docs/speed.md, `docs/bias_grad_schedule.py`).
-- `per_layer_bmm`: the same bias through `GatedBias`, whose backward reduces P's gradient in each layer, as one
-  batched matrix product `[H*T, 1, B] @ [H*T, B, T]` (each layer's bias gradient read once, through a strided
-  view) that Inductor hands to cuBLAS and cannot merge across layers. Measured on an H100 (2026-11-27): 34.5 ms
-  against shared_lookup's 32.3, so it stayed out of the model.
-- `per_layer_toeplitz`: the model now (model/wavlm.py `distance_bias`, `toeplitz`): every layer looks up the
+- `shared_lookup`: layer 0 looks up the [H, T, T] position bias P, one bucket per (i, j) pair, and every layer
+  builds its bias as `addcmul(pad, gate, P)`, the [B, H, T, 1] gate times P (Hugging Face's way). Under
+  torch.compile the gradient of P is one kernel over all layers' bias gradients after the last attention
+  backward.
+- `per_layer_bmm`: the same bias through `GatedBias`, whose backward reduces P's gradient in each layer as one
+  batched matrix product `[H*T, 1, B] @ [H*T, B, T]` that Inductor hands to cuBLAS. On the H100 it took 34.5 ms
+  against shared_lookup's 33.7 (docs/measured/2026-11-27-h100-3/bias_grad_bench.jsonl): not used.
+- `per_layer_toeplitz`: the model's way (model/wavlm.py `distance_bias`, `toeplitz`): every layer looks up the
   2T - 1 per-distance biases and lays them out as a strided Toeplitz view, so each layer's bias gradient has
   its own way back to the table.
 
-    python docs/bias_grad_bench.py            # GPU: paper shapes (24 layers, batch 24, 16 heads, 389 frames)
-    python docs/bias_grad_bench.py --small    # CPU check: 2 layers, batch 2, float32
+    python -m tools.bias_grad_bench            # GPU: paper shapes (24 layers, batch 24, 16 heads, 389 frames)
+    python -m tools.bias_grad_bench --small    # CPU check: 2 layers, batch 2, float32
 
 Prints one JSON line per variant: compile and forward + backward times, and the gradients' largest
 difference from shared_lookup's (the same function: bf16 rounding apart).
 """
 import argparse
 import json
-import os
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from model.wavlm import WAVLM_LARGE, distance_bias, relative_position_bucket, toeplitz  # noqa: E402
+from model.wavlm import WAVLM_LARGE, distance_bias, relative_position_bucket, toeplitz
 
 
 class GatedBias(torch.autograd.Function):

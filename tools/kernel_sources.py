@@ -1,19 +1,19 @@
 r"""The generated source of the slowest Inductor kernels in a profiled benchmark run, to read what they do.
 
-`train.py --benchmark --compile --profile N` prints a profile line whose `top` lists the kernels that took
+`python -m tools.benchmark --compile --profile N` prints a profile line whose `top` lists the kernels that took
 the most device time; Inductor names its Triton kernels after the ops they fuse (`triton_per_fused_...`,
 cut to 120 characters there) and keeps each kernel's source in its cache folder. This prints, for each of
 the `--top` slowest Triton kernels, its time, its calls a step and the smallest cached file that defines it
 (the kernel's own file: its launch heuristics, block sizes and body), so that a kernel slower than its bytes
-explain can be read after the device job has ended (docs/speed.md; `docs/speed_run.sh` runs it).
+explain can be read after the device job has ended (docs/speed.md; `tools/speed_run.sh` runs it).
 With `--calls PATTERN` it also lists, for each compiled graph's wrapper in the cache (the module whose
 `call` launches the graph's kernels), the ATen ops and extern kernels it calls, counted, and its lines that
 match PATTERN with the comment naming their source nodes: which op of the graph a library kernel in the
-profile comes from (the 245 `at::native::reduce_kernel` sums a step that `callers` puts directly under the
+profile comes from (e.g. the `at::native::reduce_kernel` sums that `callers` puts directly under the
 compiled backward).
 
-    python docs/kernel_sources.py OUT_DIR/icode_compile.jsonl runs/inductor-cache --top 6 > kernels.txt
-    python docs/kernel_sources.py OUT_DIR/icode_compile.jsonl runs/inductor-cache --top 0 --calls 'aten\.sum'
+    python -m tools.kernel_sources OUT_DIR/icode_compile.jsonl runs/inductor-cache --top 6 > kernels.txt
+    python -m tools.kernel_sources OUT_DIR/icode_compile.jsonl runs/inductor-cache --top 0 --calls 'aten\.sum'
 """
 import argparse
 import collections

@@ -3,21 +3,21 @@ encoders, over four batches of one modality set: with text and audio padded to e
 (lengths vary) and padded to the data config's maxima (`DataConfig.pad_to_max`, what `train.py --compile`
 uses). Dynamo only (no Inductor code generation), tiny preset, on the CPU:
 
-    python docs/compile_count.py
+    python -m tools.compile_count
 """
-import os
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import train  # noqa: E402
+from icode import ICode, preset
+from losses import PAPER_WEIGHTS, count_targets
+from tools.benchmark import synthetic_batch
+from train import PretrainObjective
 
 torch.manual_seed(0)
-model = train.load_model(None, "tiny")
-objective = train.PretrainObjective(model, train.PAPER_WEIGHTS)
+model = ICode(preset("tiny"))
+objective = PretrainObjective(model, PAPER_WEIGHTS)
 main_graphs = []
 
 
@@ -36,9 +36,9 @@ for label, lengths in (("padded to each batch's longest row", [(32, 2.0), (20, 1
     run = torch.compile(objective, backend=backend)
     t = time.time()
     for text_len, seconds in lengths:
-        batch = train.synthetic_batch(model.cfg, 2, text_len, seconds, 4, 64, "cpu")
+        batch = synthetic_batch(model.cfg, 2, text_len, seconds, 4, 64, "cpu")
         targets = model.targets(batch)
-        loss, _ = run(batch, targets, train.count_targets(targets, False), 1)
+        loss, _ = run(batch, targets, count_targets(targets, False), 1)
         loss.backward()
     n = len(main_graphs)
     print(f"{label}: {n} compilation{'s' * (n != 1)} of the main graph ({time.time() - t:.0f} s)")

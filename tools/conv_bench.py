@@ -3,32 +3,31 @@ paper shapes (batch 24, 7.8 s of audio, 8 frames of 224 x 224), bf16 autocast on
 
 - WavLM's feature encoder and positional convolution as the model computes them (cuDNN convolutions on a GPU)
   against the same convolutions as matrix products over windows (`feature_encoder_windows`) and through the
-  FFT (`positional_conv_fft`), two ways the model does not use (docs/speed.md says why);
-- Swin's patch embedding and MVM's deconvolution (kernel = stride) as the model computes them, matrix
-  products over patches / cells, against the Conv3d and ConvTranspose3d modules whose weights they use.
+  FFT (`positional_conv_fft`);
+- Swin's patch embedding as the model computes it (a matrix product over patches) against the Conv3d whose
+  weights it uses (`patch_embed_conv`);
+- MVM's deconvolution as the model computes it (ConvTranspose3d, eq. (4)) against the same map as one matrix
+  product per fused cell (`deconv_as_matmul`).
 
-One JSON line per convolution, so the choices of docs/speed.md ("Convolutions: which as matrix products") are
-settled by a measurement:
+One JSON line per convolution (docs/speed.md, "Convolutions"; the H100's lines are in
+docs/measured/2026-11-27-h100/conv_bench.jsonl):
 
-    python docs/conv_bench.py                        # on a GPU, well under a minute
-    python docs/conv_bench.py --batch 1 --iters 1    # a check on a CPU
+    python -m tools.conv_bench                        # on a GPU, well under a minute
+    python -m tools.conv_bench --batch 1 --iters 1    # a check on a CPU
 """
 import argparse
 import contextlib
 import json
-import os
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import train  # noqa: E402
-from icode import preset  # noqa: E402
-from model.heads import MVMHead  # noqa: E402
-from model.swin3d import PatchEmbed3D  # noqa: E402
-from model.wavlm import ConvFeatureEncoder, PositionalConvEmbedding  # noqa: E402
+from icode import preset
+from model.heads import MVMHead
+from model.swin3d import PatchEmbed3D
+from model.wavlm import ConvFeatureEncoder, PositionalConvEmbedding
+from tools.benchmark import BENCH_SHAPES, synthetic_batch
 
 
 def feature_encoder_windows(enc, wave):
@@ -68,10 +67,15 @@ def patch_embed_conv(embed, video):
     return embed.norm(embed.proj(video).permute(0, 2, 3, 4, 1))
 
 
-def deconv(head, grid):
-    """ConvTranspose3d on the channels-first grid, back to channels-last, LayerNorm, GELU."""
-    x = head.deconv(grid.permute(0, 4, 1, 2, 3)).permute(0, 2, 3, 4, 1)
-    return F.gelu(head.layer_norm(x))
+def deconv_as_matmul(head, grid):
+    """MVMHead.upsample (eq. (4)) with its kernel = stride = 2 deconvolution as what it is, a linear map D -> 8D of
+    each fused cell and a reshape into the doubled grid, on the channels-last grid (no transposes around a 3-D
+    convolution): out[b, 2t + i, 2h + j, 2w + k, o] = sum_c grid[b, t, h, w, c] W[c, o, i, j, k] + bias[o]."""
+    B, T_v, H_v, W_v, D = grid.shape
+    w = head.deconv.weight                                    # [D_in, D_out, 2, 2, 2]
+    x = F.linear(grid, w.permute(2, 3, 4, 1, 0).flatten(0, 3), head.deconv.bias.repeat(8))  # [B, T_v, H_v, W_v, (i, j, k, o)]
+    x = x.view(B, T_v, H_v, W_v, 2, 2, 2, -1).permute(0, 1, 4, 2, 5, 3, 6, 7)  # [B, T_v, i, H_v, j, W_v, k, D]
+    return F.gelu(head.layer_norm(x.reshape(B, 2 * T_v, 2 * H_v, 2 * W_v, -1)))
 
 
 def time_ms(fn, x, iters, sync, autocast):
@@ -99,7 +103,7 @@ def main(argv=None):
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else contextlib.nullcontext
     if cuda:
-        torch.backends.cudnn.benchmark = True   # as train.py sets it
+        torch.backends.cudnn.benchmark = True   # as training.speed.precision sets it
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(0)
     B, cfg = args.batch, preset("paper")
@@ -108,9 +112,9 @@ def main(argv=None):
     pc = PositionalConvEmbedding(w.hidden_size, w.num_conv_pos_embeddings, w.num_conv_pos_embedding_groups).to(dev)
     embed = PatchEmbed3D(cfg.vision).to(dev)
     head = MVMHead(cfg.fusion.dim, cfg.video_codebook).to(dev)
-    # The benchmark's inputs (train.BENCH_SHAPES: 7.8 s of audio, 8 frames of 224 x 224) and the shapes they
-    # reach the positional convolution (speech frames) and the MVM head (the fused grid, half the token grid) at.
-    batch = train.synthetic_batch(cfg, B, device=dev, **train.BENCH_SHAPES["paper"])
+    # The benchmark's inputs (BENCH_SHAPES: 7.8 s of audio, 8 frames of 224 x 224) and the shapes they reach
+    # the positional convolution (speech frames) and the MVM head (the fused grid, half the token grid) at.
+    batch = synthetic_batch(cfg, B, device=dev, **BENCH_SHAPES["paper"])
     T_s, (T, h, w_) = batch["audio_mask"].shape[1], batch["video_mask"].shape[1:]
     cases = [  # name, the model's way, the alternative (its name, function), input
         ("speech feature encoder (7 convolutions)", enc, "windows", lambda x: feature_encoder_windows(enc, x),
@@ -119,7 +123,7 @@ def main(argv=None):
          torch.randn(B, T_s, w.hidden_size, device=dev, requires_grad=True)),
         ("video patch embedding (2 x 4 x 4)", embed, "Conv3d", lambda x: patch_embed_conv(embed, x),
          batch["video"]),                                                               # pixels need no gradient
-        ("MVM deconvolution (2 x 2 x 2)", head.upsample, "ConvTranspose3d", lambda x: deconv(head, x),
+        ("MVM deconvolution (2 x 2 x 2)", head.upsample, "matrix product", lambda x: deconv_as_matmul(head, x),
          torch.randn(B, -(-T // 2), -(-h // 2), -(-w_ // 2), cfg.fusion.dim, device=dev, requires_grad=True)),
     ]
     name = torch.cuda.get_device_name() if cuda else "cpu"

@@ -7,7 +7,7 @@ the minimum each kernel needs), summed by the model file and the source line the
 (Inductor-generated) and extern (matrix products, convolutions) apart. With two batch sizes it also prints
 the per-example part, the difference, which scales to the benchmark's batch 24.
 
-    python docs/inductor_bytes.py --preset paper --batch 1 2 --top 25   # 16-27 minutes on 2 CPU cores
+    python -m tools.inductor_bytes --preset paper --batch 1 2 --top 25   # 16-27 minutes on 2 CPU cores
 
 What is the GPU's and what is not: Inductor's CPU and GPU back ends share the graph capture, the
 decompositions and the scheduler's fusion decisions (their code generators differ), so the element-wise and
@@ -31,13 +31,17 @@ import time
 import torch
 import torch.nn.functional as F
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-import train  # noqa: E402
-import torch._inductor.config as inductor_config  # noqa: E402
-import torch._inductor.graph as inductor_graph  # noqa: E402
+import torch._inductor.config as inductor_config
+import torch._inductor.graph as inductor_graph
 
-WEIGHTS = train.PAPER_WEIGHTS  # eq. (3)'s weights (losses.py)
+from icode import ICode, preset as model_preset
+from losses import PAPER_WEIGHTS as WEIGHTS, count_targets
+from tools.benchmark import BENCH_SHAPES, synthetic_batch
+from train import PretrainObjective, train_step
+from training.distributed import Dist
+from training.speed import compile_step
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 kernels = []      # ((file, line) or None, "fused" / "extern", bytes) of every kernel generated
 sdpa_calls = []   # bytes a fused GPU attention kernel would move for each SDPA call (forward + backward)
 SOURCES = {}      # the repository's Python files as this run imported them (read_sources)
@@ -92,14 +96,14 @@ def measure(preset, batch):
     kernels.clear()
     sdpa_calls.clear()
     torch.manual_seed(0)
-    model = train.load_model(None, preset)
-    objective = train.PretrainObjective(model, WEIGHTS)
-    b = train.synthetic_batch(model.cfg, batch, device="cpu", **train.BENCH_SHAPES[preset])
+    model = ICode(model_preset(preset))
+    objective = PretrainObjective(model, WEIGHTS)
+    b = synthetic_batch(model.cfg, batch, device="cpu", **BENCH_SHAPES[preset])
     autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
-    train.train_step(objective, train.compile_step(objective), [b], train.Dist(), autocast)
+    train_step(objective, compile_step(objective), [b], Dist(), autocast)
     targets = model.targets(b)                    # the same step's attention calls, eagerly, for their shapes
     with RecordSDPA(), autocast():
-        objective(b, targets, train.count_targets(targets, model.cfg.msm_combined), 1)
+        objective(b, targets, count_targets(targets, model.cfg.msm_combined), 1)
     by = collections.Counter()
     for src, kind, n in kernels:
         by[(src or ("?", 0)) + (kind,)] += n
