@@ -24,7 +24,6 @@ from pipeline.loader import MixedLoader
 from pipeline.manifest import ManifestDataset
 from pipeline.media import samples_in
 
-
 # ----------------------------------------------------------------------------------------------------
 # Masked language modelling (section 4.2.1, footnote 2)
 

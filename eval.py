@@ -59,7 +59,6 @@ from train import build_optimizer
 from training.checkpoint import check_preset, checkpoints, save_weights
 from training.distributed import setup_distributed, wrap_ddp
 
-
 # ----------------------------------------------------------------------------------------------------
 # Tasks, the multimodal representation and the heads (sections 5.1-5.4)
 

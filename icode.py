@@ -31,11 +31,10 @@ from losses import PAIR_NAMES, WEIGHT_OF, LearnedLossWeights, LogitScales
 from model.deberta import DEBERTA_V3_BASE, Deberta, DebertaConfig
 from model.fusion import MODALITIES, FusionConfig, FusionNetwork, joint_representation, masked_mean
 from model.heads import MLMHead, MSMHead, MVMHead, select_masked
-from model.quantizers import (VQGANTokenizer, Wav2Vec2Quantizer, build_default_quantizers, fingerprint,
-                              load_quantizer, vqgan_config_from_dict, wav2vec2_config_from_hf)
+from model.quantizers import (VQGANTokenizer, Wav2Vec2Quantizer, build_default_quantizers, fingerprint, load_quantizer,
+                              vqgan_config_from_dict, wav2vec2_config_from_hf)
 from model.swin3d import SWIN_B_VIDEO, SwinConfig, VideoSwin
 from model.wavlm import WAVLM_LARGE, SpeechConfig, SpeechEncoder
-
 
 # Fields added after the first checkpoints were written, with the value that reproduces what a checkpoint
 # without the field did: from_dict fills them in, so a loaded or resumed model computes what it was trained on.

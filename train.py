@@ -41,10 +41,10 @@ from losses import PAIR_NAMES, PAPER_WEIGHTS, LearnedLossWeights, count_targets,
 from pipeline.loader import TooManyBadExamples
 from pipeline.text import load_tokenizer
 from pipeline.toy import TOY_DIR, TOY_HELDOUT, TOY_OUT, TOY_PRETRAIN, make_toy
-from training.checkpoint import (check_preset, checkpoints, restore_checkpoint, rng_state, save_checkpoint,
-                                 set_rng_state)
+from training.checkpoint import check_preset, checkpoints, restore_checkpoint, rng_state, save_checkpoint, set_rng_state
 from training.distributed import all_reduce_, print0, setup_distributed, wrap_ddp
-from training.speed import compile_step, count_flops, enable_checkpointing, peak_flops, precision, step_rates
+from training.speed import (clip_and_step, compile_step, count_flops, enable_checkpointing, peak_flops, precision,
+                            step_rates)
 from training.static_rows import check_masked_rows, static_rows_config, static_selection
 
 TERMS = ("mlm", "mvm", "msm", "vl", "vs", "ls")
@@ -83,26 +83,6 @@ def build_optimizer(model, lr_fusion, lr_encoders, weight_decay, fused=None, lr_
     if fused is None:
         fused = next(model.parameters()).is_cuda
     return torch.optim.AdamW(param_groups, betas=(0.9, 0.98), eps=1e-6, fused=fused)
-
-
-def clip_and_step(opt, params, norm, max_norm):
-    """The optimiser step on gradients clipped to global L2 norm `max_norm`, given their norm before clipping,
-    `norm` (torch.nn.utils.get_total_norm): clip_grad_norm_'s scaling by min(1, max_norm / (norm + 1e-6)).
-
-    A fused AdamW (the GPU's, build_optimizer) takes the scaling into its own kernel: it divides every gradient
-    by the optimiser's `grad_scale` as it reads it (the hook torch.amp.GradScaler unscales through), which
-    saves clip_grad_norm_'s separate multiplication, a pass reading and writing every gradient (2.2 ms of the
-    paper-preset step on an H100, docs/speed.md). Otherwise: clip_grad_norm_'s own multiplication, then the step.
-    """
-    if all(g.get("fused") for g in opt.param_groups):
-        opt.grad_scale = ((norm + 1e-6) / max_norm).clamp(min=1.0).float()  # divide by max(1, norm / max_norm)
-        try:
-            opt.step()
-        finally:
-            del opt.grad_scale
-    else:
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
-        opt.step()
 
 
 def grad_norm(params):
@@ -437,7 +417,7 @@ def build_from_args(args, text_vocab):
         if not (args.text_encoder and args.speech_encoder and args.vision_encoder):
             raise ValueError("give all three of --text-encoder, --speech-encoder, --vision-encoder")
         cfg = preset(args.preset, args.fusion)
-        from model.wavlm import load_speech_encoder   # WavLM or HuBERT by config.json's model_type
+        from model.wavlm import load_speech_encoder  # WavLM or HuBERT by config.json's model_type
         return ICode.from_encoders(load_encoder("deberta-v3", args.text_encoder),
                                    load_encoder("swin", args.vision_encoder),
                                    load_speech_encoder(args.speech_encoder), fusion=cfg.fusion,

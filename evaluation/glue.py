@@ -3,7 +3,6 @@ import csv
 import os
 import sys
 
-
 # first text column, second (None for single sentences), label column, head outputs, label values in id order
 GLUE_SPECS = {
     "CoLA": ("sentence", None, "label", 2, ("0", "1")),           # no header: source, label, author label, sentence

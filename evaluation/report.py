@@ -5,7 +5,6 @@ import numpy as np
 
 from evaluation.retrieval import retrieval_table
 
-
 PERCENT = {"corr", "acc2_nonneg", "f1_nonneg", "acc2_pos", "f1_pos", "acc7", "accuracy", "f1", "precision",
            "recall", "subset_acc", "acc", "mcc", "pearson", "spearman"}
 

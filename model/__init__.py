@@ -6,7 +6,6 @@ from model.quantizers import load_quantizer  # noqa: F401
 from model.swin3d import inflate_image_swin, load_video_swin
 from model.wavlm import load_speech_encoder
 
-
 ENCODER_KINDS = ("deberta-v3", "wavlm", "hubert", "swin", "video-swin")
 
 

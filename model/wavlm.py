@@ -25,7 +25,6 @@ import torch.nn.functional as F
 
 from model.weights import load_state_strict, read_hf_folder
 
-
 # The 7-layer convolutional feature encoder of wav2vec 2.0, HuBERT and WavLM: one frame per 320 samples (20 ms
 # at 16 kHz). The speech targets (model/quantizers.py) and the data pipeline's frame counts use the same numbers.
 SPEECH_KERNELS = (10, 3, 3, 3, 3, 2, 2)

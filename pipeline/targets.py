@@ -10,8 +10,8 @@ from safetensors.numpy import save_file
 
 from data import collate, speech_frames
 from icode import checkpoint_config, target_fingerprint, target_tokenizers, tokenize_targets
-from pipeline.manifest import ManifestDataset, cache_meta, row_key, targets_dir
 from model.weights import load_state_strict
+from pipeline.manifest import ManifestDataset, cache_meta, row_key, targets_dir
 from pipeline.media import BadExample
 
 

@@ -3,11 +3,14 @@ import dataclasses
 import json
 import os
 
+import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from icode import preset
+import pipeline.media
+from icode import ICode, preset
 from model.quantizers import SPEECH_KERNELS, SPEECH_STRIDES, VQGANConfig, VQGANTokenizer
+from tools.benchmark import synthetic_batch
 
 # A small VQGAN (16-pixel patches, 128 codes) for tests of the tokenizer and of the model around it.
 SMALL_VQ = VQGANConfig(ch=32, ch_mult=(1, 1, 2, 2, 2), num_res_blocks=1, attn_resolutions=(16,), resolution=64,
@@ -87,3 +90,54 @@ def save_wav2vec2_folder(path, seed=0, **kw):
     torch.manual_seed(seed)
     Wav2Vec2ForPreTraining(hf_wav2vec2_config(**kw)).save_pretrained(path)
     return str(path)
+
+
+# The tiny model and a synthetic batch of the gradient-cache, DDP and compile tests (test_train, test_static_rows).
+
+def make_model(mode="merge", train_mode=False, dropout=0.0):
+    """The tiny preset, no dropout unless `dropout` > 0 (`with_dropout`)."""
+    torch.manual_seed(0)
+    cfg = with_dropout("tiny", mode, dropout=dropout) if dropout else preset("tiny", mode)
+    return ICode(cfg).train(train_mode)
+
+
+def make_batch(model, B=4):
+    b = synthetic_batch(model.cfg, B, text_len=10, seconds=0.4, frames=4, res=64, device="cpu", seed=1)
+    b["text_attention"][1, 7:] = False
+    b["text_labels"][1, 7:] = -100
+    b["audio_attention"][2, 4000:] = False
+    return b
+
+
+def grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_close(g1, g2, tol=2e-5):
+    """Every gradient within tol of its tensor's largest entry. float32 summation order alone moves the
+    DDP and gradient-cache comparisons by up to 1.05e-5 across torch versions (2.4.1, 2.11.0); a wrong
+    scale or a missing term moves them by 1e-1 or more."""
+    assert set(g1) == set(g2), sorted(set(g1) ^ set(g2))[:5]
+    worst = max((g1[k] - g2[k]).abs().max().item() / (g2[k].abs().max().item() + 1e-3) for k in g1)
+    assert worst < tol, worst
+
+
+# Real media for the data tests (test_media, test_data, test_loader).
+
+def write_manifest(path, rows):
+    """A JSON Lines manifest of `rows` (dicts, or strings written as they are); returns its path."""
+    with open(path, "w") as f:
+        for r in rows:
+            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+    return str(path)
+
+
+def grey_clip(path, n=40, fps=10, keyint=5, audio=None, sr=16000, preset="ultrafast", fmt="mp4"):
+    """Frame f is a uniform grey of level 5 * f + 20, so a decoded frame tells its index."""
+    frames = np.stack([np.full((48, 64, 3), 5 * f + 20, np.uint8) for f in range(n)])
+    pipeline.media.write_mp4(str(path), frames, fps, audio, sr, keyint=keyint, preset=preset, fmt=fmt)
+    return str(path)
+
+
+def frame_index(img):
+    return int(round((img.astype(float).mean() - 20) / 5))

@@ -1,6 +1,5 @@
-"""Tests for data.py below the masking section: decoding, manifests, collation, mixing, bad rows, the toy world.
-
-Everything runs on real files written here (H.264 MP4 with AAC, JPEG, WAV, FLAC) on the CPU.
+"""data.py's batches and pipeline/'s manifests, offline targets, toy world and commands: every field combination,
+collation and its masks, the target cache, the toy world, `python -m pipeline`.
 """
 import dataclasses
 import functools
@@ -11,11 +10,10 @@ import math
 import os
 import shutil
 
-import av
 import numpy as np
 import pytest
-import soundfile
 import torch
+from common import write_manifest
 
 import data
 import pipeline.commands
@@ -30,152 +28,20 @@ import pipeline.toy
 CFG = data.TOY_DATA
 
 
-@pytest.fixture(scope="module")
-def toy(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("toy"))
-    pipeline.toy.make_toy(out, seed=0, size="tiny")
-    return out
-
-
-@pytest.fixture(scope="module")
-def tok(toy):
-    return pipeline.text.load_tokenizer(os.path.join(toy, "tokenizer.json"))
-
-
-def _write_manifest(path, rows):
-    with open(path, "w") as f:
-        for r in rows:
-            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
-    return str(path)
-
-
-def _grey_clip(path, n=40, fps=10, keyint=5, audio=None, sr=16000, preset="ultrafast", fmt="mp4"):
-    """Frame f is a uniform grey of level 5 * f + 20, so a decoded frame tells its index."""
-    frames = np.stack([np.full((48, 64, 3), 5 * f + 20, np.uint8) for f in range(n)])
-    pipeline.media.write_mp4(str(path), frames, fps, audio, sr, keyint=keyint, preset=preset, fmt=fmt)
-    return str(path)
-
-
-def _frame_index(img):
-    return int(round((img.astype(float).mean() - 20) / 5))
-
-
-# ----------------------------------------------------------------------------------------------------
-# Video
-
-# veryfast has B-frames (decode order != display order); MPEG-TS and FLV seek by byte position and may land
-# after the target (frames_at then seeks further back)
-@pytest.mark.parametrize("preset, fmt", [("ultrafast", "mp4"), ("veryfast", "mp4"), ("veryfast", "mpegts"),
-                                         ("ultrafast", "flv")])
-def test_seek_matches_decoding_everything(tmp_path, preset, fmt):
-    path = _grey_clip(tmp_path / "g.vid", n=40, fps=10, keyint=5, preset=preset, fmt=fmt)  # 4 s, keyframe every 0.5 s
-    for start, end in [(None, None), (1.3, 3.7), (2.95, 3.05), (0.0, 0.4), (3.0, 4.0), (2.0, 10.0)]:
-        a = pipeline.media.read_video(path, 4, 32, start, end, seek=True)
-        b = pipeline.media.read_video(path, 4, 32, start, end, seek=False)
-        assert np.array_equal(a, b), (start, end)
-        s, e = start or 0.0, min(end or 4.0, 4.0)                 # an end past the file: the file's end
-        want = [int((s + (i + 0.5) * (e - s) / 4) * 10 + 1e-6) for i in range(4)]  # frame on display at t
-        assert [_frame_index(x) for x in a] == want, (start, end)
-
-
-def test_short_clip_repeats_frames_and_bad_ranges(tmp_path):
-    path = _grey_clip(tmp_path / "short.mp4", n=2, fps=10)  # 0.2 s, 2 frames, asked for 8
-    v = pipeline.media.read_video(path, 8, 32)
-    assert v.shape == (8, 32, 32, 3)
-    assert [_frame_index(x) for x in v] == [0, 0, 0, 0, 1, 1, 1, 1]
-    with pytest.raises(pipeline.media.BadExample, match="clip starts"):
-        pipeline.media.read_video(path, 4, 32, start=5.0, end=6.0)
-
-
-def test_rotated_video_is_upright(tmp_path):
-    img = np.zeros((64, 80, 3), np.uint8)
-    img[:, :40] = (220, 30, 30)   # left half red
-    img[:, 40:] = (30, 30, 220)   # right half blue
-    img[:12] = (30, 200, 30)      # top strip green
-    frames = np.stack([img] * 6)
-    pipeline.media.write_mp4(str(tmp_path / "up.mp4"), frames, 10)
-    # a phone stores the sensor's orientation and a display matrix turning it upright
-    pipeline.media.write_mp4(str(tmp_path / "rot.mp4"), np.rot90(frames, k=-1, axes=(1, 2)), 10, rotation=90)
-    up = pipeline.media.read_video(str(tmp_path / "up.mp4"), 2, 64).astype(float)
-    rot = pipeline.media.read_video(str(tmp_path / "rot.mp4"), 2, 64).astype(float)
-    assert np.abs(up - rot).mean() < 6
-    assert rot[0, 40, 10, 0] > 150 and rot[0, 40, 60, 2] > 150 and rot[0, 2, 32, 1] > 150
-
-
-def test_legacy_rotate_tag_is_applied(tmp_path):
-    """Before display matrices, FFmpeg wrote a clockwise `rotate` tag on the stream (Matroska keeps it as
-    ROTATE; FFmpeg looks tags up ignoring case). A file with only the tag is turned upright as well."""
-    img = np.zeros((64, 80, 3), np.uint8)
-    img[:, :40] = (220, 30, 30)   # left half red
-    img[:, 40:] = (30, 30, 220)   # right half blue
-    img[:12] = (30, 200, 30)      # top strip green
-    frames = np.stack([img] * 6)
-    pipeline.media.write_mp4(str(tmp_path / "up.mkv"), frames, 10, fmt="matroska")
-    pipeline.media.write_mp4(str(tmp_path / "tag.mkv"), np.rot90(frames, k=1, axes=(1, 2)), 10, fmt="matroska",
-                    metadata={"rotate": "90"})
-    with av.open(str(tmp_path / "tag.mkv")) as c:  # only the tag: no display matrix for PyAV to report
-        assert next(c.decode(video=0)).rotation == 0 and c.streams.video[0].metadata.get("ROTATE") == "90"
-    up = pipeline.media.read_video(str(tmp_path / "up.mkv"), 2, 64).astype(float)
-    rot = pipeline.media.read_video(str(tmp_path / "tag.mkv"), 2, 64).astype(float)
-    assert np.abs(up - rot).mean() < 6
-    pipeline.media.write_mp4(str(tmp_path / "bad.mkv"), frames, 10, fmt="matroska", metadata={"rotate": "sideways"})
-    with pytest.raises(pipeline.media.BadExample, match=r"unreadable rotate tag: 'sideways' in .*bad\.mkv"):
-        pipeline.media.read_video(str(tmp_path / "bad.mkv"), 2, 64)
-
-
-@pytest.mark.parametrize("orientation", range(1, 9))
-def test_jpeg_exif_orientation_is_applied(tmp_path, orientation):
-    """A phone photo stores the sensor's pixels and an EXIF Orientation tag saying how to show them;
-    read_image shows every one of the eight upright (the mirrored ones too)."""
-    img = np.zeros((64, 80, 3), np.uint8)
-    img[:, :40] = (220, 30, 30)   # left half red
-    img[:, 40:] = (30, 30, 220)   # right half blue
-    img[:12] = (30, 200, 30)      # top strip green
-    inverse = {6: 8, 8: 6}.get(orientation, orientation)  # the others undo themselves
-    stored = np.ascontiguousarray(pipeline.media.EXIF_ORIENT[inverse](img))
-    pipeline.media.write_jpeg(str(tmp_path / "up.jpg"), img)
-    pipeline.media.write_jpeg(str(tmp_path / "sensor.jpg"), stored)
-    raw = open(tmp_path / "sensor.jpg", "rb").read()
-    tiff = b"II*\x00" + (8).to_bytes(4, "little") + (1).to_bytes(2, "little")  # IFD0 with one entry:
-    tiff += bytes.fromhex("1201 0300 01000000") + orientation.to_bytes(2, "little") + bytes(6)  # 0x0112 SHORT
-    app1 = b"Exif\x00\x00" + tiff
-    (tmp_path / "exif.jpg").write_bytes(raw[:2] + b"\xff\xe1" + (len(app1) + 2).to_bytes(2, "big") + app1 + raw[2:])
-    assert pipeline.media.jpeg_orientation(str(tmp_path / "exif.jpg")) == orientation
-    assert pipeline.media.jpeg_orientation(str(tmp_path / "up.jpg")) is None
-    up = pipeline.media.read_image(str(tmp_path / "up.jpg"), 1, 64).astype(float)
-    exif = pipeline.media.read_image(str(tmp_path / "exif.jpg"), 1, 64).astype(float)
-    plain = pipeline.media.read_image(str(tmp_path / "sensor.jpg"), 1, 64).astype(float)
-    assert np.abs(up - exif).mean() < 6
-    assert (np.abs(up - plain).mean() > 40) == (orientation != 1)
-
-
-def test_odd_resolution_and_image(tmp_path):
-    rng = np.random.default_rng(0)
-    pipeline.media.write_mp4(str(tmp_path / "odd.mp4"), rng.integers(0, 255, (5, 61, 97, 3), dtype=np.uint8), 10,
-                    pix_fmt="yuv444p")
-    assert pipeline.media.read_video(str(tmp_path / "odd.mp4"), 4, 64).shape == (4, 64, 64, 3)
-    img = np.zeros((50, 90, 3), np.uint8)
-    img[:, 45:] = 200
-    pipeline.media.write_jpeg(str(tmp_path / "a.jpg"), img)
-    v = pipeline.media.read_image(str(tmp_path / "a.jpg"), 4, 32)
-    assert v.shape == (4, 32, 32, 3) and all(np.array_equal(v[0], x) for x in v)
-    assert v[0, :, :10].mean() < 20 and v[0, :, -10:].mean() > 180  # centre crop keeps both halves
-
-
 def test_collate_masks_images_in_every_frame_and_videos_with_a_tube(tmp_path, tok):
     """collate gives an image row (a static clip) one 2D mask on all of its frames and keeps appendix A.1's
     tube for video rows: their lengths spread over [ceil(T/2), T]. Then end to end: on an image batch from a
     manifest, every masked token cell is hidden in every frame of the encoder's input (the Video Swin patch
     mask), while the target ids, computed by the model's own tokenizer, are the same in every frame: a frame
     left visible would hand the encoder the answer."""
-    from icode import ICode, preset
     from data import tube_to_patch_mask
+    from icode import ICode, preset
     rng = np.random.default_rng(0)
     rows = []
     for i in range(6):
         pipeline.media.write_jpeg(str(tmp_path / f"{i}.jpg"), rng.integers(0, 255, (64, 80, 3), dtype=np.uint8))
         rows.append({"image": f"{i}.jpg", "text": "a red circle"})
-    ds = pipeline.manifest.ManifestDataset(_write_manifest(tmp_path / "img.jsonl", rows), CFG, tok)
+    ds = pipeline.manifest.ManifestDataset(write_manifest(tmp_path / "img.jsonl", rows), CFG, tok)
     examples = [ds[i] for i in range(len(ds))]
     assert all(e["static"] for e in examples)
     T, h = CFG.frames, CFG.image_size // CFG.token_patch
@@ -199,88 +65,6 @@ def test_collate_masks_images_in_every_frame_and_videos_with_a_tube(tmp_path, to
 
 
 # ----------------------------------------------------------------------------------------------------
-# Audio
-
-def _sine(sr, seconds, hz=440.0, channels=1):
-    t = np.arange(int(sr * seconds)) / sr
-    x = (0.5 * np.sin(2 * np.pi * hz * t)).astype(np.float32)
-    return np.stack([x] * channels, 1)
-
-
-def _peak_hz(x, sr=16000):
-    spec = np.abs(np.fft.rfft(x * np.hanning(len(x))))
-    return np.argmax(spec) * sr / len(x)
-
-
-@pytest.mark.parametrize("sr,channels,fmt", [(44100, 2, "WAV"), (8000, 1, "WAV"), (48000, 2, "FLAC"), (16000, 1, "WAV")])
-def test_resampling_keeps_duration_and_pitch(tmp_path, sr, channels, fmt):
-    path = str(tmp_path / f"a.{fmt.lower()}")
-    soundfile.write(path, _sine(sr, 1.5, 440, channels), sr, format=fmt)
-    x = pipeline.media.read_audio(path, 16000)
-    assert abs(len(x) - 24000) <= 2 and x.dtype == np.float32
-    assert abs(_peak_hz(x) - 440) < 3
-    cut = pipeline.media.read_audio(path, 16000, start=0.25, end=1.0)
-    assert abs(len(cut) - 12000) <= 2
-
-
-@pytest.mark.parametrize("fmt", ["WAV", "FLAC"])
-def test_cut_and_mixdown_of_a_sound_file_are_exact(tmp_path, fmt):
-    """At 16 kHz nothing is resampled: [start, start + max_s) of the file, the mean of its two channels (two
-    different tones, so neither channel alone passes), also when start lies beyond max_s."""
-    sr = 16000
-    t = np.arange(10 * sr) / sr
-    x = 0.3 * np.stack([np.sin(2 * np.pi * 440 * t), np.sin(2 * np.pi * 1000 * t)], 1)
-    path = str(tmp_path / f"two.{fmt.lower()}")
-    soundfile.write(path, x, sr, format=fmt)
-    raw, _ = soundfile.read(path, dtype="float32")                           # [N, 2] as stored
-    y = pipeline.media.read_audio(path, sr, start=5.0, end=9.0, max_s=2.0)
-    assert len(y) == 2 * sr
-    np.testing.assert_allclose(y, raw[5 * sr:7 * sr].mean(1), atol=1e-6)
-
-
-def test_audio_from_video_container(tmp_path):
-    wave = _sine(48000, 2.0, 300, 2).T.copy()  # [2, N] stereo 48 kHz AAC
-    path = _grey_clip(tmp_path / "av.mp4", n=20, audio=wave, sr=48000)
-    x = pipeline.media.read_audio(path, 16000)
-    assert abs(len(x) - 32000) <= 160 and abs(_peak_hz(x) - 300) < 3
-    cut = pipeline.media.read_audio(path, 16000, start=0.5, end=1.5)
-    assert abs(len(cut) - 16000) <= 2
-    assert len(pipeline.media.read_audio(path, 16000, max_s=1.2)) == 19200
-    # decoding stops at max_s (a row without `end` in a long file), with the samples a full decode gives
-    head = pipeline.media._read_audio_av(path, 16000, 0.5, None, max_s=0.5)
-    assert 8000 <= len(head) < 8000 + 1600                      # 0.5 s, and at most ~2 AAC frames more
-    assert np.array_equal(head[:8000], pipeline.media.read_audio(path, 16000, start=0.5)[:8000])
-    with pytest.raises(pipeline.media.BadExample, match="no audio stream"):
-        pipeline.media.read_audio(_grey_clip(tmp_path / "mute.mp4", n=5), 16000)
-
-
-@pytest.mark.parametrize("fmt, start_s", [("mp4", 0.0), ("mpegts", 0.0), ("flv", 0.0), ("matroska", 0.0),
-                                          ("mpegts", 10.0)])
-def test_picture_and_sound_of_one_file_stay_in_sync(tmp_path, fmt, start_s):
-    """A click in the sound and a bright frame at the same moments (1, 2, 3 s) land at the same clip times,
-    whatever the container: MPEG-TS and FLV start the video 64 ms after the audio, so with each stream
-    measured from its own start the clicks came 64 ms late there (1.064 s; MP4 and Matroska 1.000 s). Also
-    when the file's timestamps start at 10 s (a cut recording): `start` / `end` count from the file's start."""
-    sr = 16000
-    x = np.zeros(4 * sr, np.float32)
-    for c in (1.0, 2.0, 3.0):
-        x[int(c * sr):int(c * sr) + 64] = 0.8
-    frames = np.stack([np.full((48, 64, 3), 200 if f in (10, 20, 30) else 20, np.uint8) for f in range(40)])
-    path = str(tmp_path / f"sync.{fmt}")
-    pipeline.media.write_mp4(path, frames, 10, x[None], sr, fmt=fmt, start_s=start_s)
-    manifest = tmp_path / "sync.jsonl"
-    manifest.write_text(json.dumps({"video": path, "start": 0.5, "end": 2.5}) + "\n")
-    y = pipeline.manifest.ManifestDataset(str(manifest), data.TOY_DATA)[0]["audio"]          # the loader's own path
-    assert len(y) == 2 * sr
-    clicks = np.flatnonzero(np.abs(y) > 0.3)
-    first_click = 0.5 + clicks[0] / sr
-    v = pipeline.media.read_video(path, 20, 32, start=0.5, end=2.5)          # frame centres 0.55, 0.65, ..., 2.45
-    bright = [0.5 + (i + 0.5) * 0.1 for i in range(20) if v[i].mean() > 100]
-    assert abs(first_click - 1.0) < 0.005, first_click             # measured: 1.000 in all four
-    assert abs(bright[0] - 1.05) < 1e-6, bright                    # the frame on display from 1.0 s
-
-
-# ----------------------------------------------------------------------------------------------------
 # Manifests, every field combination, collation
 
 COMBOS = [  # row fields -> modalities
@@ -299,7 +83,7 @@ COMBOS = [  # row fields -> modalities
 
 @pytest.mark.parametrize("row,mods", COMBOS)
 def test_every_field_combination(toy, tok, row, mods):
-    path = _write_manifest(os.path.join(toy, "combo.jsonl"), [row, row])
+    path = write_manifest(os.path.join(toy, "combo.jsonl"), [row, row])
     ds = pipeline.manifest.ManifestDataset(path, CFG, tok)
     assert ds.modalities == mods and ds.name == "combo"
     b = data.collate([ds[0], ds[1]], CFG, tok, torch.Generator().manual_seed(0))
@@ -383,7 +167,7 @@ def test_caption_comes_first_and_the_transcript_is_cut(toy, tok, tmp_path):
     """Section 4.2.2: [CLS] caption [SEP] transcript [SEP]; a text longer than max_text_len loses the tail of
     the transcript, keeps the caption and ends with [SEP]."""
     caption, transcript = "a blue square", " ".join(["red circle moving left"] * 20)
-    path = _write_manifest(tmp_path / "long.jsonl",
+    path = write_manifest(tmp_path / "long.jsonl",
                            [{"video": os.path.join(toy, "video", "000000.mp4"), "caption": caption, "text": transcript}])
     ids = pipeline.manifest.ManifestDataset(path, CFG, tok)[0]["text_ids"]
     cap = tok.tokenizer.encode(caption, add_special_tokens=False).ids
@@ -450,7 +234,7 @@ def test_malformed_labels_are_bad_rows(toy, tok, tmp_path):
     rows[4]["answer"] = len(rows[4]["answers"])
     rows[5]["answers"] = "a b c"
     rows[6]["label"] = bool(rows[6]["label"])        # JSON true / false: a binary label, not a bad row
-    path = _write_manifest(tmp_path / "labels.jsonl", rows)
+    path = write_manifest(tmp_path / "labels.jsonl", rows)
     lines = []  # check's messages
     assert pipeline.commands.check_manifest(path, CFG, tok, log=lines.append) == (8, 5)
     for line, reason in {2: "score must be a number", 3: "emotions has 3 entries", 4: "label must be a number",
@@ -464,227 +248,6 @@ def test_malformed_labels_are_bad_rows(toy, tok, tmp_path):
     lines.clear()
     assert pipeline.commands.check_manifest(str(tmp_path / "latin1.jsonl"), CFG, tok, log=lines.append) == (0, 1)
     assert "cannot read the manifest" in lines[0]
-
-
-# ----------------------------------------------------------------------------------------------------
-# Bad rows: check reports them, the loader skips and counts them, too many stop training
-
-@pytest.fixture()
-def bad_manifest(toy, tmp_path):
-    good = os.path.join(toy, "video", "000000.mp4")
-    shutil.copy(good, tmp_path / "good.mp4")
-    (tmp_path / "corrupt.mp4").write_bytes(np.random.default_rng(0).bytes(5000))
-    (tmp_path / "empty.mp4").write_bytes(b"")
-    raw = open(good, "rb").read()
-    (tmp_path / "trunc.mp4").write_bytes(raw[:len(raw) // 2])
-    _grey_clip(tmp_path / "noaudio.mp4", n=10)
-    g = {"video": "good.mp4", "text": "a red circle"}
-    rows = [g, {"video": "nothere.mp4", "text": "x"}, {"video": "corrupt.mp4", "text": "x"},
-            {"video": "empty.mp4", "text": "x"}, {"video": "trunc.mp4", "text": "x"}, {"video": "good.mp4", "text": "  "},
-            {"video": "good.mp4", "text": "x", "colour": "red"}, "{not json", {"video": "noaudio.mp4", "text": "x"},
-            {"video": "good.mp4", "text": "y", "start": 3.0, "end": 4.0},
-            {"video": "good.mp4", "text": "z", "mute": "no"}]
-    rows += [g] * 9
-    expected = {2: "missing file", 3: "undecodable video", 4: "empty file", 5: "undecodable video", 6: "empty text",
-                7: "unknown field", 8: "invalid JSON", 9: "no audio stream", 10: "clip starts",
-                11: "mute must be true or false"}
-    return _write_manifest(tmp_path / "mixed.jsonl", rows), expected
-
-
-def test_check_reports_each_bad_row(bad_manifest, tok):
-    path, expected = bad_manifest
-    lines = []
-    rows, bad = pipeline.commands.check_manifest(path, CFG, tok, log=lines.append)
-    assert (rows, bad) == (20, len(expected))
-    for line, reason in expected.items():
-        assert any(m.startswith(f"{path}:{line}: {reason}") for m in lines), (line, reason, lines)
-    assert "20 rows, 10 bad" in lines[-1]
-    assert pipeline.commands.main(["check", path]) == 1
-
-
-def test_a_mute_that_is_not_a_boolean_decides_nothing(toy, tmp_path):
-    """"mute": "false" (a string) is a bad row, and as a manifest's first row it does not mute the manifest
-    (it would have dropped the audio of every row: any non-empty string is truthy); only JSON true mutes."""
-    v = os.path.join(toy, "video", "000000.mp4")
-    rows = [{"video": v, "text": "a", "mute": "false"}, {"video": v, "text": "b"}]
-    path = _write_manifest(tmp_path / "mute.jsonl", rows)
-    ds = pipeline.manifest.ManifestDataset(path, CFG)
-    assert ds.modalities == ("video", "text", "audio")
-    with pytest.raises(pipeline.media.BadExample, match="mute must be true or false, got 'false'"):
-        ds[0]
-    assert "audio" in ds[1]
-
-
-def test_loader_skips_and_counts_bad_rows(bad_manifest, tok):
-    path, expected = bad_manifest
-    cfg = dataclasses.replace(CFG, max_bad_share=0.9)
-    logs = []
-    loader = data.make_loader([path], [1.0], cfg, tok, batch_size=4, seed=3, spares=0, log=logs.append)
-    it = iter(loader)
-    seen = [line for _ in range(5) for _, line in next(it)["index"]]  # one epoch: 5 batches of 4 rows
-    assert loader.tried_counts["mixed"] == 20
-    skipped = 20 - len(seen)
-    assert skipped == len(expected) and sorted(seen) == [1] + list(range(12, 21))
-    assert loader.bad_counts["mixed"] == skipped and not set(seen) & set(expected)
-    assert sum(loader.bad_reasons["mixed"].values()) == skipped
-    assert len(logs) == min(skipped, 5) and all("mixed.jsonl:" in m for m in logs)
-    assert loader.bad_report().startswith(f"data: {path}: {skipped} of 20 rows tried were bad and skipped; reasons {{")
-    # spares fill the batch in place of bad rows
-    loader = data.make_loader([path], [1.0], cfg, tok, batch_size=4, seed=3, spares=6, log=logs.append)
-    sizes = [len(next(iter(loader))["index"])]
-    assert sizes == [4]
-    # the default 10% share stops training with the manifest's name
-    loader = data.make_loader([path], [1.0], CFG, tok, batch_size=4, seed=3, log=logs.append)
-    with pytest.raises(pipeline.loader.TooManyBadExamples, match="mixed.jsonl"):
-        for _ in itertools.islice(loader, 50):  # 10 of 20 rows are bad: stops within the first epoch or two
-            pass
-
-
-def test_loader_state_keeps_the_bad_row_accounts(bad_manifest, tok):
-    """A resumed run goes on counting bad rows where the first left off (the final report sees the whole run),
-    through a JSON round trip as in a checkpoint; its max_bad_share stop judges the rows tried since the resume."""
-    path, expected = bad_manifest
-    cfg = dataclasses.replace(CFG, max_bad_share=0.9)
-    loader = data.make_loader([path], [1.0], cfg, tok, batch_size=4, seed=3, spares=0, log=lambda m: None)
-    it = iter(loader)
-    for _ in range(3):
-        next(it)
-    assert loader.bad_counts["mixed"] > 0
-    again = data.make_loader([path], [1.0], cfg, tok, batch_size=4, seed=3, spares=0, log=lambda m: None)
-    again.load_state_dict(json.loads(json.dumps(loader.state_dict())))
-    assert again.bad_counts == loader.bad_counts and again.tried_counts == loader.tried_counts
-    assert again.bad_reasons == loader.bad_reasons
-    assert loader.since_start["mixed"] == (loader.bad_counts["mixed"], loader.tried_counts["mixed"])
-    assert again.since_start == {"mixed": (0, 0)}
-
-
-def test_a_small_all_bad_source_stops_once_every_row_is_tried(tmp_path, tok):
-    """min_tried (50) is capped by the source's size: 6 rows, all bad, stop after the 6 tried (3 batches of 2),
-    not after 50 (25 batches)."""
-    path = _write_manifest(tmp_path / "allbad.jsonl", [{"video": "nothere.mp4", "text": "x"}] * 6)
-    loader = data.make_loader([path], [1.0], CFG, tok, batch_size=2, seed=0, spares=0, log=lambda m: None)
-    batches = 0
-    with pytest.raises(pipeline.loader.TooManyBadExamples, match="6 of the 6 rows tried since this run started or resumed were bad"):
-        for _ in itertools.islice(loader, 30):
-            batches += 1
-    # the stopping batch is not counted: the counters (and a checkpoint saved at the stop) are those after the
-    # last batch handed out, so a run resumed on repaired rows does not start beyond the limit
-    assert batches == 2 and loader.tried_counts["allbad"] == loader.bad_counts["allbad"] == 4
-    assert loader.state_dict()["sampler"]["step"] == 2
-    assert loader.bad_report() == (f"data: {path}: 4 of 4 rows tried were bad and skipped; "
-                                   f"reasons {{'missing file': 4}}")
-
-
-# ----------------------------------------------------------------------------------------------------
-# Mixing: same source on every rank, disjoint shards, exact resume
-
-def test_sampler_same_source_disjoint_and_resumes():
-    sizes, weights, W, bs = [10, 7, 23], [1, 2, 1], 3, 2
-    samplers = [pipeline.sampler.MixedBatchSampler(sizes, weights, bs, r, W, seed=5, spares=2, names="abc") for r in range(W)]
-    plans = [[s.next_plan() for _ in range(60)] for s in samplers]
-    per_source = {k: [[] for _ in range(W)] for k in range(3)}
-    for step in range(60):
-        srcs = {p[step][1] for p in plans}
-        assert len(srcs) == 1  # every rank, same source
-        rows = [set(p[step][2]) for p in plans]
-        assert not (rows[0] & rows[1] or rows[0] & rows[2] or rows[1] & rows[2])
-        for r in range(W):
-            per_source[plans[r][step][1]][r] += plans[r][step][2]
-            spares = plans[r][step][3]  # distinct rows of rank r's own share, none of them in the batch
-            assert len(set(spares)) == len(spares) == min(2, sizes[plans[r][step][1]] // W - bs)
-            assert all(sp not in plans[q][step][2] for q in range(W) for sp in spares)
-    assert {p[1] for p in plans[0]} == {0, 1, 2}
-    for k, n in enumerate(sizes):  # within every epoch, all rows of all ranks are distinct
-        m = n // W // bs * bs  # rows per rank per epoch (an incomplete last batch is dropped)
-        epochs = len(per_source[k][0]) // m
-        assert epochs >= 2, (k, epochs)
-        for e in range(epochs):
-            rows = [row for r in range(W) for row in per_source[k][r][e * m:(e + 1) * m]]
-            assert len(set(rows)) == len(rows) == m * W, (k, e)
-        # reshuffled each epoch (seeded by the epoch): rank 0 does not walk the same rows every epoch
-        assert len({tuple(per_source[k][0][e * m:(e + 1) * m]) for e in range(epochs)}) > 1, k
-    # resume: a fresh sampler loaded from a JSON round trip of step 25's state continues identically
-    s = pipeline.sampler.MixedBatchSampler(sizes, weights, bs, 1, W, seed=5, spares=2, names="abc")
-    for _ in range(25):
-        s.next_plan()
-    state = json.loads(json.dumps(s.state_dict()))
-    s2 = pipeline.sampler.MixedBatchSampler(sizes, weights, bs, 1, W, seed=5, spares=2, names="abc")
-    s2.load_state_dict(state)
-    assert [s2.next_plan() for _ in range(35)] == plans[1][25:]
-
-
-def test_sampler_follows_the_weights_and_refuses_what_it_cannot_do():
-    s = pipeline.sampler.MixedBatchSampler([50, 50, 50], [0.8, 0.2, 0.0], 4, seed=1)
-    counts = np.bincount([s.source_at(k) for k in range(2000)], minlength=3)
-    assert abs(counts[0] / 2000 - 0.8) < 0.04 and counts[2] == 0, counts    # std of a share ~0.009
-    with pytest.raises(ValueError, match="source 0 has 10 rows, fewer than batch_size x world_size"):
-        pipeline.sampler.MixedBatchSampler([10], [1], 4, rank=0, world_size=4)          # 2 rows per rank for batches of 4
-    state = pipeline.sampler.MixedBatchSampler([40], [1], 2, rank=0, world_size=2, seed=3).state_dict()
-    for kw in (dict(world_size=4, seed=3), dict(world_size=2, seed=4)):     # other shards, other permutations
-        with pytest.raises(ValueError, match="cannot resume"):
-            pipeline.sampler.MixedBatchSampler([40], [1], 2, rank=0, **kw).load_state_dict(state)
-
-
-@pytest.mark.parametrize("workers", [0, 2])
-def test_loader_resumes_with_the_exact_next_batch(toy, tok, workers):
-    ms = [os.path.join(toy, f"{n}.jsonl") for n in ("video", "image_text", "speech_text")]
-    loader = data.make_loader(ms, [1, 1, 1], CFG, tok, batch_size=2, rank=0, world_size=2, seed=7, num_workers=workers)
-    it = iter(loader)
-    for _ in range(3):
-        next(it)
-    state = json.loads(json.dumps(loader.state_dict()))
-    want = [next(it) for _ in range(2)]
-    again = data.make_loader(ms, [1, 1, 1], CFG, tok, batch_size=2, rank=0, world_size=2, seed=7, num_workers=workers)
-    again.load_state_dict(state)
-    it2 = iter(again)
-    got = [next(it2) for _ in range(2)]
-    for a, b in zip(want, got):
-        assert a["index"] == b["index"] and a["step"] == b["step"]
-        for k, v in a.items():
-            if torch.is_tensor(v):
-                assert torch.equal(v, b[k]), k
-
-
-def test_worker_loader_leaves_the_global_generator_alone(toy, tok):
-    """Starting worker processes must not draw from torch's global generator: a resumed run restores it
-    from the checkpoint and then starts its loader, an uninterrupted one started it at step 0, and every
-    later draw (dropout, stochastic depth) would differ between the two."""
-    ms = [os.path.join(toy, "image_text.jsonl")]
-    torch.manual_seed(0)
-    want = torch.rand(3)
-    torch.manual_seed(0)
-    next(iter(data.make_loader(ms, [1], CFG, tok, batch_size=2, seed=7, num_workers=1)))
-    assert torch.equal(torch.rand(3), want)
-
-
-STOP_SCRIPT = """
-import os, signal, subprocess, sys
-sys.path.insert(0, {root!r})
-import data
-import pipeline.text
-stop = []
-signal.signal(signal.SIGTERM, lambda s, f: stop.append(s))
-tok = pipeline.text.load_tokenizer({tok!r})
-it = iter(data.make_loader([{manifest!r}], [1], data.TOY_DATA, tok, batch_size=2, seed=0, num_workers=1))
-next(it)
-os.killpg(os.getpgid(0), signal.SIGTERM)    # what torchrun and `kill -- -PGID` do
-subprocess.run(["pkill", "-TERM", "-P", str(os.getpid())], check=True)  # Slurm: every process (the worker)
-batches = [next(it) for _ in range(3)]       # the trainer finishes its step and saves: the worker still serves
-print("stopped by", stop, "then", len(batches), "batches")
-# and exits with the loader still open: its own SIGTERM to the worker (multiprocessing's exit) must end it
-"""
-
-
-def test_workers_survive_the_stop_signal_of_the_job(toy, tmp_path):
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    script = tmp_path / "stop.py"
-    script.write_text(STOP_SCRIPT.format(root=root, tok=os.path.join(toy, "tokenizer.json"),
-                                         manifest=os.path.join(toy, "image_text.jsonl")))
-    import subprocess
-    import sys
-    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
-                       start_new_session=True)  # its own process group, which it signals whole
-    assert r.returncode == 0 and "stopped by [15] then 3 batches" in r.stdout, r.stderr[-2000:]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -713,7 +276,7 @@ def test_target_cache_round_trip(toy, tok, tmp_path):
     # the manifest edited after `tokenize`: lines 1 and 2 swapped hold other clips than their files were made
     # from, so they get no cached ids (the device makes them); line 3 keeps its own
     lines = open(path).read().splitlines()
-    _write_manifest(path, [lines[1], lines[0]] + lines[2:])
+    write_manifest(path, [lines[1], lines[0]] + lines[2:])
     ds = pipeline.manifest.ManifestDataset(str(path), CFG, tok)
     assert ["video_targets" in ds[i] for i in range(3)] == [False, False, True]
     assert [ds[i].get("stale_targets", False) for i in range(3)] == [True, True, False]
@@ -777,21 +340,10 @@ def test_cli_bench_and_make_toy(toy, capsys):
     good["video"] = os.path.join(toy, good["video"])
     bad = {"video": os.path.join(toy, "nothere.mp4"), "text": "x"}
     tok_arg = ["--tokenizer", os.path.join(toy, "tokenizer.json")]
-    assert pipeline.commands.main(["bench", _write_manifest(os.path.join(toy, "bench1.jsonl"), [bad, good]), "-n", "4"] + tok_arg) == 0
+    assert pipeline.commands.main(["bench", write_manifest(os.path.join(toy, "bench1.jsonl"), [bad, good]), "-n", "4"] + tok_arg) == 0
     assert "2 examples (2 bad)" in capsys.readouterr().out
-    assert pipeline.commands.main(["bench", _write_manifest(os.path.join(toy, "bench2.jsonl"), [bad, bad]), "-n", "2"] + tok_arg) == 1
+    assert pipeline.commands.main(["bench", write_manifest(os.path.join(toy, "bench2.jsonl"), [bad, bad]), "-n", "2"] + tok_arg) == 1
     assert "no good row" in capsys.readouterr().err
-
-
-def test_all_bad_plan_yields_an_empty_batch(tmp_path, tok):
-    """A plan whose rows and spares are all bad still yields (an empty batch with its step), so every rank
-    stays on the same step; train.common_batch then skips it everywhere."""
-    path = _write_manifest(tmp_path / "allbad.jsonl", [{"video": "nothere.mp4", "text": "x"}] * 8)
-    cfg = dataclasses.replace(CFG, max_bad_share=1.0)
-    loader = data.make_loader([path], [1.0], cfg, tok, batch_size=4, seed=0, spares=1, log=lambda m: None)
-    out = list(itertools.islice(loader, 3))
-    assert [(b.get("empty"), b["step"], b["index"], b["source"]) for b in out] == [(True, k, [], "allbad") for k in range(3)]
-    assert loader.tried_counts["allbad"] == loader.bad_counts["allbad"] == 3 * 5
 
 
 def test_offline_targets_are_the_models_own(toy, tok, tmp_path):

@@ -5,11 +5,11 @@ import re
 
 import pytest
 import torch
+from common import assert_attention_dropout_only_in_training
 from safetensors.torch import load_file, save_file
 from transformers import DebertaV2Config, DebertaV2ForMaskedLM, DebertaV2Model
 from transformers.models.deberta_v2.modeling_deberta_v2 import make_log_bucket_position
 
-from common import assert_attention_dropout_only_in_training
 from model.deberta import DEBERTA_V3_BASE, Deberta, config_from_hf, load_deberta, log_bucket_position
 
 
@@ -136,6 +136,7 @@ def test_a_checkpoint_of_another_model_type_is_named(tmp_path):
     """load_encoder("deberta-v3", DIR) on a BERT folder names the model_type found and the one expected,
     before any tensor is compared (not "36 missing tensors")."""
     from transformers import BertConfig, BertModel
+
     from model import load_encoder
     BertModel(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                          intermediate_size=37)).save_pretrained(tmp_path)

@@ -6,11 +6,10 @@ import os
 
 import pytest
 import torch
+from common import with_dropout
 
 import data as D
 import eval as E
-from common import with_dropout
-from icode import ICode, preset
 import evaluation.glue
 import evaluation.metrics
 import evaluation.retrieval
@@ -19,6 +18,7 @@ import pipeline.text
 import pipeline.toy
 import training.checkpoint
 import training.distributed
+from icode import ICode, preset
 
 
 @pytest.fixture(scope="module", autouse=True)

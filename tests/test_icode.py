@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import icode
-from icode import ICode, ICodeConfig, preset
 import pipeline.targets
+from icode import ICode, ICodeConfig, preset
 from losses import PAPER_WEIGHTS, count_targets
 from model.fusion import MODALITIES, masked_mean
 from tools.benchmark import synthetic_batch
@@ -251,6 +251,7 @@ def test_pretrained_target_tokenizers(tmp_path):
     the config alone gets them from a state dict), and a codebook, grid or architecture that does not fit is
     refused."""
     from common import SMALL_VQ, save_vqgan_folder, save_wav2vec2_folder
+
     from icode import normalize_waveform, pretrained_targets
     fields, toks = pretrained_targets(save_vqgan_folder(tmp_path / "vq"), save_wav2vec2_folder(tmp_path / "w2v"))
     cfg = replace(preset("tiny"), **fields)
@@ -293,6 +294,7 @@ def test_strict_loading_and_shard_index_by_hand(tmp_path):
     """load_state_strict returns the unused tensors except the ignored prefixes; a shard index naming a
     tensor no shard holds is an error naming it."""
     from safetensors.torch import load_file, save_file
+
     from model.weights import _load_shards, load_state_strict
     lin = torch.nn.Linear(2, 3)
     sd = {**{k: v.clone() for k, v in lin.state_dict().items()}, "decoder.w": torch.ones(1), "extra.w": torch.ones(1)}
@@ -332,8 +334,9 @@ class _RunsCode:
 
 def test_convert_legacy_bin_to_safetensors(tmp_path):
     """`python icode.py convert IN.bin OUT_DIR`: the one pickle read (weights_only=True), tensors preserved."""
-    import icode
     from safetensors.torch import load_file
+
+    import icode
     sd = {"a.weight": torch.randn(3, 4), "b.bias": torch.arange(5.0)}
     src = tmp_path / "legacy"
     src.mkdir()
@@ -381,6 +384,7 @@ def test_every_attention_call_can_use_a_fused_kernel(mode, monkeypatch):
     shifted windows (a per-window mask), its unshifted ones (the bias table gathered and permuted) and
     WavLM's gated bias."""
     import dataclasses
+
     import torch.nn.functional as F
     cfg = preset("tiny", mode)
     cfg.vision = dataclasses.replace(cfg.vision, depths=(2, 2, 1, 1))  # blocks 2 of stages 1, 2 are shifted

@@ -8,8 +8,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from losses import (PAPER_WEIGHTS, LearnedLossWeights, LogitScales, info_nce, info_nce_directions,
-                    learned_weights_loss, masked_unit_loss, pretraining_loss)
+from losses import (PAPER_WEIGHTS, LearnedLossWeights, LogitScales, info_nce, info_nce_directions, learned_weights_loss,
+                    masked_unit_loss, pretraining_loss)
 
 
 def brute_info_nce(r_a, r_b, scale):

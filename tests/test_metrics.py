@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from evaluation.metrics import (accuracy, binary_prf, glue_metrics, matthews_corrcoef, multilabel_metrics, pearson, rankdata,
-                                regression_metrics, retrieval_recall, spearman, weighted_f1)
+from evaluation.metrics import (accuracy, binary_prf, glue_metrics, matthews_corrcoef, multilabel_metrics, pearson,
+                                rankdata, regression_metrics, retrieval_recall, spearman, weighted_f1)
 
 
 @pytest.fixture(autouse=True)

@@ -16,13 +16,22 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]   # also as a script, and imported by a subprocess below
 
-from model.quantizers import (SPEECH_KERNELS, SPEECH_STRIDES, RandomProjectionSpeechTokenizer,  # noqa: E402
-                              VQGANTokenizer, Wav2Vec2Quantizer,
-                              Wav2Vec2QuantizerConfig, build_default_quantizers, combined_index, fingerprint,
-                              load_quantizer, nearest_code)
-from model.wavlm import ConvFeatureEncoder, conv_output_length  # noqa: E402
 from common import SMALL_VQ, hf_wav2vec2_config, save_vq  # noqa: E402
 
+from model.quantizers import (  # noqa: E402
+    SPEECH_KERNELS,
+    SPEECH_STRIDES,
+    RandomProjectionSpeechTokenizer,
+    VQGANTokenizer,
+    Wav2Vec2Quantizer,
+    Wav2Vec2QuantizerConfig,
+    build_default_quantizers,
+    combined_index,
+    fingerprint,
+    load_quantizer,
+    nearest_code,
+)
+from model.wavlm import ConvFeatureEncoder, conv_output_length  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------------
 # Natural-looking synthetic inputs (no data sets offline)

@@ -4,11 +4,15 @@ import functools
 
 import pytest
 import torch
+from common import assert_close, grads, make_batch, make_model
 
 import data as D
+import training.speed
 from data import mask_tokens, span_mask, span_mask_batch, tube_mask
-from losses import masked_unit_loss
+from losses import PAPER_WEIGHTS as WEIGHTS
+from losses import count_targets, masked_unit_loss
 from model.heads import MLMHead, MSMHead, MVMHead
+from train import PretrainObjective
 from training.static_rows import (check_masked_rows, mask_tokens_max, masked_rows, select_masked_static, span_mask_max,
                                   tube_mask_max)
 
@@ -99,3 +103,43 @@ def test_masked_rows_of_a_collated_batch():
     batch["text_labels"][2, :8] = 5
     with pytest.raises(ValueError, match="example 2 .* 8 masked text positions, more than the 7"):
         check_masked_rows(cfg, batch)
+
+
+def test_static_rows_make_the_step_capturable_by_cuda_graphs():
+    """--compile-mode reduce-overhead (PretrainObjective.static_rows): the compiled forward and backward hold
+    nothing that keeps Inductor from capturing them as CUDA graphs (torch._inductor.utils
+    .get_first_incompatible_cudagraph_node, the check Inductor runs: ops that sync or have data-dependent
+    shapes), and give the exact selection's loss and gradients. The exact selection (a head without `rows`)
+    is flagged at its `nonzero` (a data-dependent count), which shows the check can fail. Traced on the CPU
+    through AOT autograd without Inductor."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._inductor.utils import get_first_incompatible_cudagraph_node
+    found = []
+
+    def check(gm, example_inputs):
+        found.append(get_first_incompatible_cudagraph_node(gm))
+        return make_boxed_func(gm.forward)
+
+    backend = aot_autograd(fw_compiler=check, bw_compiler=check)
+    model = make_model()
+    batch = make_batch(model, B=3)
+    targets = model.targets(batch)
+    norms = count_targets(targets, False)
+    results = []
+    for run in (PretrainObjective(model, WEIGHTS),          # eager, exact selection: the reference
+                training.speed.compile_step(PretrainObjective(model, WEIGHTS, static_rows=D.TOY_DATA), backend=backend)):
+        torch._dynamo.reset()
+        model.zero_grad(set_to_none=True)
+        loss, _ = run(batch, targets, norms, 1)
+        loss.backward()
+        results.append((loss.detach(), grads(model)))
+    assert len(found) == 2 and found == [None, None], found        # forward and backward: capturable
+    (loss_e, g_e), (loss_s, g_s) = results
+    assert torch.allclose(loss_s, loss_e, rtol=1e-6, atol=0), (loss_s, loss_e)
+    assert_close(g_s, g_e)             # float32 summation order over other row counts: 2.1e-6 seen
+    found.clear()                      # the exact selection, in the MLM head alone
+    head = torch.compile(model.mlm_head, backend=backend)
+    head(torch.randn(2, 10, model.cfg.fusion.dim, requires_grad=True), batch["text_labels"][:2])[0].sum().backward()
+    torch._dynamo.reset()
+    assert any(n is not None and "nonzero" in str(n.target) for n in found), found

@@ -7,11 +7,11 @@ import re
 
 import pytest
 import torch
+from common import assert_attention_dropout_only_in_training, assert_same_function
 from safetensors.torch import load_file, save_file
 from transformers import SwinConfig as HFSwinConfig
 from transformers import SwinModel
 
-from common import assert_attention_dropout_only_in_training, assert_same_function
 from model.swin3d import (SWIN_B_VIDEO, SWIN_T_VIDEO, SwinBlock3D, SwinConfig, VideoSwin, config_from_hf,
                           convert_torchvision_state_dict, drop_path, get_window_size, inflate_image_swin,
                           load_video_swin, relative_position_index, shift_attention_mask, window_partition)
@@ -322,6 +322,7 @@ def test_patch_embedding_is_the_conv3d():
     """The patch embedding as a linear map of gathered patches equals Conv3d(kernel = stride = patch) ->
     channels-last -> LayerNorm, values and gradients, also where the input is right-padded to whole patches."""
     import torch.nn.functional as F
+
     from model.swin3d import PatchEmbed3D
     torch.manual_seed(0)
     embed = PatchEmbed3D(TINY)

@@ -5,11 +5,11 @@ import re
 
 import pytest
 import torch
+from common import assert_attention_dropout_only_in_training, assert_same_function
 from safetensors.torch import load_file, save_file
 
-from common import assert_attention_dropout_only_in_training, assert_same_function
-from model.wavlm import (HUBERT_LARGE, WAVLM_LARGE, ConvFeatureEncoder, SpeechConfig, SpeechEncoder,
-                         config_from_hf, conv_output_length, convert_hf_state_dict, load_speech_encoder)
+from model.wavlm import (HUBERT_LARGE, WAVLM_LARGE, ConvFeatureEncoder, SpeechConfig, SpeechEncoder, config_from_hf,
+                         conv_output_length, convert_hf_state_dict, load_speech_encoder)
 
 transformers = pytest.importorskip("transformers")
 # HF WavLM mixes a bool key_padding_mask with a float attn_mask inside F.multi_head_attention_forward.
@@ -301,6 +301,7 @@ def test_layer_norm_feature_encoder_stays_channels_last(monkeypatch):
     rows (no transpose copies, docs/speed.md), and the result and its gradients equal the plain
     Conv1d -> LayerNorm -> GELU stack."""
     import torch.nn.functional as F
+
     from model.wavlm import SPEECH_KERNELS, SPEECH_STRIDES
     torch.manual_seed(0)
     enc = ConvFeatureEncoder((16,) * 7, SPEECH_KERNELS, SPEECH_STRIDES, True, "layer")
@@ -323,6 +324,7 @@ def test_positional_conv_runs_on_the_channels_last_view(monkeypatch, k):
     and it is the plain grouped conv1d with padding k // 2 (the last frame dropped for an even kernel), then
     GELU, values and gradients."""
     import torch.nn.functional as F
+
     from model.wavlm import PositionalConvEmbedding
     torch.manual_seed(0)
     pc = PositionalConvEmbedding(32, k, 4)

@@ -9,15 +9,14 @@ import json
 import time
 
 import torch
-from torch._dynamo.utils import counters   # Inductor's counts (cudagraph_skips) for the benchmark line
+from torch._dynamo.utils import counters  # Inductor's counts (cudagraph_skips) for the benchmark line
 
 import data as D
 from icode import ICode, preset
 from tools.profile import profile_steps
-from train import (PretrainObjective, batch_size, build_optimizer, clip_and_step, grad_norm, parse_args,
-                   split_batch, train_step)
+from train import PretrainObjective, batch_size, build_optimizer, grad_norm, parse_args, split_batch, train_step
 from training.distributed import setup_distributed
-from training.speed import compile_step, count_flops, enable_checkpointing, precision
+from training.speed import clip_and_step, compile_step, count_flops, enable_checkpointing, precision
 from training.static_rows import static_rows_config
 
 

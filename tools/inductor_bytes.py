@@ -29,13 +29,14 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
-
 import torch._inductor.config as inductor_config
 import torch._inductor.graph as inductor_graph
+import torch.nn.functional as F
 
-from icode import ICode, preset as model_preset
-from losses import PAPER_WEIGHTS as WEIGHTS, count_targets
+from icode import ICode
+from icode import preset as model_preset
+from losses import PAPER_WEIGHTS as WEIGHTS
+from losses import count_targets
 from tools.benchmark import BENCH_SHAPES, synthetic_batch
 from train import PretrainObjective, train_step
 from training.distributed import Dist

@@ -6,7 +6,6 @@ import math
 import re
 import time
 
-
 # Kinds of kernels (or CPU ops), by name; the first pattern that matches wins. Inductor names its Triton
 # kernels after the ops they fuse (triton_tem_*: matmul templates), cuDNN convolution kernels have "gemm"
 # in their names and attention kernels "fmha" or "attention", hence the order.

@@ -66,6 +66,26 @@ def compile_step(module, mode="default", backend="inductor", eager_random=False)
     return torch.compile(module, backend=backend, **({"mode": mode} if backend == "inductor" else {}))
 
 
+def clip_and_step(opt, params, norm, max_norm):
+    """The optimiser step on gradients clipped to global L2 norm `max_norm`, given their norm before clipping,
+    `norm` (torch.nn.utils.get_total_norm): clip_grad_norm_'s scaling by min(1, max_norm / (norm + 1e-6)).
+
+    A fused AdamW (the GPU's, build_optimizer) takes the scaling into its own kernel: it divides every gradient
+    by the optimiser's `grad_scale` as it reads it (the hook torch.amp.GradScaler unscales through), which
+    saves clip_grad_norm_'s separate multiplication, a pass reading and writing every gradient (docs/speed.md).
+    Otherwise: clip_grad_norm_'s own multiplication, then the step (tests/test_train.py checks both against it).
+    """
+    if all(g.get("fused") for g in opt.param_groups):
+        opt.grad_scale = ((norm + 1e-6) / max_norm).clamp(min=1.0).float()  # divide by max(1, norm / max_norm)
+        try:
+            opt.step()
+        finally:
+            del opt.grad_scale
+    else:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+        opt.step()
+
+
 def transformer_blocks(model):
     """Every Transformer block of the encoders and the fusion network (the units worth checkpointing)."""
     blocks = list(model.text.encoder.layer) + list(model.speech.layers) + list(model.fusion.layers)
@@ -77,6 +97,7 @@ def enable_checkpointing(model):
     """Activation checkpointing: each block keeps only its input and recomputes the rest in backward
     (RNG state preserved by torch.utils.checkpoint, so dropout matches). Parameter names are unchanged."""
     from functools import partial
+
     from torch.utils.checkpoint import checkpoint
     for blk in transformer_blocks(model):
         blk.forward = partial(checkpoint, type(blk).forward.__get__(blk), use_reentrant=False)
