@@ -38,6 +38,7 @@ import data as D
 from evaluation.retrieval import print_retrieval_table, zero_shot_retrieval
 from icode import ICode, preset, pretrained_targets, target_fingerprint
 from losses import PAIR_NAMES, PAPER_WEIGHTS, LearnedLossWeights, count_targets, masked_unit_loss, pretraining_loss
+from pipeline.index import load_index
 from pipeline.loader import TooManyBadExamples
 from pipeline.text import load_tokenizer
 from pipeline.toy import TOY_DIR, TOY_HELDOUT, TOY_OUT, TOY_PRETRAIN, make_toy
@@ -228,18 +229,19 @@ def common_batch(batch, accum, d, manifests=None):
 
 
 def check_target_caches(datasets, model):
-    """Offline VQ targets (`python -m pipeline tokenize`) stand in for the model's own tokenizers (section 4.2.1), so
-    they must come from the same ones: a cache whose meta.json fingerprint (`icode.target_fingerprint`)
+    """Offline VQ targets (`python -m pipeline tokenize`) stand in for the model's own tokenizers (section 4.2.1),
+    so they must come from the same ones: a cache whose meta.json fingerprint (`icode.target_fingerprint`)
     differs from the model's, e.g. written with another tokenizer seed or other pretrained tokenizers, or with
     none, is an error naming the cache; otherwise one source's targets would come from another codebook than
     the rest's. (A cache written for another clip shape never gets here: the loader does not use it.)"""
     own = target_fingerprint(model.cfg, model.video_tokenizer, model.speech_tokenizer)
     for ds in datasets:
-        if ds.targets is not None and ds.targets_meta.get("tokenizers") != own:
-            raise ValueError(f"{ds.targets}: the target cache was written by tokenizers "
-                             f"{ds.targets_meta.get('tokenizers')} ({ds.targets_meta.get('quantizer')}), the model's "
-                             f"are {own}: rerun `python -m pipeline tokenize` with the run's --preset, --video-tokenizer "
-                             f"and --speech-tokenizer (or --ckpt of its --init), or delete the cache")
+        meta = ds.targets.meta if ds.targets is not None else {}
+        if ds.targets is not None and meta.get("tokenizers") != own:
+            raise ValueError(f"{ds.targets.folder}: the target cache was written by tokenizers "
+                             f"{meta.get('tokenizers')} ({meta.get('quantizer')}), the model's are {own}: rerun "
+                             f"`python -m pipeline tokenize` with the run's --preset, --video-tokenizer and "
+                             f"--speech-tokenizer (or --ckpt of its --init), or delete the cache")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -461,14 +463,19 @@ def pretraining_data(args, d):
     if args.data:
         if args.tokenizer is None:
             raise ValueError("--tokenizer is required with --data (a tokenizers tokenizer.json; see README)")
-        return args.data, args.tokenizer, dcfg
-    if d.is_main and not os.path.isfile(os.path.join(args.toy_dir, "tokenizer.json")):
-        print0(f"making the toy world in {args.toy_dir}/ ...")
-        make_toy(args.toy_dir)
+        manifests, tok_path = args.data, args.tokenizer
+    else:
+        if d.is_main and not os.path.isfile(os.path.join(args.toy_dir, "tokenizer.json")):
+            print0(f"making the toy world in {args.toy_dir}/ ...")
+            make_toy(args.toy_dir)
+        manifests = [os.path.join(args.toy_dir, f) for f in TOY_PRETRAIN]
+        tok_path = args.tokenizer or os.path.join(args.toy_dir, "tokenizer.json")
+    if d.is_main:                     # the manifests' line indexes, once, before every rank maps them
+        for m in manifests:
+            load_index(m)
     if dist.is_initialized():
         dist.barrier()
-    manifests = [os.path.join(args.toy_dir, f) for f in TOY_PRETRAIN]
-    return manifests, args.tokenizer or os.path.join(args.toy_dir, "tokenizer.json"), dcfg
+    return manifests, tok_path, dcfg
 
 
 def setup(args, d):

@@ -137,7 +137,7 @@ class MixedLoader:
         name = ds.name
         if out["stale"] and name not in self.stale_reported:
             self.stale_reported.add(name)
-            self.log(f"data: {ds.path}:{out['stale'][0]}: the target cache {ds.targets} was written for another "
+            self.log(f"data: {ds.path}:{out['stale'][0]}: the target cache {ds.targets.folder} was written for another "
                      f"row on this line (manifest edited?); such rows get their targets on the device; "
                      f"re-run `python -m pipeline tokenize`")
         reported = sum(self.bad_counts.values())

@@ -15,18 +15,17 @@ The first valid row decides the manifest's modalities; every row must provide th
 `ManifestDataset(path, cfg, tokenizer)[i]` decodes row i into an example (dicts of numpy arrays and lists) or
 raises `BadExample`; the offline VQ targets of `python -m pipeline tokenize` are read here too.
 """
-import hashlib
-import json
 import math
 import os
 import sys
 import time
 
 import torch
-from safetensors import safe_open
 
 from model.fusion import MODALITIES
+from pipeline.index import ManifestRows
 from pipeline.media import BadExample, read_audio, read_image, read_video
+from pipeline.target_cache import TargetCache
 
 MEDIA_FIELDS = ("video", "image", "audio", "text", "caption", "start", "end", "mute", "id")
 LABEL_FIELDS = ("score", "emotions", "label", "question", "answers", "answer")
@@ -71,40 +70,6 @@ def row_modalities(row):
     return tuple(m for m in MODALITIES if has[m])
 
 
-def read_manifest(path):
-    """-> list of (line number from 1, dict or an error string); blank lines are skipped."""
-    rows = []
-    with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark (some editors write one) is not row 1's
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                rows.append((n, row if isinstance(row, dict) else f"not a JSON object: {line.strip()[:60]}"))
-            except json.JSONDecodeError as e:
-                rows.append((n, f"invalid JSON: {e}"))
-    return rows
-
-
-def targets_dir(manifest):
-    """Where `python -m pipeline tokenize` writes a manifest's VQ targets: beside it, `<name>.targets/`."""
-    root, _ = os.path.splitext(manifest)
-    return root + ".targets"
-
-
-def cache_meta(cfg):
-    return {"frames": cfg.frames, "image_size": cfg.image_size, "token_patch": cfg.token_patch,
-            "sample_rate": cfg.sample_rate, "max_audio_s": cfg.max_audio_s}
-
-
-def row_key(row):
-    """The key a target file carries of the manifest row it was made from: files are named by line number,
-    so after an edit of the manifest (a row inserted, removed or changed) a line's file may belong to another
-    clip; the loader uses a file only when the key matches its row (a changed media file at the same path
-    and with the same row is not detected)."""
-    return hashlib.sha256(json.dumps(row, sort_keys=True).encode()).hexdigest()[:16]
-
-
 class ManifestDataset(torch.utils.data.Dataset):
     """One JSON Lines manifest -> examples (dicts of numpy arrays and lists); a bad row raises BadExample.
 
@@ -114,7 +79,8 @@ class ManifestDataset(torch.utils.data.Dataset):
       "text_ids" list of ids ([CLS] ... [SEP]; videos join caption and transcript, section 4.2.2),
     the downstream label fields present in the row, "video_targets"/"audio_targets" when the manifest
     has an offline VQ-target cache written for this DataConfig ("stale_targets": True instead when the row
-    changed since its file was written: the loader says so once per manifest), and "timing" (seconds per stage).
+    changed since its ids were written: the loader says so once per manifest), and "timing" (seconds per stage).
+    Rows are read on demand through the manifest's line index (pipeline/index.py): nothing per row is held.
     """
 
     def __init__(self, path, cfg, tokenizer=None, *, use_targets=True):
@@ -123,29 +89,25 @@ class ManifestDataset(torch.utils.data.Dataset):
         self.name = os.path.splitext(os.path.basename(path))[0]
         self.cfg = cfg
         self.tokenizer = tokenizer
-        self.rows = read_manifest(self.path)
+        self.rows = ManifestRows(self.path)
         first = next((r for _, r in self.rows if isinstance(r, dict) and row_modalities(r)), None)
         if first is None:
             raise ValueError(f"{self.path}: no valid row to decide the modalities from ({len(self.rows)} rows)")
         self.modalities = row_modalities(first)
         e = first.get("emotions")
         self.emotions_len = len(e) if isinstance(e, list) else None
-        self.targets, self.targets_meta = None, None   # the cache's folder and its meta.json, when used
-        tdir = targets_dir(self.path)
-        meta_path = os.path.join(tdir, "meta.json")
-        if use_targets and os.path.exists(meta_path):
-            with open(meta_path) as f:
-                meta = json.load(f)
-            if all(meta.get(k) == v for k, v in cache_meta(cfg).items()):
-                self.targets, self.targets_meta = tdir, meta
-            else:
-                print(f"data: ignoring {tdir}: written for {meta}, not {cache_meta(cfg)}", file=sys.stderr)
+        self.targets = TargetCache.open(self.path, cfg) if use_targets else None   # offline VQ targets, if any
 
     def __len__(self):
         return len(self.rows)
 
     def line(self, i):
-        return self.rows[i][0]
+        """Row i's line number in the manifest (from 1)."""
+        return self.rows.line(i)
+
+    def row(self, i):
+        """Row i as a dict, or the reason it is not one (a string)."""
+        return self.rows.row(i)
 
     def _file(self, rel):
         if not isinstance(rel, str) or not rel:
@@ -153,17 +115,17 @@ class ManifestDataset(torch.utils.data.Dataset):
         return rel if os.path.isabs(rel) else os.path.join(self.root, rel)
 
     def __getitem__(self, i):
-        line, row = self.rows[i]
+        row = self.rows.row(i)
         if isinstance(row, str):
             raise BadExample(row)
         try:
-            return self._example(line, row)
+            return self._example(i, row)
         except BadExample:
             raise
         except Exception as e:  # a decoder surprise must not stop training: report it with its type
             raise BadExample(f"undecodable ({type(e).__name__}: {e})") from e
 
-    def _example(self, line, row):
+    def _example(self, i, row):
         cfg = self.cfg
         unknown = sorted(set(row) - KNOWN_FIELDS)
         if unknown:
@@ -180,7 +142,7 @@ class ManifestDataset(torch.utils.data.Dataset):
         if start is not None and end is not None and end <= start:
             raise BadExample(f"end ({end}) must be after start ({start})")
         check_labels(row, self.emotions_len)
-        ex = {"source": self.name, "line": line, "modalities": self.modalities}
+        ex = {"source": self.name, "line": self.rows.line(i), "modalities": self.modalities}
         timing = {}
         if "text" in self.modalities:
             t = time.perf_counter()
@@ -216,13 +178,11 @@ class ManifestDataset(torch.utils.data.Dataset):
             if k in row:
                 ex[k] = row[k]
         if self.targets is not None:
-            p = os.path.join(self.targets, f"{line:08d}.safetensors")
-            if os.path.exists(p):
-                with safe_open(p, framework="np") as f:
-                    if (f.metadata() or {}).get("row") == row_key(row):
-                        ex.update({k: f.get_tensor(k) for k in f.keys()})
-                    else:  # the row changed since `tokenize`: its ids are made on the device. Reported by the
-                        ex["stale_targets"] = True  # loader's process, not here (a worker's print breaks the bar)
+            ids = self.targets.get(i, row)
+            if ids == "stale":   # the row changed since `tokenize`: its ids are made on the device. Reported by
+                ex["stale_targets"] = True   # the loader's process, not here (a worker's print breaks the bar)
+            elif ids is not None:
+                ex.update(ids)
         ex["timing"] = timing
         return ex
 

@@ -343,13 +343,15 @@ def read_audio(path, sr=16000, start=None, end=None, max_s=None, min_samples=1, 
 # Writers (the toy world, the decode benchmark and the tests make real files with these)
 
 def write_mp4(path, frames, fps, audio=None, sr=16000, rotation=0, keyint=10, pix_fmt="yuv420p", preset="ultrafast",
-               fmt="mp4", start_s=0.0, metadata=None):
+               fmt="mp4", start_s=0.0, metadata=None, crf=None):
     """H.264 MP4 (+ AAC audio [C, N] float32) written deterministically; rotation sets the display matrix.
     metadata: tags on the video stream (a legacy `rotate` tag in tests).
     frames: uint8 [T, H, W, 3]; odd H or W need pix_fmt="yuv444p". fmt: the container ("mpegts", "flv" in tests).
-    start_s: both streams' first timestamp (a cut broadcast recording starts late; 0: timestamps from 0)."""
+    start_s: both streams' first timestamp (a cut broadcast recording starts late; 0: timestamps from 0).
+    crf: x264's constant quality (None: its default, 23)."""
     with av.open(path, "w", format=fmt, options={"fflags": "+bitexact"}) as c:
-        vs = c.add_stream("libx264", rate=fps, options={"preset": preset, "g": str(keyint), "threads": "1"})
+        options = {"preset": preset, "g": str(keyint), "threads": "1", **({"crf": str(crf)} if crf is not None else {})}
+        vs = c.add_stream("libx264", rate=fps, options=options)
         vs.height, vs.width = frames.shape[1:3]
         vs.pix_fmt = pix_fmt
         vs.codec_context.flags |= av.codec.context.Flags.bitexact

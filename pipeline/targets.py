@@ -1,35 +1,35 @@
 """Offline VQ targets (`python -m pipeline tokenize`): the ids the model's frozen target tokenizers (section 4.2.1)
-would compute on the device, written once beside a manifest so that training reads them instead.
+would compute on the device, written once beside a manifest (pipeline/target_cache.py) so that training reads
+them instead; under torchrun every rank writes its share of the shards.
 """
-import json
 import os
 
 import torch
 from safetensors import safe_open
-from safetensors.numpy import save_file
 
-from data import collate, speech_frames
+from data import collate, speech_frames, to_device
 from icode import checkpoint_config, target_fingerprint, target_tokenizers, tokenize_targets
 from model.weights import load_state_strict
-from pipeline.manifest import ManifestDataset, cache_meta, row_key, targets_dir
-from pipeline.media import BadExample
+from pipeline.manifest import ManifestDataset
+from pipeline.media import BadExample, samples_in
+from pipeline.target_cache import SHARD_ROWS, TargetCache, cache_meta, row_key, targets_dir
 
 
-def target_quantize(model_cfg, name="custom", tokenizers=None):
+def target_quantize(model_cfg, name="custom", tokenizers=None, device="cpu"):
     """The target tokenizers of a model config (icode.target_tokenizers: the ones ICode itself uses; the
     loaded pretrained ones in `tokenizers` where the config has their architectures, from
     `icode.pretrained_targets` or a checkpoint's model, random projections otherwise) as a callable batch ->
     {"video_targets": [B, T, H/16, W/16] long, "audio_targets": [B, T_s, G] long}, with `.fingerprint`
-    (`icode.target_fingerprint`). Any callable of that form can go to `tokenize_manifest`."""
+    (`icode.target_fingerprint`), run on `device`. Any callable of that form can go to `tokenize_manifest`."""
     tokenizers = tokenizers or {}
     for k in ("video", "speech"):   # never ids from a pretrained architecture with untrained weights
         if getattr(model_cfg, f"{k}_tokenizer") is not None and k not in tokenizers:
             raise ValueError(f"the config has a pretrained {k} tokenizer's architecture but no loaded tokenizer "
                              f"was given (icode.pretrained_targets, or a checkpoint's model)")
-    video_tok, speech_tok = target_tokenizers(model_cfg, **tokenizers)
+    video_tok, speech_tok = (t.to(device) for t in target_tokenizers(model_cfg, **tokenizers))
 
     def quantize(batch):
-        return tokenize_targets(batch, model_cfg, video_tok, speech_tok)
+        return tokenize_targets(to_device(batch, device), model_cfg, video_tok, speech_tok)
     quantize.fingerprint = target_fingerprint(model_cfg, video_tok, speech_tok)   # train.py compares the model's
     c, kind = model_cfg, lambda arch, pretrained: pretrained if arch else "random projection"
     quantize.__name__ = (f"target tokenizers of the {name} model (video: {kind(c.video_tokenizer, 'VQGAN')}, "
@@ -38,49 +38,56 @@ def target_quantize(model_cfg, name="custom", tokenizers=None):
     return quantize
 
 
-def tokenize_manifest(path, cfg, quantize, batch_size=16, name="custom", log=print):
-    """Run `quantize(batch) -> {"video_targets", "audio_targets"}` over every good row of a manifest and
-    write one safetensors file per line, carrying its row's key (`row_key`); bad rows are skipped and
-    counted. meta.json records `quantize.fingerprint` (None if it has none; train.py then refuses the cache).
-    A re-run replaces the whole cache. Returns (written, bad)."""
+def tokenize_manifest(path, cfg, quantize, batch_size=16, name="custom", log=print, rank=0, world=1, barrier=None):
+    """Run `quantize(batch) -> {"video_targets", "audio_targets"}` over the good rows of a manifest and store
+    each row's ids with its key in the manifest's sharded cache (pipeline/target_cache.py). meta.json records
+    `quantize.fingerprint` (None if it has none; train.py then refuses the cache). Rows whose ids the cache
+    already holds for the row as it is now are skipped: an interrupted or repeated run goes on where it stopped
+    (a cache of other tokenizers or another clip shape is started afresh). Under torchrun, rank r of `world`
+    does the shards r, r + world, ...; `barrier()` (all ranks) follows rank 0's preparing of the folder.
+    Returns (rows written, bad rows); rows already there count as neither."""
     ds = ManifestDataset(path, cfg, tokenizer=None, use_targets=False)
-    out = targets_dir(ds.path)
-    os.makedirs(out, exist_ok=True)
-    # A re-run starts from an empty cache: meta.json first (an interrupted re-run leaves no readable cache),
-    # then the old files (lines now bad or gone must not keep their old targets).
-    for f in sorted(os.listdir(out), key=lambda f: f != "meta.json"):
-        if f == "meta.json" or f.endswith(".safetensors"):
-            os.remove(os.path.join(out, f))
+    meta = {**cache_meta(cfg), "quantizer": name, "tokenizers": getattr(quantize, "fingerprint", None),
+            "rows": len(ds), "shard_rows": SHARD_ROWS,
+            "audio_frames": int(speech_frames(samples_in(cfg.max_audio_s, cfg.sample_rate)))}
+    if rank == 0:
+        TargetCache.prepare(ds.path, meta)               # the folder, emptied first if it held another cache
+    if barrier is not None:
+        barrier()
+    cache = TargetCache(targets_dir(ds.path), meta, mode="w")
     written, bad, pending = 0, 0, []
 
     def flush():
         nonlocal written
-        batch = collate(pending, cfg, None, torch.Generator().manual_seed(0))
+        batch = collate([e for _, _, e in pending], cfg, None, torch.Generator().manual_seed(0))
         with torch.no_grad():
             tgt = quantize(batch)
-        for i, e in enumerate(pending):
+        for b, (i, row, e) in enumerate(pending):
             arrays = {}
             if "video_targets" in tgt:
-                arrays["video_targets"] = tgt["video_targets"][i].cpu().long().numpy()
+                arrays["video_targets"] = tgt["video_targets"][b].cpu().numpy()
             if "audio_targets" in tgt:
-                arrays["audio_targets"] = tgt["audio_targets"][i, :int(speech_frames(len(e["audio"])))].cpu().long().numpy()
-            save_file(arrays, os.path.join(out, f"{e['line']:08d}.safetensors"), metadata={"row": e["row_key"]})
+                arrays["audio_targets"] = tgt["audio_targets"][b, :int(speech_frames(len(e["audio"])))].cpu().numpy()
+            cache.write(i, row, arrays)
             written += 1
+        cache.flush()
         pending.clear()
 
-    for i in range(len(ds)):
-        try:
-            pending.append(dict(ds[i], row_key=row_key(ds.rows[i][1])))
-        except BadExample as e:
-            bad += 1
-            log(f"{ds.path}:{ds.line(i)}: skipped: {e.reason}")
-        if len(pending) == batch_size:
+    n_shards = -(-len(ds) // SHARD_ROWS)
+    for shard in range(rank, n_shards, world):
+        for i in range(shard * SHARD_ROWS, min(len(ds), (shard + 1) * SHARD_ROWS)):
+            row = ds.row(i)
+            if isinstance(row, dict) and cache.key(i) == row_key(row):
+                continue                                      # done by an earlier run
+            try:
+                pending.append((i, row, ds[i]))
+            except BadExample as e:
+                bad += 1
+                log(f"{ds.path}:{ds.line(i)}: skipped: {e.reason}")
+            if len(pending) == batch_size:
+                flush()
+        if pending:
             flush()
-    if pending:
-        flush()
-    with open(os.path.join(out, "meta.json"), "w") as f:  # written last: a half-written cache is never read
-        json.dump({**cache_meta(cfg), "quantizer": name, "tokenizers": getattr(quantize, "fingerprint", None),
-                   "rows": written}, f, indent=1)
     return written, bad
 
 

@@ -17,8 +17,10 @@ from common import write_manifest
 
 import data
 import pipeline.commands
+import pipeline.index
 import pipeline.loader
 import pipeline.manifest
+import pipeline.precut
 import pipeline.media
 import pipeline.sampler
 import pipeline.targets
@@ -217,7 +219,7 @@ def test_downstream_labels_pass_through(toy, tok):
 def test_manifest_with_byte_order_mark(tmp_path):
     p = tmp_path / "bom.jsonl"
     p.write_bytes(b"\xef\xbb\xbf" + json.dumps({"text": "first", "label": 1}).encode() + b"\n")
-    assert pipeline.manifest.read_manifest(str(p)) == [(1, {"text": "first", "label": 1})]
+    assert list(pipeline.index.ManifestRows(str(p))) == [(1, {"text": "first", "label": 1})]
 
 
 def test_malformed_labels_are_bad_rows(toy, tok, tmp_path):
@@ -243,17 +245,21 @@ def test_malformed_labels_are_bad_rows(toy, tok, tmp_path):
     ds = pipeline.manifest.ManifestDataset(path, CFG, tok)
     b = data.collate([ds[0], ds[6], ds[7]], CFG, tok)
     assert b["labels"]["emotions"].shape == (3, 6) and b["labels"]["label"][1] == int(rows[6]["label"])
-    # a manifest that is not UTF-8 is reported, not a traceback
+    # a manifest that is not UTF-8 is reported with its line, not a traceback
     (tmp_path / "latin1.jsonl").write_bytes(b'{"text": "caf\xe9"}\n')
     lines.clear()
-    assert pipeline.commands.check_manifest(str(tmp_path / "latin1.jsonl"), CFG, tok, log=lines.append) == (0, 1)
-    assert "cannot read the manifest" in lines[0]
+    assert pipeline.commands.check_manifest(str(tmp_path / "latin1.jsonl"), CFG, tok, log=lines.append) == (1, 1)
+    assert "cannot read the manifest" in lines[0] and "latin1.jsonl:1: not UTF-8 text" in lines[1]
 
 
 # ----------------------------------------------------------------------------------------------------
 # Offline VQ targets, the toy world, the command line
 
-def test_target_cache_round_trip(toy, tok, tmp_path):
+def test_target_cache_round_trip(toy, tok, tmp_path, monkeypatch):
+    """`tokenize` writes a manifest's ids in shards (2 rows a shard here: 3 shards for 6 rows) that the loader
+    reads back exactly; a row edited since gets its ids on the device (said once, by the loader); an interrupted
+    run leaves a cache whose written rows are used and goes on where it stopped; other tokenizers start afresh."""
+    monkeypatch.setattr(pipeline.targets, "SHARD_ROWS", 2)
     for f in ("video", "speech_text"):
         shutil.copytree(os.path.join(toy, f), tmp_path / f)
     path = shutil.copy(os.path.join(toy, "video.jsonl"), tmp_path / "v.jsonl")
@@ -265,16 +271,17 @@ def test_target_cache_round_trip(toy, tok, tmp_path):
         return {"video_targets": ids, "audio_targets": a[:, :, 0]}
 
     written, bad = pipeline.targets.tokenize_manifest(str(path), CFG, quantize, batch_size=4, name="test")
-    assert (written, bad) == (6, 0) and os.path.exists(tmp_path / "v.targets" / "00000001.safetensors")
+    files = sorted(os.listdir(tmp_path / "v.targets"))
+    assert (written, bad) == (6, 0) and files == ["meta.json"] + [f"shard-0000{k}.{f}.npy" for k in range(3)
+                                                                  for f in ("audio", "key", "video")]
     ds = pipeline.manifest.ManifestDataset(str(path), CFG, tok)
     b = data.collate([ds[0], ds[3]], CFG, tok)
     ref = quantize(data.collate([ds[0], ds[3]], CFG, tok))
     assert torch.equal(b["video_targets"], ref["video_targets"])
     assert torch.equal(b["audio_targets"], ref["audio_targets"])
-    stale = pipeline.manifest.ManifestDataset(str(path), dataclasses.replace(CFG, frames=2), tok)
-    assert stale.targets is None
-    # the manifest edited after `tokenize`: lines 1 and 2 swapped hold other clips than their files were made
-    # from, so they get no cached ids (the device makes them); line 3 keeps its own
+    assert pipeline.manifest.ManifestDataset(str(path), dataclasses.replace(CFG, frames=2), tok).targets is None
+    # the manifest edited after `tokenize`: rows 1 and 2 swapped hold other clips than their ids were made
+    # from, so they get no cached ids (the device makes them); row 3 keeps its own
     lines = open(path).read().splitlines()
     write_manifest(path, [lines[1], lines[0]] + lines[2:])
     ds = pipeline.manifest.ManifestDataset(str(path), CFG, tok)
@@ -285,17 +292,22 @@ def test_target_cache_round_trip(toy, tok, tmp_path):
     loader = data.make_loader([ds], [1.0], CFG, tok, batch_size=3, seed=0, log=logs.append)
     list(itertools.islice(loader, 4))
     assert len(logs) == 1 and "v.jsonl:" in logs[0] and "re-run `python -m pipeline tokenize`" in logs[0], logs
-    # an interrupted re-run leaves no cache the loader would read (not half old, half new)
+    # a re-run writes only the two edited rows
+    assert pipeline.targets.tokenize_manifest(str(path), CFG, quantize, batch_size=4, name="test") == (2, 0)
+    # an interrupted run of other tokenizers: their cache replaces this one; the rows it wrote are used, the
+    # others are made on the device; the next run writes only those
     def fail_second(batch, calls=[]):
         calls.append(1)
         if len(calls) == 2:
             raise RuntimeError("pre-empted")
         return quantize(batch)
     with pytest.raises(RuntimeError, match="pre-empted"):
-        pipeline.targets.tokenize_manifest(str(path), CFG, fail_second, batch_size=2, name="test")
-    assert pipeline.manifest.ManifestDataset(str(path), CFG, tok).targets is None
-    assert sorted(os.listdir(tmp_path / "v.targets")) == ["00000001.safetensors", "00000002.safetensors"]
-    assert pipeline.targets.tokenize_manifest(str(path), CFG, quantize, batch_size=4, name="test") == (6, 0)
+        pipeline.targets.tokenize_manifest(str(path), CFG, fail_second, batch_size=2, name="other")
+    ds = pipeline.manifest.ManifestDataset(str(path), CFG, tok)
+    assert ds.targets.meta["quantizer"] == "other"
+    assert ["video_targets" in e for e in ds] == [True, True, False, False, False, False]
+    assert not any(e.get("stale_targets") for e in ds)
+    assert pipeline.targets.tokenize_manifest(str(path), CFG, fail_second, batch_size=2, name="other") == (4, 0)
     assert all("video_targets" in e for e in pipeline.manifest.ManifestDataset(str(path), CFG, tok))
 
 
@@ -313,6 +325,7 @@ def test_toy_world_is_deterministic(toy, tmp_path):
     pipeline.toy.make_toy(str(tmp_path / "other"), seed=1, size="tiny")
     a, b, c = _tree_hash(toy), _tree_hash(tmp_path / "again"), _tree_hash(tmp_path / "other")
     a = {k: v for k, v in a.items() if not k.startswith("combo")}
+    a, b = ({k: v for k, v in h.items() if not k.endswith(".index.npy")} for h in (a, b))   # made when read
     assert a == b and len(a) > 40
     assert sum(a[k] != c.get(k) for k in a) > 40
 
@@ -332,9 +345,9 @@ def test_toy_world_reads_clean_and_carries_content(toy, tok):
 
 
 def test_cli_bench_and_make_toy(toy, capsys):
-    assert pipeline.commands.main(["bench", os.path.join(toy, "video.jsonl"), "-n", "4"]) == 0
-    out = capsys.readouterr()
-    assert "examples/s per worker" in out.out + out.err and "workers" in out.out
+    assert pipeline.commands.main(["bench", os.path.join(toy, "video.jsonl"), "-n", "4", "--precut"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("examples/s per core") == 2 and out.count("cores decoding at this rate") == 2   # and pre-cut
     # a bad first row is skipped like the others; a manifest with no good row ends with 1 and a reason
     good = json.loads(open(os.path.join(toy, "video.jsonl")).readline())
     good["video"] = os.path.join(toy, good["video"])
@@ -370,8 +383,31 @@ def test_offline_targets_are_the_models_own(toy, tok, tmp_path):
         with pytest.raises(ValueError, match=r"v\.targets: the target cache was written by tokenizers [0-9a-f]{16} "
                                              r"\(target tokenizers of the tiny model .*the model's are [0-9a-f]{16}"):
             train.check_target_caches([cached_ds], ICode(other))
-    with open(tmp_path / "v.targets" / "meta.json") as f:   # a cache written by a callable without a fingerprint
-        meta = json.load(f)
-    cached_ds.targets_meta = dict(meta, tokenizers=None)
+    cached_ds.targets.meta = dict(cached_ds.targets.meta, tokenizers=None)   # a callable without a fingerprint
     with pytest.raises(ValueError, match="written by tokenizers None"):
         train.check_target_caches([cached_ds], model)
+
+
+def test_precut_rows_read_back_as_the_same_examples(toy, tok, tmp_path, capsys):
+    """`precut` decodes each row once at the clip shape: the new manifest's examples have the same text and
+    labels, the same sound (a float WAV), frames within a few levels of the original's (one more H.264 pass at
+    CRF 12), images as cropped JPEGs; a bad row is left out with its reason."""
+    import shutil
+    rows = [json.loads(line) for line in open(os.path.join(toy, "downstream_train.jsonl"))]
+    rows = [{**r, "video": os.path.join(toy, r["video"])} for r in rows]
+    path = write_manifest(tmp_path / "d.jsonl", rows[:3] + [{**rows[0], "video": "nothere.mp4"}])
+    out = pipeline.precut.precut_manifest(path, str(tmp_path / "cut"), CFG, workers=2)
+    assert "nothere.mp4" in capsys.readouterr().err
+    a = pipeline.manifest.ManifestDataset(path, CFG, tok)
+    b = pipeline.manifest.ManifestDataset(out, CFG, tok)
+    assert len(b) == 3 and b.modalities == a.modalities
+    for i in range(3):
+        x, y = a[i], b[i]
+        assert x["text_ids"] == y["text_ids"] and x["score"] == y["score"] and x["emotions"] == y["emotions"]
+        assert np.array_equal(x["audio"], y["audio"])
+        assert pipeline.precut.frames_difference(x["video"], y["video"]) < 3.0
+    img = pipeline.precut.precut_manifest(os.path.join(toy, "image_text.jsonl"), str(tmp_path / "img"), CFG)
+    c, d = pipeline.manifest.ManifestDataset(os.path.join(toy, "image_text.jsonl"), CFG, tok), \
+        pipeline.manifest.ManifestDataset(img, CFG, tok)
+    assert d[0]["static"] and pipeline.precut.frames_difference(c[0]["video"], d[0]["video"]) < 4.0
+    shutil.rmtree(tmp_path / "cut")

@@ -13,6 +13,7 @@ import eval as E
 import evaluation.glue
 import evaluation.metrics
 import evaluation.retrieval
+import pipeline.index
 import pipeline.manifest
 import pipeline.text
 import pipeline.toy
@@ -321,7 +322,7 @@ def test_finetune_smoke_and_best_checkpoint(toy, tmp_path):
     assert _finite(test)
     with open(os.path.join(out, "sentiment_V+L+S", "results.json")) as f:
         sizes = json.load(f)["examples"]
-    assert sizes == {s: len(pipeline.manifest.read_manifest(os.path.join(toy, f"downstream_{s}.jsonl")))
+    assert sizes == {s: len(pipeline.index.ManifestRows(os.path.join(toy, f"downstream_{s}.jsonl")))
                      for s in ("train", "validation", "test")}
     weights = os.path.join(out, "sentiment_V+L+S", "seed0", "model.safetensors")
     assert os.path.isfile(weights)

@@ -3,6 +3,7 @@ forms compute what the model computes, their parsers read what they claim, and e
 documentation names exists."""
 import contextlib
 import glob
+import json
 import importlib
 import os
 import re
@@ -335,3 +336,15 @@ def test_device_idle_files_each_gap_under_the_launch_after_it():
     assert out["kernels"] == 4 and out["idle_ms"] == pytest.approx((5 + 20 + 10 / 2) / 1e3, abs=1e-4)
     assert out["by_region"] == {"Optimizer.step#AdamW.step": [0.02, 1], "CompiledFunction": [0.01, 1]}
     assert out["largest"] == [[0.02, "triton_poi_fused_0", "multi_tensor_apply_kernel", "Optimizer.step#AdamW.step"]] * 2
+
+
+def test_data_scale_measures_the_loader(toy_small, tmp_path, capsys):
+    """tools/data_scale.py on a 2,000-row manifest: the index is built and timed, the loader draws two batches
+    of 4 rows, resident memory is read for the process and its worker."""
+    line = tools_module("data_scale").main(["--rows", "2000", "--out", str(tmp_path), "--toy-dir", toy_small,
+                                            "--workers", "1"])
+    first = json.loads(capsys.readouterr().out.splitlines()[0])
+    index = tmp_path / "rows2000.jsonl.index.npy"
+    assert first["rows"] == 2000 and first["index_build_s"] >= 0
+    assert os.path.getsize(index) == 128 + 16 * 2001            # the .npy header, then (offset, line) a row
+    assert line["batch_rows"] == [4, 4] and line["rss_after_MiB"] > 0 and len(line["workers_rss_MiB"]) == 1
