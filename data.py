@@ -144,17 +144,18 @@ def span_mask(length, p=0.08, span=10, generator=None):
 def span_mask_batch(lengths, max_length=None, p=0.08, span=10, generator=None):
     """Batched `span_mask` that respects each row's true length.
 
-    lengths: [B] true frame counts. Returns mask: [B, max_length] bool, True is masked, never True at
-    or beyond a row's length (padding is never masked).
+    lengths: [B] true frame counts; generator: one for all rows, or a list of one per row. Returns mask:
+    [B, max_length] bool, True is masked, never True at or beyond a row's length (padding is never masked).
     """
     lengths = [int(x) for x in lengths]
     max_length = max(lengths) if max_length is None else max_length
+    gens = list(generator) if isinstance(generator, (list, tuple)) else [generator] * len(lengths)
     out = torch.zeros(len(lengths), max_length, dtype=torch.bool)
-    for i, n in enumerate(lengths):
+    for i, (n, g) in enumerate(zip(lengths, gens)):
         if n > max_length:
             raise ValueError(f"row {i} has length {n} > max_length {max_length}")
         if n > 0:
-            out[i, :n] = span_mask(n, p, span, generator)
+            out[i, :n] = span_mask(n, p, span, g)
     return out
 
 
@@ -196,6 +197,11 @@ def speech_frames(n):
 def collate(examples, cfg, tokenizer, generator=None):
     """A list of examples from one source -> a batch dict (see the module docstring for the keys).
 
+    generator: a torch.Generator for all the masks, or a list of them, one per example: each example's three
+    masks are drawn from its own generator alone, on its own unpadded length, so they do not depend on the
+    other examples of the batch (the loader seeds them by (seed, step, row): the same masks whatever the number
+    of processes). None: torch's global generator.
+
       video [B, 3, T, H, W] float (normalised, unmasked), video_mask [B, T, H/16, W/16] bool (tube_mask; an
       image's example, "static": True, gets the same 2D mask on all its identical frames)
       text_ids [B, T_l] long (MLM-masked), text_ids_clean [B, T_l], text_attention [B, T_l] bool,
@@ -209,7 +215,9 @@ def collate(examples, cfg, tokenizer, generator=None):
     """
     if not examples:
         raise ValueError("collate needs at least one example")
-    g = generator
+    gens = list(generator) if isinstance(generator, (list, tuple)) else [generator] * len(examples)
+    if len(gens) != len(examples):
+        raise ValueError(f"{len(gens)} generators for {len(examples)} examples")
     mods = examples[0]["modalities"]
     batch = {"source": examples[0]["source"], "modalities": mods,
              "index": [(e["source"], e["line"]) for e in examples]}
@@ -222,16 +230,11 @@ def collate(examples, cfg, tokenizer, generator=None):
         batch["video"] = v.mul_(1.0 / (255.0 * std)).sub_(torch.tensor(cfg.mean).view(1, 3, 1, 1, 1) / std)
         T, H, W = v.shape[2:]
         batch["video_mask"] = torch.stack([tube_mask(T, H // cfg.token_patch, W // cfg.token_patch, cfg.tube_ratio, g,
-                                                     static=e.get("static", False)) for e in examples])
+                                                     static=e.get("static", False)) for e, g in zip(examples, gens)])
         if all("video_targets" in e for e in examples):
             batch["video_targets"] = torch.stack([torch.as_tensor(e["video_targets"]).long() for e in examples])
     if "text" in mods and tokenizer is not None:
-        seqs = [e["text_ids"] if "text_ids" in e else tokenizer.encode_one(e["text"], max_len=cfg.max_text_len)
-                for e in examples]
-        ids, att = tokenizer.pad(seqs, cfg.max_text_len if cfg.pad_to_max else None)
-        special = ~att | torch.isin(ids, torch.tensor(tokenizer.special_ids))
-        inputs, labels = mask_tokens(ids, special, tokenizer.mask_id, tokenizer.vocab_size, cfg.text_mask_ratio, g)
-        batch.update(text_ids=inputs, text_ids_clean=ids, text_attention=att, text_labels=labels)
+        batch.update(_masked_text(examples, cfg, tokenizer, gens))
     if "audio" in mods:
         lengths = [len(e["audio"]) for e in examples]
         N = max(lengths)
@@ -248,7 +251,7 @@ def collate(examples, cfg, tokenizer, generator=None):
             att[i, :lengths[i]] = True
         frames = [int(speech_frames(n)) for n in lengths]
         batch.update(audio=audio, audio_attention=att,
-                     audio_mask=span_mask_batch(frames, int(speech_frames(N)), cfg.span_p, cfg.span_len, g))
+                     audio_mask=span_mask_batch(frames, int(speech_frames(N)), cfg.span_p, cfg.span_len, gens))
         if all("audio_targets" in e for e in examples):
             rest = tuple(np.shape(examples[0]["audio_targets"])[1:])  # () or (G,) codebook groups
             tgt = torch.full((B, int(speech_frames(N))) + rest, PAD_LABEL, dtype=torch.long)
@@ -266,6 +269,21 @@ def collate(examples, cfg, tokenizer, generator=None):
     if labels:
         batch["labels"] = labels
     return batch
+
+
+def _masked_text(examples, cfg, tokenizer, gens):
+    """The text fields of a batch: each row masked on its own length ([CLS], [SEP] and padding never), then
+    padded: {"text_ids", "text_ids_clean", "text_attention", "text_labels"} (see `collate`)."""
+    seqs = [e["text_ids"] if "text_ids" in e else tokenizer.encode_one(e["text"], max_len=cfg.max_text_len)
+            for e in examples]
+    ids, att = tokenizer.pad(seqs, cfg.max_text_len if cfg.pad_to_max else None)
+    inputs, labels = ids.clone(), torch.full_like(ids, PAD_LABEL)
+    specials = torch.tensor(tokenizer.special_ids)
+    for i, (seq, g) in enumerate(zip(seqs, gens)):
+        row = ids[i:i + 1, :len(seq)]
+        inputs[i, :len(seq)], labels[i, :len(seq)] = (t[0] for t in mask_tokens(
+            row, torch.isin(row, specials), tokenizer.mask_id, tokenizer.vocab_size, cfg.text_mask_ratio, g))
+    return {"text_ids": inputs, "text_ids_clean": ids, "text_attention": att, "text_labels": labels}
 
 
 def to_device(batch, device):

@@ -15,6 +15,7 @@ Letters used in shape comments everywhere (docs/CONVENTIONS.md):
 
     python icode.py info --preset paper        # parameter counts beside the paper's
     python icode.py convert IN.bin OUT_DIR     # legacy pytorch_model.bin (or its .index.json) -> model.safetensors
+    python icode.py export CKPT OUT_DIR        # a checkpoint's model as config.json + model.safetensors
 """
 import argparse
 import dataclasses
@@ -25,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 from safetensors.torch import load_model as load_safetensors_into
+from safetensors.torch import save_model
 
 from data import tube_to_patch_mask
 from losses import PAIR_NAMES, WEIGHT_OF, LearnedLossWeights, LogitScales
@@ -453,6 +455,19 @@ def info(preset_name):
           "WavLM-large as in the paper; DeBERTa-V3-base includes its 98M-parameter embedding matrix.")
 
 
+def export(ckpt, out_dir):
+    """A weights-only folder of a checkpoint (train.py's ckpt_XXXXXXX/, or another export): config.json (the
+    ICodeConfig) and model.safetensors, which `ICode.from_checkpoint(out_dir)` loads. Returns out_dir."""
+    model = ICode.from_checkpoint(ckpt)
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "config.json.tmp"), "w") as f:
+        json.dump(dataclasses.asdict(model.cfg), f, indent=1)
+    save_model(model, os.path.join(out_dir, "model.safetensors.tmp"))
+    os.replace(os.path.join(out_dir, "model.safetensors.tmp"), os.path.join(out_dir, "model.safetensors"))
+    os.replace(os.path.join(out_dir, "config.json.tmp"), os.path.join(out_dir, "config.json"))
+    return out_dir
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -461,9 +476,14 @@ def main(argv=None):
     q = sub.add_parser("convert", help="turn a legacy pytorch_model.bin into model.safetensors (no pickle after)")
     q.add_argument("bin", help="path of pytorch_model.bin (or of pytorch_model.bin.index.json: all its shards)")
     q.add_argument("out_dir", help="folder to write model.safetensors (and config.json) into")
+    q = sub.add_parser("export", help="a checkpoint's model as a weights-only folder (config.json + model.safetensors)")
+    q.add_argument("ckpt", help="a checkpoint folder (train.py's ckpt_XXXXXXX/)")
+    q.add_argument("out_dir", help="folder to write config.json and model.safetensors into")
     a = p.parse_args(argv)
     if a.cmd == "info":
         info(a.preset)
+    elif a.cmd == "export":
+        print(export(a.ckpt, a.out_dir))
     else:
         from model.weights import convert_bin_to_safetensors
         print(convert_bin_to_safetensors(a.bin, a.out_dir))

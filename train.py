@@ -42,7 +42,8 @@ from pipeline.index import load_index
 from pipeline.loader import TooManyBadExamples
 from pipeline.text import load_tokenizer
 from pipeline.toy import TOY_DIR, TOY_HELDOUT, TOY_OUT, TOY_PRETRAIN, make_toy
-from training.checkpoint import check_preset, checkpoints, restore_checkpoint, rng_state, save_checkpoint, set_rng_state
+from training.checkpoint import (CheckpointError, check_preset, checkpoints, latest_intact, restore_checkpoint,
+                                 rng_state, save_checkpoint, set_rng_state)
 from training.distributed import all_reduce_, print0, setup_distributed, wrap_ddp
 from training.speed import (clip_and_step, compile_step, count_flops, enable_checkpointing, peak_flops, precision,
                             step_rates)
@@ -104,10 +105,10 @@ PAPER_GLOBAL_BATCH = 1728   # section 4.2.2: "effective batch size 1728" on 72 A
 
 def steps_for_epochs(epochs, sampler):
     """Optimiser steps for `epochs` passes over the data (section 4.2.2: "we pretrain for 3 epochs"). One epoch
-    is sum_s E_s steps, E_s = the full batches in one epoch of source s (each rank's share of n_s rows in batches
-    of the per-rank batch, the tail dropped): every full batch of every source once when the mixing weights
-    are proportional to the E_s. Returns (steps, {source: expected passes p_s * steps / E_s})."""
-    per_epoch = [sampler.sizes[s] // sampler.world_size // sampler.batch_size for s in range(len(sampler.sizes))]
+    is sum_s E_s steps, E_s = n_s // G, the full global batches in one epoch of source s (the tail dropped):
+    every full batch of every source once when the mixing weights are proportional to the E_s. Returns
+    (steps, {source: expected passes p_s * steps / E_s})."""
+    per_epoch = [n // sampler.global_batch for n in sampler.sizes]
     steps = math.ceil(epochs * sum(per_epoch))
     return steps, {name: float(p * steps / e) if e else 0.0 for name, p, e in zip(sampler.names, sampler.p, per_epoch)}
 
@@ -518,10 +519,11 @@ def setup(args, d):
     if args.compile:
         ddp = compile_step(ddp, args.compile_mode, eager_random=args.accum > 1)   # gradient cache: same dropout
     run = Run(args, d, dcfg, tokenizer, model, loader, objective, ddp, opt, precision(args.bf16, d.device), history=[])
-    if args.resume and existing:
-        run.step, run.history = restore_checkpoint(existing[-1], model, opt, loader, d)
+    ckpt = latest_intact(args.out, d, log=print0) if args.resume and existing else None
+    if ckpt is not None:
+        run.step, run.history = restore_checkpoint(ckpt, model, opt, loader, d, global_batch, args.seed, print0)
         run.saved_at = run.step
-        print0(f"resumed from {existing[-1]} at step {run.step}")
+        print0(f"resumed from {ckpt} at step {run.step}")
     check_target_caches(loader.datasets, model)   # after the resume's check of the model's settings
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)   # not the frozen target tokenizers
     print0(f"i-Code {args.preset}/{args.fusion}: {n_params / 1e6:.1f}M trained parameters, world {d.world}, "
@@ -713,5 +715,5 @@ def tqdm_write(msg):
 if __name__ == "__main__":
     try:
         main()
-    except TooManyBadExamples as e:  # the message names the manifest and the command that lists the rows
+    except (TooManyBadExamples, CheckpointError) as e:  # the message names the file and what to do
         sys.exit(f"train.py: stopped: {e}")

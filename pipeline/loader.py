@@ -23,7 +23,7 @@ class TooManyBadExamples(RuntimeError):
 
 class _BatchMaker:
     """What a DataLoader worker runs per plan: decode rows until the batch is full, skip bad ones, then
-    make_batch(examples, generator) (data.collate) with a generator seeded by (seed, step, rank)."""
+    make_batch(examples, generator=[one generator per example]) (data.collate)."""
 
     def __init__(self, datasets, make_batch, batch_size, seed, rank):
         self.datasets, self.make_batch = datasets, make_batch
@@ -32,7 +32,7 @@ class _BatchMaker:
     def __getitem__(self, plan):
         step, s, rows, spares, state = plan
         ds = self.datasets[s]
-        good, skipped, stale, tried = [], [], [], 0
+        good, used, skipped, stale, tried = [], [], [], [], 0
         for i in rows + spares:
             if len(good) == self.batch_size:
                 break
@@ -43,14 +43,20 @@ class _BatchMaker:
                 skipped.append((ds.name, ds.line(i), e.reason))
                 continue
             good.append(ex)
+            used.append(i)
             if ex.get("stale_targets"):
                 stale.append(ds.line(i))
-        g = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, step, self.rank]).generate_state(1)[0]))
-        batch = self.make_batch(good, generator=g) if good else None
+        batch = self.make_batch(good, generator=[self.generator(step, s, i) for i in used]) if good else None
         if batch is not None:
             batch["step"] = step
         return {"batch": batch, "step": step, "source": s, "skipped": skipped, "tried": tried, "state": state,
                 "stale": stale}
+
+    def generator(self, step, source, row):
+        """The generator of one example's masks: seeded by (seed, step, source, row) alone, so an example gets the
+        same masks at a step whichever rank reads it, whatever the number of ranks."""
+        seed = np.random.SeedSequence([self.seed, step, source, row]).generate_state(1)[0]
+        return torch.Generator().manual_seed(int(seed))
 
 
 def _identity(x):

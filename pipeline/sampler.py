@@ -59,15 +59,19 @@ class Permutation:
 class MixedBatchSampler:
     """Plans each rank's batches: which source, which rows, and a few spare rows in case some are bad.
 
-    Step k draws its source from `weights` with a generator seeded by (seed, k) alone, so every rank picks
-    the same source at the same step (same modalities, same DDP graph). Each source is shuffled once per
-    epoch by the permutation keyed by (seed, source, epoch) (`Permutation`); rank r owns positions r, r + W, ... of
-    that permutation (n // W of them, so ranks never overlap and all have the same count) and walks its
-    share `batch_size` rows per step; a batch never spans two epochs (the tail of an epoch that does not
-    fill one is dropped, like drop_last). Every rank advances the same per-source counter, so epochs turn
-    over together. Spares are distinct rows of the rank's own share of the current epoch outside the batch
-    (so a replaced bad row never duplicates an example of the batch), drawn with a generator seeded by (seed, k, rank).
-    The state is {"step": k, "consumed": {source name: rows consumed per rank}}: JSON-able and exact.
+    Step k draws its source from `weights` with a generator seeded by (seed, k) alone, so every rank picks the
+    same source at the same step (same modalities, same DDP graph). Each source is shuffled once per epoch by
+    the permutation keyed by (seed, source, epoch) (`Permutation`). Step k takes the next G rows of its source's
+    epoch order, G = batch_size x world_size (the global batch), and rank r of W takes its contiguous share of
+    them, positions r * batch_size to (r + 1) * batch_size - 1 of the G: the rows of a step are a function of
+    the global batch alone, not of the number of processes (MosaicML Streaming calls this elastic determinism),
+    and ranks never overlap. A batch never spans two epochs: the tail of an epoch too short for G rows is
+    dropped (like drop_last). Spares are distinct rows of the current epoch outside the step's G rows (so a
+    replaced bad row never duplicates an example of the step), drawn with a generator seeded by (seed, k, rank).
+
+    The state is {"step": k, "epoch": {source: epoch}, "pos": {source: rows of that epoch consumed}, "seed"}:
+    JSON-able, the same on every rank, and exact. Loaded with another global batch, each source goes on from
+    its position in its epoch: no row of the epoch is seen twice and none is skipped (but the dropped tail).
     """
 
     def __init__(self, sizes, weights, batch_size, rank=0, world_size=1, seed=0, spares=2, names=None):
@@ -80,40 +84,41 @@ class MixedBatchSampler:
             raise ValueError(f"rank {rank} outside world size {world_size}")
         self.names = list(names) if names is not None else [str(i) for i in range(len(sizes))]
         for n, name, wi in zip(sizes, self.names, w):
-            if wi > 0 and n // world_size < batch_size:
+            if wi > 0 and n < batch_size * world_size:
                 raise ValueError(f"source {name} has {n} rows, fewer than batch_size x world_size "
                                  f"({batch_size} x {world_size})")
         self.sizes, self.p = list(sizes), w / w.sum()
         self.batch_size, self.rank, self.world_size, self.seed, self.spares = batch_size, rank, world_size, seed, spares
+        self.global_batch = batch_size * world_size
         self.step = 0
-        self.consumed = {name: 0 for name in self.names}
+        self.epoch = {name: 0 for name in self.names}
+        self.pos = {name: 0 for name in self.names}
         self._perm = {}               # {source: (epoch, Permutation)}: the current epoch's order, a few numbers
 
     def source_at(self, step):
         """The source index of global step `step`: a function of (seed, step) only."""
         return int(np.random.default_rng([self.seed, step]).choice(len(self.p), p=self.p))
 
-    def _rows(self, s, epoch, ks):
-        """Row indices at positions `ks` (ints) of this rank's share of source s in `epoch`: its positions
-        rank, rank + W, rank + 2W, ... of the epoch's permutation."""
+    def _rows(self, s, epoch, positions):
+        """Row indices at `positions` (ints) of source s's order in `epoch`."""
         if self._perm.get(s, (None,))[0] != epoch:
             self._perm[s] = (epoch, Permutation(self.sizes[s], (self.seed, s, epoch)))
-        return self._perm[s][1](self.rank + np.asarray(ks, dtype=np.int64) * self.world_size).tolist()
+        return self._perm[s][1](np.asarray(positions, dtype=np.int64)).tolist()
 
     def next_plan(self):
         """-> (step, source index, rows, spare rows); advances the state."""
         step, s = self.step, self.source_at(self.step)
-        per_rank = self.sizes[s] // self.world_size
-        pos = self.consumed[self.names[s]]
-        if pos % per_rank + self.batch_size > per_rank:  # a batch never spans two epochs (drop the tail)
-            pos = (pos // per_rank + 1) * per_rank
-        epoch, k0 = divmod(pos, per_rank)
-        rows = self._rows(s, epoch, range(k0, k0 + self.batch_size))
+        name, n, G, b = self.names[s], self.sizes[s], self.global_batch, self.batch_size
+        if self.pos[name] + G > n:                  # a batch never spans two epochs (drop the tail)
+            self.epoch[name], self.pos[name] = self.epoch[name] + 1, 0
+        epoch, start = self.epoch[name], self.pos[name]
+        mine = start + self.rank * b
+        rows = self._rows(s, epoch, range(mine, mine + b))
         rng = np.random.default_rng([self.seed, step, self.rank, 1])
-        n_out = per_rank - self.batch_size  # the share's positions outside this batch, [k0, k0 + batch) skipped
+        n_out = n - G                               # the epoch's positions outside this step's G rows
         picks = rng.choice(n_out, min(self.spares, n_out), replace=False) if n_out > 0 else []
-        spares = self._rows(s, epoch, [int(k) if k < k0 else int(k) + self.batch_size for k in picks])
-        self.consumed[self.names[s]] = pos + self.batch_size
+        spares = self._rows(s, epoch, [int(k) if k < start else int(k) + G for k in picks])
+        self.pos[name] = start + G
         self.step += 1
         return step, s, rows, spares
 
@@ -122,11 +127,15 @@ class MixedBatchSampler:
             yield self.next_plan()
 
     def state_dict(self):
-        return {"step": self.step, "consumed": dict(self.consumed), "seed": self.seed, "world_size": self.world_size}
+        return {"step": self.step, "epoch": dict(self.epoch), "pos": dict(self.pos), "seed": self.seed,
+                "global_batch": self.global_batch}
 
     def load_state_dict(self, d):
-        if d.get("seed", self.seed) != self.seed or d.get("world_size", self.world_size) != self.world_size:
-            raise ValueError(f"sampler state for seed {d.get('seed')} / world size {d.get('world_size')} "
-                             f"cannot resume seed {self.seed} / world size {self.world_size}")
+        if d.get("seed", self.seed) != self.seed:
+            raise ValueError(f"sampler state for seed {d.get('seed')} cannot resume seed {self.seed}")
+        if "pos" not in d:
+            raise ValueError(f"a sampler state without positions per source ({sorted(d)}): written by a loader "
+                             f"that dealt rows to ranks by stride, whose order this one cannot continue")
         self.step = int(d["step"])
-        self.consumed = {name: int(d["consumed"].get(name, 0)) for name in self.names}
+        self.epoch = {name: int(d["epoch"].get(name, 0)) for name in self.names}
+        self.pos = {name: int(d["pos"].get(name, 0)) for name in self.names}

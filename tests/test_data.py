@@ -150,18 +150,23 @@ def test_collate_draws_each_mask_with_its_own_setting(toy, tok):
     assert abs(cover - 0.11) < 0.03, cover
 
 
-def test_masks_differ_between_ranks_steps_and_examples(toy, tok):
-    """The collate generator is seeded by (seed, step, rank): two ranks at one step, or one rank at two steps,
-    mask the same rows differently; within a batch each example draws its own masks; and the same
-    (seed, step, rank) gives the same masks (what an exact resume needs)."""
+def test_masks_follow_step_and_row_not_rank_or_batch(toy, tok):
+    """Each example's masks come from a generator seeded by (seed, step, source, row): the same row at the same
+    step gets the same masks whichever rank reads it and whatever else is in its batch (what resuming on another
+    number of processes needs), other masks at another step; examples of one batch differ."""
     ds = pipeline.manifest.ManifestDataset(os.path.join(toy, "video.jsonl"), CFG, tok)
+    make = functools.partial(data.collate, cfg=CFG, tokenizer=tok)
 
-    def batch(rank, step):
-        return pipeline.loader._BatchMaker([ds], functools.partial(data.collate, cfg=CFG, tokenizer=tok), 4, seed=0, rank=rank)[(step, 0, [0, 1, 2, 3], [], None)]["batch"]
-    a, other_rank, next_step = batch(0, 5), batch(1, 5), batch(0, 6)
+    def batch(rank, step, rows):
+        return pipeline.loader._BatchMaker([ds], make, len(rows), seed=0, rank=rank)[(step, 0, rows, [], None)]["batch"]
+    a, other_rank, next_step, alone = batch(0, 5, [0, 1, 2, 3]), batch(1, 5, [0, 1, 2, 3]), batch(0, 6, [0, 1, 2, 3]), \
+        batch(1, 5, [2])
+    n = int(alone["text_attention"][0].sum())
     for k in ("video_mask", "audio_mask", "text_labels"):
-        assert not torch.equal(a[k], other_rank[k]) and not torch.equal(a[k], next_step[k]), k
-        assert torch.equal(a[k], batch(0, 5)[k]), k
+        assert torch.equal(a[k], other_rank[k]) and not torch.equal(a[k], next_step[k]), k
+    assert torch.equal(a["video_mask"][2], alone["video_mask"][0])
+    assert torch.equal(a["text_labels"][2, :n], alone["text_labels"][0, :n])
+    assert torch.equal(a["audio_mask"][2, :alone["audio_mask"].shape[1]], alone["audio_mask"][0])
     assert len({m.numpy().tobytes() for m in a["video_mask"]}) == 4
 
 
