@@ -313,7 +313,8 @@ def restore_checkpoint(ckpt, model, opt, loader, d, global_batch=None, seed=0, l
 
 def resume_guarantee(ckpt, old_world, world, old_batch, batch):
     """One line: what changed since the checkpoint and what still holds."""
-    what = f"resuming {os.path.basename(ckpt)} on {world} processes (written by {old_world})"
+    procs = lambda n: f"{n} process{'es' if n != 1 else ''}"  # noqa: E731
+    what = f"resuming {os.path.basename(ckpt)} on {procs(world)} (written by {procs(old_world)})"
     if old_batch in (None, batch):
         return (f"{what}, global batch {batch} kept: every step takes the rows and masks the uninterrupted run "
                 f"would have; the losses agree to float precision (summation order; dropout draws start afresh)")
