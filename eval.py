@@ -2,7 +2,7 @@
 fine-tuning of a pretrained checkpoint on labelled manifests, zero-shot retrieval, and the paper's
 tables in miniature on the toy world.
 
-    python eval.py                                   # the toy world's report: runs/eval/report.md + report.png
+    python eval.py                          # the toy world's Tables 1-2 and 8: runs/eval/report.md + report.png
     python eval.py --task sentiment --train tr.jsonl --val va.jsonl --test te.jsonl --ckpt runs/x --seeds 5
     python eval.py --task emotion ... --modalities L,S       # any subset of V, L, S (section 6's ablation)
     python eval.py --task glue --glue-task CoLA --glue-dir glue_data/CoLA --ckpt runs/x
@@ -19,8 +19,8 @@ Tasks (`--task`) and what the paper reports for them:
 
 The file reads top to bottom: the task heads and losses, batches for each task, the fine-tuning loop (early
 stopping on the validation split, best-checkpoint selection, mean +- std over seeds as appendix A.2), the
-command line, and the toy world's report. The metrics, zero-shot retrieval, the GLUE reader and the report's
-write-up are in evaluation/.
+command line, and the toy world's report. The metrics, zero-shot retrieval, the GLUE reader, the report's
+rows and its write-up are in evaluation/.
 
 Choices where the paper is silent (and differences from it):
   - The multimodal representation averages each modality's fused tokens over its valid positions, then
@@ -33,6 +33,9 @@ Choices where the paper is silent (and differences from it):
     toy report runs in minutes on a CPU; the paper fine-tunes the whole model (--lr-encoders > 0 does).
   - GLUE is evaluated on the dev sets (test labels are hidden), selected on dev.
   - Retrieval ranks count ties against the positive (pessimistic).
+  - The report's rows (section 5.1): D+V+M is `python train.py`'s run; D+M, D+C and V+M are pretrained here once,
+    with that run's recipe and stage-one encoders, on their own sources; NP+M is those encoders under a fresh
+    fusion. Table 8 uses D+M, as the paper's does. Each cell is the mean +- std over 3 seeds (the paper: 5).
 """
 import argparse
 import json
@@ -49,14 +52,15 @@ import data as D
 from evaluation.glue import GLUE_SPECS, load_glue
 from evaluation.metrics import GLUE_METRICS, accuracy, glue_metrics, multilabel_metrics, regression_metrics
 from evaluation.report import fmt, plot_report, report_markdown
-from evaluation.retrieval import print_retrieval_table, zero_shot_retrieval
+from evaluation.retrieval import print_retrieval_table, toy_ceiling, zero_shot_retrieval
+from evaluation.rows import MAIN_ROW, ROWS, SUBSET_ROW, SUBSET_TASKS, SUBSETS, pretrain_rows
 from icode import ICode, preset
 from model.fusion import MODALITIES, joint_representation
 from pipeline.manifest import load_examples
 from pipeline.text import load_tokenizer
 from pipeline.toy import TOY_DIR, TOY_HELDOUT, TOY_OUT, make_toy
-from train import build_optimizer
-from training.checkpoint import check_preset, checkpoints, save_weights
+from train import build_optimizer, with_encoders
+from training.checkpoint import check_preset, checkpoints, read_state, resolve_ckpt, save_weights
 from training.distributed import setup_distributed, wrap_ddp
 
 # ----------------------------------------------------------------------------------------------------
@@ -400,14 +404,14 @@ def _train_epoch(ft, ddp, opt, items, task, cached, dcfg, tokenizer, d, batch_si
 
 def finetune(task, splits, *, ckpt, fusion, modalities, seed, dcfg, tokenizer, d, preset="tiny", lr=1e-3,
              lr_encoders=0.0, weight_decay=0.01, epochs=10, patience=3, batch_size=32, clip=1.0, glue_task=None,
-             feature_cache=None, out_dir=None, log=print):
+             feature_cache=None, out_dir=None, log=print, encoders=None):
     """Fine-tune one model and test it. Returns {"val": best validation metrics, "test": test metrics at the
     best epoch, "best_epoch", "epochs_run", "seconds"}.
 
     splits: {"train" | "validation" | "test": list of examples}. ckpt: pretraining checkpoint folder, or None
-    for no pretraining (fresh initialisation: `load_model`). lr_encoders == 0 freezes the encoders;
-    their outputs are then computed once per split (and reused across runs through `feature_cache`, a dict),
-    so each epoch runs only the fusion network and the head. Constant learning rates, AdamW from
+    for no fusion pretraining (`load_model`: the `encoders` folders under a fresh fusion, or all fresh).
+    lr_encoders == 0 freezes the encoders; their outputs are then computed once per split (and reused across
+    runs through `feature_cache`, a dict), so each epoch runs only the fusion network and the head. Constant learning rates, AdamW from
     `train.build_optimizer` (the head joins the fusion group), gradient clipping at `clip`.
     Model selection: the epoch with the best validation metric (SELECT; the first GLUE metric) is kept, and
     training stops after `patience` epochs without improvement. With out_dir, rank 0 writes the best
@@ -423,7 +427,7 @@ def finetune(task, splits, *, ckpt, fusion, modalities, seed, dcfg, tokenizer, d
             raise ValueError(f"the {s} split has no {lacking} (its manifest gives "
                              f"{list(modalities_of(examples, task))}); choose --modalities among those")
     torch.manual_seed(seed)                       # the same initial head on every rank (DDP also broadcasts)
-    icode = load_model(ckpt, preset, fusion, tokenizer.vocab_size)
+    icode = load_model(ckpt, preset, fusion, tokenizer.vocab_size, encoders)
     ft = FineTuner(icode, task, head_outputs(task, glue_task), modalities).to(device)
     cached = lr_encoders == 0
     if cached:
@@ -431,7 +435,7 @@ def finetune(task, splits, *, ckpt, fusion, modalities, seed, dcfg, tokenizer, d
             enc.requires_grad_(False)
         # pretrained encoders are the same for every seed; fresh ones depend on it (and not on the fusion
         # mode: ICode builds the encoders before the fusion network)
-        init_key = ckpt or f"init:{preset}:{seed}"
+        init_key = ckpt or (f"encoders:{encoders['text']}" if encoders else f"init:{preset}:{seed}")
         cache = feature_cache if feature_cache is not None else {}
         data = cached_features(icode, splits, task, init_key, cache, dcfg, tokenizer, device, batch_size)
     else:
@@ -470,12 +474,28 @@ def finetune(task, splits, *, ckpt, fusion, modalities, seed, dcfg, tokenizer, d
             "seconds": time.time() - t0}
 
 
-def load_model(ckpt, preset_name, fusion, text_vocab):
-    """A pretraining checkpoint's model (`ICode.from_checkpoint`), or with ckpt=None a fresh one of the preset:
-    no pretraining. In training mode."""
+def load_model(ckpt, preset_name, fusion, text_vocab, encoders=None):
+    """A pretraining checkpoint's model (`ICode.from_checkpoint`), or with ckpt=None no fusion pretraining: the
+    single-modality encoders of `encoders` ({"text", "vision", "speech"}: folders, `model.load_encoder`) under a
+    fresh fusion network (the paper's "No Pretrain", section 5.1), or without them a fresh model of the preset.
+    In training mode."""
     if ckpt is None:
-        return ICode(preset(preset_name, fusion, text_vocab))
+        cfg = preset(preset_name, fusion, text_vocab)
+        return with_encoders(cfg, encoders["text"], encoders["vision"], encoders["speech"]) if encoders else ICode(cfg)
     return ICode.from_checkpoint(ckpt).train()
+
+
+def encoder_folders(root):
+    """root/{text,vision,speech} (the layout stage one writes, training/encoders.py) -> {"text", "vision",
+    "speech"}: folders; None when root is None."""
+    if root is None:
+        return None
+    folders = {m: os.path.join(root, m) for m in ("text", "vision", "speech")}
+    missing = [f for f in folders.values() if not os.path.isfile(os.path.join(f, "config.json"))]
+    if missing:
+        raise FileNotFoundError(f"{root!r} lacks the encoder folders {missing} (config.json + model.safetensors; "
+                                f"`python train.py` writes them for the toy world)")
+    return folders
 
 
 def modalities_of(examples, task):
@@ -496,18 +516,6 @@ def mean_std(runs):
     return out
 
 
-def resolve_ckpt(path):
-    """A checkpoint folder (has state.json), or a run folder -> its latest ckpt_*; 'none' -> None."""
-    if path is None or str(path).lower() == "none":
-        return None
-    if os.path.isfile(os.path.join(path, "state.json")):
-        return path
-    found = checkpoints(path)
-    if not found:
-        raise FileNotFoundError(f"{path!r} is neither a checkpoint folder (state.json) nor a run folder with ckpt_*")
-    return found[-1]
-
-
 # ----------------------------------------------------------------------------------------------------
 # Command line
 
@@ -522,14 +530,16 @@ def parse_args(argv=None):
     p.add_argument("--toy-dir", default=TOY_DIR, help="the toy world (made with pipeline.toy.make_toy if missing)")
     p.add_argument("--toy-size", default="default", help="make_toy size when the toy world is missing")
     p.add_argument("--ckpt", default=None, help="pretraining checkpoint or run folder (its latest ckpt_*); "
-                   "'none' = no pretraining; default: runs/toy when it holds a checkpoint")
-    p.add_argument("--ckpt-co", default=None, help="report: a co-attention pretraining run (default runs/toy_co)")
+                   "'none' = no pretraining; default: runs/toy when it holds a checkpoint (the report's D+V+M)")
+    p.add_argument("--encoders", default=None, help="with --ckpt none: a folder with text/, vision/, speech/ "
+                   "encoder folders to start from under a fresh fusion (the paper's No Pretrain)")
+    p.add_argument("--runs-dir", default="runs", help="report: where the rows' pretraining runs are (made if missing)")
     p.add_argument("--preset", default="tiny", choices=["tiny", "paper"], help="model size without a checkpoint")
     p.add_argument("--fusion", default=None, choices=["merge", "co"],
                    help="fusion without a checkpoint (default merge; a checkpoint has its own)")
     p.add_argument("--modalities", default=None,
                    help="one task: modalities at fine-tuning and test time, e.g. L,S (default V,L,S)")
-    p.add_argument("--epochs", type=int, default=None, help="maximum fine-tuning epochs (default 10; report 6)")
+    p.add_argument("--epochs", type=int, default=None, help="maximum fine-tuning epochs (default 10)")
     p.add_argument("--patience", type=int, default=3, help="stop after this many epochs without a better val")
     p.add_argument("--batch", type=int, default=32, help="batch size per process")
     p.add_argument("--lr", type=float, default=None, help="fusion + head LR (default: tiny 1e-3, paper 2e-5)")
@@ -537,7 +547,8 @@ def parse_args(argv=None):
                    help="encoders LR; 0 freezes them and caches their outputs (default: tiny 0, paper 1e-5)")
     p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
     p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping (0: off)")
-    p.add_argument("--seeds", type=int, default=1, help="fine-tuning runs with seeds seed..seed+n-1: mean +- std")
+    p.add_argument("--seeds", type=int, default=None,
+                   help="fine-tuning runs with seeds seed..seed+n-1: mean +- std (default: report 3, a task 1)")
     p.add_argument("--seed", type=int, default=0, help="first seed")
     p.add_argument("--glue-task", default=None, choices=sorted(GLUE_SPECS), help="GLUE task (--task glue)")
     p.add_argument("--glue-dir", default=None, help="folder with the task's train.tsv and dev.tsv")
@@ -545,7 +556,10 @@ def parse_args(argv=None):
     p.add_argument("--out", default=os.path.join("runs", "eval"), help="results, best weights, report")
     p.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
     a = p.parse_args(argv)
-    a.epochs = a.epochs if a.epochs is not None else (6 if a.task == "report" else 10)
+    a.epochs = a.epochs if a.epochs is not None else 10
+    a.seeds = a.seeds if a.seeds is not None else (3 if a.task == "report" else 1)
+    if a.seeds < 1:
+        p.error(f"--seeds must be at least 1, got {a.seeds}")
     if a.epochs < 1:
         p.error(f"--epochs must be at least 1, got {a.epochs}")
     a.lr = a.lr if a.lr is not None else (1e-3 if a.preset == "tiny" else 2e-5)
@@ -567,10 +581,12 @@ def _toy(args):
             for s, k in (("train", "train"), ("validation", "val"), ("test", "test"))}
 
 
-def run_seeds(task, splits, args, d, ckpt, fusion, modalities, dcfg, tokenizer, cache, out_dir=None):
-    """args.seeds fine-tuning runs -> {"test": {metric: (mean, std)}, "val": ..., "runs": [...]}."""
+def run_seeds(task, splits, args, d, ckpt, fusion, modalities, dcfg, tokenizer, cache, out_dir=None, encoders=None,
+              bar=None):
+    """args.seeds fine-tuning runs -> {"test": {metric: (mean, std)}, "val": ..., "runs": [...]}. With `bar` (a
+    tqdm progress bar) each run advances it instead of printing its epochs."""
     runs = []
-    log = print if d.is_main else (lambda *a, **k: None)
+    log = print if d.is_main and bar is None else (lambda *a, **k: None)
     for k in range(args.seeds):
         seed = args.seed + k
         log(f"{task} | {'pretrained ' + ckpt if ckpt else 'no pretraining'} | {fusion} | "
@@ -580,8 +596,10 @@ def run_seeds(task, splits, args, d, ckpt, fusion, modalities, dcfg, tokenizer, 
                      weight_decay=args.weight_decay, epochs=args.epochs, patience=args.patience,
                      batch_size=args.batch, clip=args.clip, glue_task=args.glue_task, feature_cache=cache,
                      out_dir=None if out_dir is None else os.path.join(out_dir, f"seed{seed}"),
-                     log=log)
+                     log=log, encoders=encoders)
         runs.append(r)
+        if bar is not None:
+            bar.update(1)
     return {"test": mean_std([r["test"] for r in runs]), "val": mean_std([r["val"] for r in runs]), "runs": runs}
 
 
@@ -614,7 +632,8 @@ def main(argv=None):
         splits["train"] = splits["train"][:args.max_train]
     mods = ("text",) if args.task == "glue" else parse_modalities(args.modalities)
     out_dir = os.path.join(args.out, f"{args.task}_{modality_letters(mods)}")
-    res = run_seeds(args.task, splits, args, d, ckpt, fusion, mods, dcfg, tokenizer, {}, out_dir)
+    encoders = encoder_folders(args.encoders) if ckpt is None else None
+    res = run_seeds(args.task, splits, args, d, ckpt, fusion, mods, dcfg, tokenizer, {}, out_dir, encoders)
     if d.is_main:
         print(f"\n{args.task} ({modality_letters(mods)}, {args.seeds} seed(s), test split, best val epoch):")
         for k, ms in res["test"].items():
@@ -629,58 +648,53 @@ def main(argv=None):
 # ----------------------------------------------------------------------------------------------------
 # The paper's tables in miniature on the toy world (`python eval.py`)
 
-SUBSETS = [("video",), ("text",), ("audio",), ("video", "text"), ("video", "audio"), ("text", "audio"),
-           ("video", "text", "audio")]                                        # Table 8's seven rows
-
-
 def report(args, d, dcfg):
-    """Fine-tune and test every configuration on the toy world's downstream splits; write
-    <out>/report.md, report.png and results.json. Returns the results dict."""
+    """Tables 1-2 (the five rows of ROWS x sentiment, emotion, binary, multiple choice), Table 8 (SUBSET_ROW on
+    the seven modality subsets) and zero-shot retrieval on the toy world, each fine-tuning result the mean +- std
+    over args.seeds seeds; the paper's claims checked against them (evaluation/report.py). Writes
+    <out>/report.md, report.png and results.json; returns the results dict."""
+    from tqdm import tqdm
     t0 = time.time()
     paths = _toy(args)
     tokenizer = load_tokenizer(args.tokenizer or os.path.join(args.toy_dir, "tokenizer.json"))
-    run_dir = TOY_OUT
-    ckpt = resolve_ckpt(args.ckpt if args.ckpt is not None else (run_dir if checkpoints(run_dir) else None))
-    co_dir = args.ckpt_co or os.path.join("runs", "toy_co")
-    ckpt_co = resolve_ckpt(co_dir) if (args.ckpt_co or checkpoints(co_dir)) else None
-    modes = {c: check_preset(c, args.preset) for c in (ckpt, ckpt_co) if c}   # their fusion modes
-    if ckpt is None:
-        print("eval: no pretraining checkpoint (run `python train.py` first, it writes runs/toy/ckpt_*): "
-              "only the no-pretraining rows are run", flush=True)
+    main_dir = args.ckpt or TOY_OUT
+    if not (os.path.isfile(os.path.join(main_dir, "state.json")) or checkpoints(main_dir)):
+        raise FileNotFoundError(f"no pretraining run in {main_dir!r}: run `python train.py` first (the report's "
+                                f"{MAIN_ROW} row, and the recipe and encoders of the other rows)")
+    main_ckpt = resolve_ckpt(main_dir)
+    recorded = read_state(main_ckpt)["args"]
+    encoders = ({m: recorded[f"{m}_encoder"] for m in ("text", "vision", "speech")}
+                if recorded.get("text_encoder") else None)        # the encoders the main run started from
+    ckpts = pretrain_rows(main_ckpt, args.toy_dir, args.runs_dir, d.device)
     splits = {s: load_examples(p, dcfg, tokenizer) for s, p in paths.items()}
     if args.max_train:
         splits["train"] = splits["train"][:args.max_train]
-    cache, results = {}, {"tables": {}, "subsets": {}, "retrieval": {}}
-    full = ("video", "text", "audio")
-    rows = [("NP+M", None, "merge"), ("NP+C", None, "co")]
-    for c in dict.fromkeys(x for x in (ckpt, ckpt_co) if x):   # once each, --ckpt first
-        fusion = modes[c]
-        name = f"D+{fusion[0].upper()}"                         # D+M or D+C by the run's fusion mode
-        if any(r[0] == name for r in rows):                     # two runs of one mode: name them by folder
-            name += f" ({os.path.basename(os.path.dirname(os.path.abspath(c)))})"
-        rows.append((name, c, fusion))
-    for task in ("sentiment", "emotion", "binary", "mc"):
-        for name, c, fusion in rows:
-            results["tables"].setdefault(task, {})[name] = run_seeds(task, splits, args, d, c, fusion, full, dcfg,
-                                                                     tokenizer, cache)
-    best_name, best_ckpt, best_fusion = rows[2] if ckpt else rows[0]
-    results["subsets_model"] = best_name
-    for task in ("emotion", "sentiment"):
-        for mods in SUBSETS:
-            if mods == full:
-                r = results["tables"][task][best_name]
-            else:
-                r = run_seeds(task, splits, args, d, best_ckpt, best_fusion, mods, dcfg, tokenizer, cache)
-            results["subsets"].setdefault(task, {})[modality_letters(mods)] = r
+    cache, full = {}, ("video", "text", "audio")
+    results = {"tables": {}, "subsets": {}, "retrieval": {}, "seeds": args.seeds, "encoders": encoders,
+               "subset_row": SUBSET_ROW,
+               "ckpts": ckpts, "steps": recorded["steps"]}
+    jobs = len(ROWS) * 4 + len(SUBSET_TASKS) * (len(SUBSETS) - 1)
+    with tqdm(total=jobs * args.seeds, desc="fine-tuning", dynamic_ncols=True, disable=not d.is_main) as bar:
+        for task in ("sentiment", "emotion", "binary", "mc"):
+            for row, c in ckpts.items():
+                bar.set_postfix_str(f"{task} {row}")
+                results["tables"].setdefault(task, {})[row] = run_seeds(
+                    task, splits, args, d, c, ROWS[row][1], full, dcfg, tokenizer, cache, encoders=encoders, bar=bar)
+        for task in SUBSET_TASKS:
+            for mods in SUBSETS:
+                bar.set_postfix_str(f"{task} {SUBSET_ROW} {modality_letters(mods)}")
+                r = results["tables"][task][SUBSET_ROW] if mods == full else run_seeds(
+                    task, splits, args, d, ckpts[SUBSET_ROW], ROWS[SUBSET_ROW][1], mods, dcfg, tokenizer, cache,
+                    encoders=encoders, bar=bar)
+                results["subsets"].setdefault(task, {})[modality_letters(mods)] = r
     held = os.path.join(args.toy_dir, TOY_HELDOUT)
     held_ex = load_examples(held, dcfg, tokenizer)
-    for name, c, fusion in rows:
-        if name.endswith("M") or c is not None:
-            torch.manual_seed(args.seed)
-            model = load_model(c, args.preset, fusion, tokenizer.vocab_size).to(d.device)
-            results["retrieval"][name] = zero_shot_retrieval(model, held_ex, dcfg, tokenizer, d.device, args.batch)
+    for row, c in ckpts.items():
+        if c is not None:
+            model = load_model(c, args.preset, ROWS[row][1], tokenizer.vocab_size).to(d.device)
+            results["retrieval"][row] = zero_shot_retrieval(model, held_ex, dcfg, tokenizer, d.device, args.batch)
+    results["ceiling"] = toy_ceiling(held)
     results["seconds"] = time.time() - t0
-    results["ckpt"], results["ckpt_co"] = ckpt, ckpt_co
     if d.is_main:
         os.makedirs(args.out, exist_ok=True)
         md = report_markdown(results, args, splits, argv_line=" ".join(["python", "eval.py"] + sys.argv[1:])

@@ -35,16 +35,19 @@ import torch.distributed as dist
 import torch.nn as nn
 
 import data as D
-from evaluation.retrieval import print_retrieval_table, zero_shot_retrieval
+from evaluation.retrieval import print_retrieval_table, toy_ceiling, zero_shot_retrieval
 from icode import ICode, preset, pretrained_targets, target_fingerprint
 from losses import PAIR_NAMES, PAPER_WEIGHTS, LearnedLossWeights, count_targets, masked_unit_loss, pretraining_loss
 from pipeline.index import load_index
 from pipeline.loader import TooManyBadExamples
 from pipeline.text import load_tokenizer
-from pipeline.toy import TOY_DIR, TOY_HELDOUT, TOY_OUT, TOY_PRETRAIN, make_toy
+from model import load_encoder, vision_kind
+from model.wavlm import load_speech_encoder
+from pipeline.toy import TOY_DIR, TOY_ENCODERS, TOY_HELDOUT, TOY_OUT, TOY_PRETRAIN, TOY_WEIGHTS, make_toy
 from training.checkpoint import (CheckpointError, check_preset, checkpoints, latest_intact, restore_checkpoint,
                                  rng_state, save_checkpoint, set_rng_state)
 from training.distributed import all_reduce_, print0, setup_distributed, wrap_ddp
+from training.encoders import pretrain_encoders
 from training.speed import (clip_and_step, compile_step, count_flops, enable_checkpointing, peak_flops, precision,
                             step_rates)
 from training.static_rows import check_masked_rows, static_rows_config, static_selection
@@ -314,6 +317,12 @@ def parse_args(argv=None, extra=None):
     p.add_argument("--data-weights", type=float, nargs="*", default=None, help="sampling weight per manifest")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the toy world's)")
     p.add_argument("--toy-dir", default=TOY_DIR, help="where the toy world lives (made if missing)")
+    p.add_argument("--toy-encoders", default=TOY_ENCODERS,
+                   help="the toy world's pretrained single-modality encoders (made by stage one if missing; used "
+                        "when the run gives no --data and no encoders)")
+    p.add_argument("--encoder-steps", type=int, default=200,
+                   help="stage one on the toy world: steps of single-modality masked-unit pretraining (0: no stage "
+                        "one, the encoders start fresh)")
     p.add_argument("--out", default=None, help="run folder (checkpoints, metrics.jsonl, loss.png)")
     p.add_argument("--video-tokenizer", default=None,
                    help="MVM targets from a pretrained VQGAN folder (PeCo's family; model.load_quantizer); "
@@ -325,12 +334,14 @@ def parse_args(argv=None, extra=None):
     p.add_argument("--text-encoder", default=None, help="pretrained DeBERTa-V3 folder (model.load_encoder)")
     p.add_argument("--speech-encoder", default=None,
                    help="pretrained WavLM or HuBERT folder (which one, its config.json says)")
-    p.add_argument("--vision-encoder", default=None, help="pretrained image Swin folder (inflated to video)")
+    p.add_argument("--vision-encoder", default=None,
+                   help="pretrained vision folder: an image Swin (inflated to video) or a Video Swin (swin3d), as "
+                        "its config.json says")
     p.add_argument("--batch", type=int, default=None,
                    help="micro-batch per device (default: tiny 16; paper 24, i.e. 1728 over 72 GPUs, section 4.2.2)")
     p.add_argument("--accum", type=int, default=1, help="micro-batches per step (gradient cache when > 1)")
     p.add_argument("--global-batch", type=int, default=None, help="check: must equal batch x accum x world")
-    p.add_argument("--steps", type=int, default=None, help="optimiser steps (default: tiny 500, paper 100000)")
+    p.add_argument("--steps", type=int, default=None, help="optimiser steps (default: tiny 600, paper 100000)")
     p.add_argument("--epochs", type=float, default=None,
                    help="instead of --steps: passes over the data (section 4.2.2: 3), converted to steps from the "
                         "sources' sizes and the global batch (steps_for_epochs)")
@@ -384,9 +395,9 @@ def parse_args(argv=None, extra=None):
     if a.epochs is not None and a.epochs <= 0:
         p.error(f"--epochs must be positive, got {a.epochs}")
     if a.epochs is None:
-        a.steps = a.steps if a.steps is not None else (500 if tiny else 100000)
+        a.steps = a.steps if a.steps is not None else (600 if tiny else 100000)
     a.batch = a.batch if a.batch is not None else (16 if tiny else 24)
-    # tiny: from-scratch encoders; 1e-3 and above collapse the contrastive terms to log(B) (README, Results)
+    # tiny: 3e-4, the toy world's rate (README, Differences from the paper)
     a.lr_fusion = a.lr_fusion if a.lr_fusion is not None else (3e-4 if tiny else 2e-5)
     a.lr_encoders = a.lr_encoders if a.lr_encoders is not None else (3e-4 if tiny else 1e-5)
     # ln(tau) starts fresh as in CLIP, which trains it at its model's base LR (5e-4 for ViT-B/32, Radford et al.
@@ -415,17 +426,23 @@ def build_from_args(args, text_vocab):
         return model
     fields, toks = pretrained_targets(args.video_tokenizer, args.speech_tokenizer)   # {}, {}: random projections
     fields["learned_loss_weights"] = learned
+    cfg = replace(preset(args.preset, args.fusion, text_vocab), **fields)
     if args.text_encoder or args.speech_encoder or args.vision_encoder:
-        from model import load_encoder
         if not (args.text_encoder and args.speech_encoder and args.vision_encoder):
             raise ValueError("give all three of --text-encoder, --speech-encoder, --vision-encoder")
-        cfg = preset(args.preset, args.fusion)
-        from model.wavlm import load_speech_encoder  # WavLM or HuBERT by config.json's model_type
-        return ICode.from_encoders(load_encoder("deberta-v3", args.text_encoder),
-                                   load_encoder("swin", args.vision_encoder),
-                                   load_speech_encoder(args.speech_encoder), fusion=cfg.fusion,
-                                   tokenizers=toks, **fields)
-    return ICode(replace(preset(args.preset, args.fusion, text_vocab), **fields), tokenizers=toks)
+        return with_encoders(cfg, args.text_encoder, args.vision_encoder, args.speech_encoder, toks)
+    return ICode(cfg, tokenizers=toks)
+
+
+def with_encoders(cfg, text, vision, speech, tokenizers=None):
+    """An ICode of `cfg` around pretrained encoders loaded from their folders (section 4.1), the way a real run
+    loads the public checkpoints: `model.load_encoder` (the vision kind and WavLM vs HuBERT as their config.json
+    say). The encoders' architectures replace cfg's."""
+    t = load_encoder("deberta-v3", text)
+    v = load_encoder(vision_kind(vision), vision)
+    s = load_speech_encoder(speech)
+    cfg = replace(cfg, text=t.config, vision=v.config, speech=s.config)
+    return ICode(cfg, text=t, vision=v, speech=s, tokenizers=tokenizers).train()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -470,6 +487,7 @@ def pretraining_data(args, d):
             print0(f"making the toy world in {args.toy_dir}/ ...")
             make_toy(args.toy_dir)
         manifests = [os.path.join(args.toy_dir, f) for f in TOY_PRETRAIN]
+        args.data_weights = args.data_weights or list(TOY_WEIGHTS)
         tok_path = args.tokenizer or os.path.join(args.toy_dir, "tokenizer.json")
     if d.is_main:                     # the manifests' line indexes, once, before every rank maps them
         for m in manifests:
@@ -477,6 +495,21 @@ def pretraining_data(args, d):
     if dist.is_initialized():
         dist.barrier()
     return manifests, tok_path, dcfg
+
+
+def toy_encoders(args, d, manifests, tokenizer, dcfg):
+    """The toy world's run starts, like the paper's, from pretrained single-modality encoders: the folders of
+    `--toy-encoders`, made once by stage one (training/encoders.py) when missing, on rank 0 while the others
+    wait; they become the run's --text-encoder, --vision-encoder and --speech-encoder."""
+    folders = {m: os.path.join(args.toy_encoders, name) for m, name in (("text", "text"), ("vision", "vision"),
+                                                                          ("speech", "speech"))}
+    if d.is_main and not all(os.path.isfile(os.path.join(f, "model.safetensors")) for f in folders.values()):
+        print0(f"stage one: pretraining the toy encoders, each on its own modality, into {args.toy_encoders}/ ...")
+        pretrain_encoders(preset(args.preset, "merge", tokenizer.vocab_size), manifests, tokenizer, dcfg,
+                          args.toy_encoders, args.encoder_steps, batch=args.batch, seed=args.seed, log=print0)
+    if dist.is_initialized():
+        dist.barrier()
+    args.text_encoder, args.vision_encoder, args.speech_encoder = folders["text"], folders["vision"], folders["speech"]
 
 
 def setup(args, d):
@@ -487,6 +520,9 @@ def setup(args, d):
     random.seed(seed)
     manifests, tok_path, dcfg = pretraining_data(args, d)
     tokenizer = load_tokenizer(tok_path)
+    if args.encoder_steps and not (args.data or args.init or args.text_encoder or args.speech_encoder
+                                   or args.vision_encoder):
+        toy_encoders(args, d, manifests, tokenizer, dcfg)
     existing = checkpoints(args.out)
     if existing and not args.resume:
         raise ValueError(f"{args.out} already holds checkpoints ({os.path.basename(existing[-1])}): "
@@ -676,9 +712,9 @@ def finish(run):
     if d.is_main:
         plot_history(run.history, os.path.join(args.out, "loss.png"))
     if not args.no_eval and d.is_main and args.data is None:
-        res = zero_shot_retrieval(run.model.eval(), os.path.join(args.toy_dir, TOY_HELDOUT), run.dcfg, run.tokenizer,
-                                  d.device)
-        print_retrieval_table(res)
+        held = os.path.join(args.toy_dir, TOY_HELDOUT)
+        res = zero_shot_retrieval(run.model.eval(), held, run.dcfg, run.tokenizer, d.device)
+        print_retrieval_table(res, limit=toy_ceiling(held))
         result["retrieval"] = res
     if dist.is_initialized():
         dist.barrier()

@@ -16,13 +16,13 @@ Differences from the paper (the released code is what the checkpoints were train
   (the code negates the already negated offset); learned embeddings make the two equivalent up to a mirror;
 - the relative embeddings are projected with the content W_q, W_k (`share_att_key`) and LayerNorm-ed first.
 """
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model.weights import load_state_strict, read_hf_folder
+from model.weights import check_names_invert, load_state_strict, read_hf_folder, write_hf_folder
 
 
 @dataclass
@@ -239,7 +239,7 @@ class Deberta(nn.Module):
         return x, valid
 
 
-# ---- loading Hugging Face DebertaV2 checkpoints ----
+# ---- loading and writing Hugging Face DebertaV2 checkpoints ----
 
 _HF_DEFAULTS = dict(  # DebertaV2Config defaults (and the getattr defaults in modeling_deberta_v2.py)
     vocab_size=128100, hidden_size=1536, num_hidden_layers=24, num_attention_heads=24, intermediate_size=6144,
@@ -278,3 +278,22 @@ def load_deberta(path):
     model = Deberta(cfg)
     load_state_strict(model, convert_hf_state_dict(sd), source=path)
     return model.eval()
+
+
+def hf_config(cfg):
+    """The Hugging Face DebertaV2 config.json dict of a DebertaConfig: every field `config_from_hf` reads, under
+    HF's names (ours are HF's) and JSON types (pos_att_type a list), so `config_from_hf(hf_config(c)) == c`."""
+    d = asdict(cfg)
+    d["pos_att_type"] = list(cfg.pos_att_type)
+    return {**d, "model_type": "deberta-v2", "architectures": ["DebertaV2Model"]}
+
+
+def save_hf_folder(model, path):
+    """Write a Deberta as a Hugging Face DebertaV2Model folder: `path/config.json` (`hf_config`) and
+    `path/model.safetensors` under DebertaV2Model's key names (ours, with no `deberta.` prefix). It loads back
+    through `load_deberta` (`model.load_encoder("deberta-v3", path)`) and `DebertaV2Model.from_pretrained`."""
+    if not isinstance(model, Deberta):
+        raise TypeError(f"save_hf_folder writes a Deberta, got a {type(model).__name__}")
+    sd = model.state_dict()
+    check_names_invert(sd, convert_hf_state_dict(sd), path)
+    return write_hf_folder(path, hf_config(model.config), sd)

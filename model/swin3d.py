@@ -21,6 +21,7 @@ Differences from the references:
 - The shift mask uses -100 (as all three references do), not -inf, so outputs match them to float precision.
 - CoSwin's convolutional embedding/projections are not implemented (i-Code's CoSwin weights were never released).
 """
+import dataclasses
 import math
 import re
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model.weights import load_state_strict, read_hf_folder
+from model.weights import check_names_invert, load_state_strict, read_hf_folder, write_hf_folder
 
 
 @dataclass
@@ -287,7 +288,7 @@ class VideoSwin(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Loading. (a) Hugging Face image Swin, inflated; (b) torchvision swin3d state dict.
+# Loading. (a) Hugging Face image Swin, inflated; (b) torchvision swin3d state dict (and writing it).
 
 def _pair(v):
     return tuple(v) if isinstance(v, (list, tuple)) else (v, v)
@@ -389,14 +390,24 @@ def config_from_swin3d(cfg):
 
     {"model_type": "swin3d", "embed_dim": 96, "depths": [2, 2, 6, 2], "num_heads": [3, 6, 12, 24],
      "window_size": [8, 7, 7], "patch_size": [2, 4, 4]}
-    optional: "in_chans" (3), "mlp_ratio" (4.0), "layer_norm_eps" (1e-5), "drop_path_rate" (0.1).
+    optional: "in_chans" (3), "mlp_ratio" (4.0), "qkv_bias" (true), "layer_norm_eps" (1e-5), "drop_path_rate" (0.1),
+    "hidden_dropout" (0.0), "attention_dropout" (0.0). `swin3d_config` writes all of them.
     """
     if cfg.get("model_type") != "swin3d":
         raise ValueError(f"expected model_type 'swin3d' in config.json, got {cfg.get('model_type')!r}")
     return SwinConfig(in_chans=cfg.get("in_chans", 3), patch_size=tuple(cfg["patch_size"]), embed_dim=cfg["embed_dim"],
                       depths=tuple(cfg["depths"]), num_heads=tuple(cfg["num_heads"]),
-                      window_size=tuple(cfg["window_size"]), mlp_ratio=cfg.get("mlp_ratio", 4.0), qkv_bias=True,
-                      layer_norm_eps=cfg.get("layer_norm_eps", 1e-5), drop_path_rate=cfg.get("drop_path_rate", 0.1))
+                      window_size=tuple(cfg["window_size"]), mlp_ratio=cfg.get("mlp_ratio", 4.0),
+                      qkv_bias=cfg.get("qkv_bias", True), layer_norm_eps=cfg.get("layer_norm_eps", 1e-5),
+                      drop_path_rate=cfg.get("drop_path_rate", 0.1), hidden_dropout=cfg.get("hidden_dropout", 0.0),
+                      attention_dropout=cfg.get("attention_dropout", 0.0))
+
+
+def swin3d_config(cfg):
+    """The config.json dict of a SwinConfig in the swin3d layout: every field, tuples as lists, so that
+    `config_from_swin3d(swin3d_config(c)) == c`."""
+    d = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg).items()}
+    return {**d, "model_type": "swin3d"}
 
 
 _TV_MLP = {"mlp.0.": "mlp.fc1.", "mlp.3.": "mlp.fc2."}
@@ -430,6 +441,41 @@ def load_video_swin(path):
     cfg, sd = read_hf_folder(path)
     model = VideoSwin(config_from_swin3d(cfg))
     state = convert_torchvision_state_dict(sd)
-    state.setdefault("mask_token", model.mask_token.detach().clone())  # torchvision has none: keep the init
+    # torchvision's files have no mask token (it keeps its init); ours (`save_video_swin`) bring theirs.
+    state.setdefault("mask_token", model.mask_token.detach().clone())
     load_state_strict(model, state, source=path, ignore_prefixes=("head.",))
     return model.eval()
+
+
+def torchvision_state_dict(model):
+    """A VideoSwin's state dict under torchvision swin3d's names (the inverse of `convert_torchvision_state_dict`):
+    stages.i.blocks.j.* -> features.{2i}.j.*, stages.i.downsample.* -> features.{2i+1}.*, mlp.fc1/fc2 ->
+    mlp.0/mlp.3, plus each block's `attn.relative_position_index` buffer [N, N] (int64; torchvision stores it, the
+    loader drops it). `mask_token` [C] keeps its name (torchvision has none; `load_video_swin` loads it)."""
+    out = {}
+    for k, v in model.state_dict().items():
+        if m := re.fullmatch(r"stages\.(\d+)\.blocks\.(\d+)\.(.+)", k):
+            rest = m[3]
+            for tv, ours in _TV_MLP.items():
+                if rest.startswith(ours):
+                    rest = tv + rest[len(ours):]
+            out[f"features.{2 * int(m[1])}.{m[2]}.{rest}"] = v
+            if rest == "attn.relative_position_bias_table":
+                win = model.config.window_size
+                out[f"features.{2 * int(m[1])}.{m[2]}.attn.relative_position_index"] = relative_position_index(win, win)
+        elif m := re.fullmatch(r"stages\.(\d+)\.downsample\.(.+)", k):
+            out[f"features.{2 * int(m[1]) + 1}.{m[2]}"] = v
+        else:
+            out[k] = v                                 # patch_embed.*, norm.*, mask_token
+    return out
+
+
+def save_video_swin(model, path):
+    """Write a VideoSwin as a swin3d folder: `path/config.json` (`swin3d_config`, model_type "swin3d") and
+    `path/model.safetensors` (`torchvision_state_dict`, mask_token included; no classification head). It loads
+    back through `load_video_swin` (`model.load_encoder("video-swin", path)`)."""
+    if not isinstance(model, VideoSwin):
+        raise TypeError(f"save_video_swin writes a VideoSwin, got a {type(model).__name__}")
+    sd = torchvision_state_dict(model)
+    check_names_invert(model.state_dict(), convert_torchvision_state_dict(sd), path)
+    return write_hf_folder(path, swin3d_config(model.config), sd)

@@ -17,13 +17,14 @@ Differences from the reference implementation:
 """
 import dataclasses
 import math
+import re
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model.weights import load_state_strict, read_hf_folder
+from model.weights import check_names_invert, load_state_strict, read_hf_folder, write_hf_folder
 
 # The 7-layer convolutional feature encoder of wav2vec 2.0, HuBERT and WavLM: one frame per 320 samples (20 ms
 # at 16 kHz). The speech targets (model/quantizers.py) and the data pipeline's frame counts use the same numbers.
@@ -305,7 +306,7 @@ class SpeechEncoder(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Loading Hugging Face checkpoints (WavLMModel / HubertModel, or their *ForCTC etc. wrappers)
+# Loading Hugging Face checkpoints (WavLMModel / HubertModel, or their *ForCTC etc. wrappers), and writing them
 
 def config_from_hf(cfg: dict) -> SpeechConfig:
     """SpeechConfig from a WavLMConfig or HubertConfig `config.json` dict (`model_type` decides which; a
@@ -362,3 +363,62 @@ def load_speech_encoder(path) -> SpeechEncoder:
     sd.setdefault("masked_spec_embed", model.masked_spec_embed.detach().clone())
     load_state_strict(model, sd, source=str(path))
     return model.eval()
+
+
+def hf_config(cfg: SpeechConfig) -> dict:
+    """The Hugging Face config.json dict of a SpeechConfig: a WavLMConfig when `gated_relative_position_bias`, else a
+    HubertConfig, with HF's field names (ours are HF's) and JSON types; `config_from_hf` reads it back to `cfg`
+    (for HuBERT, up to the bucket fields, which HuBERT has none of and ignores). `layerdrop` is 0: this encoder
+    has no LayerDrop, and HF's default (0.1) would drop layers when trained there."""
+    if cfg.hidden_act != "gelu":
+        raise ValueError(f"only hidden_act='gelu' can be written, got {cfg.hidden_act!r}")
+    wavlm = cfg.gated_relative_position_bias
+    if wavlm and not cfg.feat_proj_layer_norm:
+        raise ValueError("a WavLM config always has the feature LayerNorm: feat_proj_layer_norm=False cannot be written")
+    d = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg).items()}
+    del d["gated_relative_position_bias"]              # ours: which of the two model types this is
+    if wavlm:
+        del d["feat_proj_layer_norm"]                  # a HuBERT field; WavLM always has the LayerNorm
+    else:
+        del d["num_buckets"], d["max_bucket_distance"]  # WavLM's gated bias fields
+        d["conv_pos_batch_norm"] = False
+    d.update(feat_extract_activation="gelu", add_adapter=False, layerdrop=0.0,
+             num_feat_extract_layers=len(cfg.conv_dim), model_type="wavlm" if wavlm else "hubert",
+             architectures=["WavLMModel" if wavlm else "HubertModel"])
+    return d
+
+
+def hf_state_key(key: str) -> str:
+    """Our state dict key -> WavLMModel / HubertModel's (the inverse of `convert_hf_state_dict` on body keys):
+    feature_norm / feature_projection -> feature_projection.{layer_norm, projection}, pos_conv -> the positional
+    conv with torch's weight_norm parametrization names (what current transformers saves and loads),
+    encoder_norm -> encoder.layer_norm, layers.i -> encoder.layers.i with the feed-forward's two Linear layers
+    under `feed_forward.`."""
+    if key.startswith("feature_norm."):
+        return "feature_projection.layer_norm." + key[len("feature_norm."):]
+    if key.startswith("feature_projection."):
+        return "feature_projection.projection." + key[len("feature_projection."):]
+    if key.startswith("pos_conv."):
+        param = {"weight_g": "parametrizations.weight.original0", "weight_v": "parametrizations.weight.original1"}
+        name = key[len("pos_conv."):]
+        return "encoder.pos_conv_embed.conv." + param.get(name, name)
+    if key.startswith("encoder_norm."):
+        return "encoder.layer_norm." + key[len("encoder_norm."):]
+    if key.startswith("layers."):
+        return "encoder." + re.sub(r"^(layers\.\d+\.)((?:intermediate|output)_dense\.)", r"\1feed_forward.\2", key)
+    return key                                         # feature_extractor.*, masked_spec_embed: HF's names
+
+
+def save_hf_folder(model: SpeechEncoder, path) -> str:
+    """Write a SpeechEncoder as a Hugging Face WavLMModel (gated relative position bias) or HubertModel folder:
+    `path/config.json` (`hf_config`) and `path/model.safetensors` under HF's key names (`hf_state_key`), with
+    `masked_spec_embed` (ours trains it; HF creates it when mask_time_prob > 0). It loads back through
+    `load_speech_encoder` (`model.load_encoder("wavlm" / "hubert", path)`) and `WavLMModel / HubertModel
+    .from_pretrained`."""
+    if not isinstance(model, SpeechEncoder):
+        raise TypeError(f"save_hf_folder writes a SpeechEncoder, got a {type(model).__name__}")
+    config = hf_config(model.config)
+    own = model.state_dict()
+    sd = {hf_state_key(k): v for k, v in own.items()}
+    check_names_invert(own, convert_hf_state_dict(sd), path)
+    return write_hf_folder(path, config, sd)

@@ -12,6 +12,10 @@ Swin, `convert_torchvision_state_dict(sd)`. This file does the rest: read, conve
 or mis-shaped tensor is an error naming the key and both shapes; unused keys are listed once). No pickle:
 the one exception is `convert_bin_to_safetensors`, behind `python icode.py convert IN.bin OUT_DIR`, with
 weights_only=True.
+
+The other way (`model.save_encoder`): each encoder file's writer (`save_hf_folder`, `save_video_swin`) turns
+its module into the public config dict and key names, and `write_hf_folder` below writes the folder, so an
+encoder we pretrain ourselves loads back through the same path as a downloaded one.
 """
 import json
 import os
@@ -129,3 +133,27 @@ def convert_bin_to_safetensors(bin_path, out_dir):
         with open(src_cfg) as f, open(dst_cfg, "w") as g:
             g.write(f.read())
     return os.path.join(out_dir, "model.safetensors")
+
+
+def write_hf_folder(path, config, state_dict):
+    """Write `path/config.json` (the dict `config`, as JSON) and `path/model.safetensors` (`state_dict`: detached,
+    contiguous CPU copies, so views and shared storage are stored as plain tensors; metadata {"format": "pt"}, as
+    Hugging Face's save_pretrained writes). Creates `path`; returns it."""
+    bad = sorted(k for k, v in state_dict.items() if not isinstance(v, torch.Tensor))
+    if bad:
+        raise ValueError(f"{path}: state dict entries {bad[:5]} are not tensors")
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+        f.write("\n")
+    tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state_dict.items()}
+    save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    return path
+
+
+def check_names_invert(own, converted, path):
+    """A writer's guard: its public key names, converted back by the loader's converter (`converted`), must be
+    exactly the module's own state dict keys (`own`); a submodule without a public name is an error naming it."""
+    lost, extra = sorted(set(own) - set(converted)), sorted(set(converted) - set(own))
+    if lost or extra:
+        raise ValueError(f"{path}: the public names do not convert back: lost {lost[:5]}, unexpected {extra[:5]}")

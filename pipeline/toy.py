@@ -29,8 +29,7 @@ TOY_JUDGEMENTS = ("awful", "bad", "poor", "fine", "good", "great")              
 TOY_EMOTIONS = ("anger", "disgust", "sadness", "fear", "surprise", "happiness")    # the 6 classes (CMU-MOSEI's)
 TOY_VALUES = (-1.0, -0.6, -0.2, 0.2, 0.6, 1.0)  # f(colour), g(mood), h(judgement): the value at the word's index
 TOY_FILLERS = ("the", "a", "look", "now", "here", "this", "see", "so", "it", "one")
-TOY_QUESTIONS = ("what colour is the shape?", "which feeling does the voice say?",
-                 "how does the text judge it?", "which way does the shape move?")
+TOY_QUESTION = "what colour is the shape?"   # multiple choice: the answer is only in the frames
 TOY_SIZES = {  # rows per pretraining source, held-out video clips, downstream train / validation / test
     "default": dict(pretrain=400, test=100, train=300, validation=100, downstream_test=100),
     "small": dict(pretrain=64, test=16, train=32, validation=16, downstream_test=16),
@@ -39,8 +38,13 @@ TOY_SIZES = {  # rows per pretraining source, held-out video clips, downstream t
 TOY_W, TOY_H, TOY_FPS, TOY_SECONDS = 80, 64, 10, 2.0  # 80x64 frames exercise the resize + centre crop
 TOY_DIR = "toy"                    # where train.py and eval.py look for (and make) the toy world
 TOY_OUT = os.path.join("runs", "toy")   # train.py's run folder on the toy world
-TOY_PRETRAIN = ("video.jsonl", "image_text.jsonl", "speech_text.jsonl", "video_speech.jsonl")   # the four sources
+TOY_ENCODERS = os.path.join("runs", "toy_encoders")   # its single-modality encoders (stage one)
+TOY_DUAL = ("image_text.jsonl", "speech_text.jsonl", "video_speech.jsonl")   # "D": dual-modality sources
+TOY_VIDEOS = ("video.jsonl",)                                                # "V": V+L+S videos (section 3)
+TOY_PRETRAIN = TOY_VIDEOS + TOY_DUAL   # the four sources: `python train.py` pretrains on D+V
+TOY_WEIGHTS = (3.0, 1.0, 1.0, 1.0)     # their mixing weights, chosen on the validation clips (README, Results)
 TOY_HELDOUT = "video_test.jsonl"   # held-out V+L+S clips: zero-shot retrieval after pretraining
+TOY_VALIDATION = "video_validation.jsonl"   # more held-out clips: recipes are chosen on these, never on the test
 
 
 def _toy_syllables(word):
@@ -82,8 +86,8 @@ def _toy_frames(rng, colour, shape, motion, n_frames):
     base = rng.uniform(70, 150, 3)
     shade = np.linspace(-25, 25, TOY_H)[:, None, None] * rng.choice([-1, 1])
     bg = np.clip(base + shade + np.zeros((TOY_H, TOY_W, 3)), 0, 255)
-    r = rng.uniform(8, 12)
-    cx, cy, d = TOY_W / 2 + rng.uniform(-4, 4), TOY_H / 2 + rng.uniform(-4, 4), rng.uniform(10, 14)
+    r = rng.uniform(14, 17)
+    cx, cy, d = TOY_W / 2 + rng.uniform(-3, 3), TOY_H / 2 + rng.uniform(-3, 3), rng.uniform(8, 10)
     dx, dy = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}[motion]
     yy, xx = np.mgrid[0:TOY_H, 0:TOY_W].astype(np.float64)
     out = []
@@ -105,7 +109,8 @@ def _toy_item(args):
     """One toy row: (kind, index, seed, out_dir) -> manifest dict (files written under out_dir/kind/)."""
     kind, i, seed, out = args
     rng = np.random.default_rng([seed, ["video", "image_text", "speech_text", "video_speech", "video_test",
-                                        "downstream_train", "downstream_validation", "downstream_test"].index(kind), i])
+                                        "downstream_train", "downstream_validation", "downstream_test",
+                                        "video_validation"].index(kind), i])
     colour = str(rng.choice(list(TOY_COLOURS)))
     shape, motion = str(rng.choice(TOY_SHAPES)), str(rng.choice(TOY_MOTIONS))
     folder = os.path.join(out, kind)
@@ -126,7 +131,7 @@ def _toy_item(args):
 
     filler = [str(rng.choice(TOY_FILLERS))]
     extra = [str(rng.choice(TOY_MOODS + TOY_JUDGEMENTS + TOY_FILLERS))]
-    if kind in ("video", "video_test"):  # V+L+S: narration = ASR transcript, plus a caption of the visuals
+    if kind in ("video", "video_test", "video_validation"):  # V+L+S: ASR transcript, plus a caption of the visuals
         words = filler + [colour, shape, "moving", motion] + extra
         path, said = video_file(words)
         return {"video": path, "text": said, "caption": f"a {colour} {shape} moving {motion}"}
@@ -152,14 +157,11 @@ def _toy_item(args):
     path, said = video_file([shape, "feels", TOY_MOODS[mood]])
     c = list(TOY_COLOURS).index(colour)
     score = TOY_VALUES[c] + TOY_VALUES[mood] + TOY_VALUES[judgement]
-    emotions = [int(k in (mood, c)) for k in range(6)]
-    q = int(rng.integers(4))
-    pool = [list(TOY_COLOURS), list(TOY_MOODS), list(TOY_JUDGEMENTS), list(TOY_MOTIONS)][q]
-    right = [colour, TOY_MOODS[mood], TOY_JUDGEMENTS[judgement], motion][q]
-    answers = [right] + [str(w) for w in rng.choice([w for w in pool if w != right], 3, replace=False)]
+    emotions = [int(k in (mood, c, judgement)) for k in range(6)]   # one class from each modality
+    answers = [colour] + [str(w) for w in rng.choice([w for w in TOY_COLOURS if w != colour], 3, replace=False)]
     order = rng.permutation(4)
     return {"video": path, "text": f"the {shape} looks {TOY_JUDGEMENTS[judgement]}", "score": round(score, 2),
-            "emotions": emotions, "label": int(score > 0), "question": TOY_QUESTIONS[q],
+            "emotions": emotions, "label": int(score > 0), "question": TOY_QUESTION,
             "answers": [answers[k] for k in order], "answer": int(np.argmin(order))}
 
 
@@ -174,7 +176,8 @@ def make_toy(out_dir, seed=0, size="default", workers=None):
     os.makedirs(out_dir, exist_ok=True)
     plan = [("video", "video", n["pretrain"]), ("image_text", "image_text", n["pretrain"]),
             ("speech_text", "speech_text", n["pretrain"]), ("video_speech", "video_speech", n["pretrain"]),
-            ("video_test", "video_test", n["test"]), ("downstream_train", "downstream_train", n["train"]),
+            ("video_test", "video_test", n["test"]), ("video_validation", "video_validation", n["test"]),
+            ("downstream_train", "downstream_train", n["train"]),
             ("downstream_validation", "downstream_validation", n["validation"]),
             ("downstream_test", "downstream_test", n["downstream_test"])]
     jobs = []
@@ -202,6 +205,8 @@ def make_toy(out_dir, seed=0, size="default", workers=None):
         json.dump({"seed": seed, "size": n, "colours": TOY_COLOURS, "shapes": TOY_SHAPES, "motions": TOY_MOTIONS,
                    "moods": TOY_MOODS, "judgements": TOY_JUDGEMENTS, "emotions": TOY_EMOTIONS, "values": TOY_VALUES,
                    "score": "values[colour] + values[mood] + values[judgement]; colour only seen, mood only said, "
-                            "judgement only written", "emotions_rule": "classes of the mood and of the colour index",
+                            "judgement only written",
+                   "emotions_rule": "the classes of the mood, the colour and the judgement indices",
+                   "question": "the colour of the shape, among 4 colours: only the frames hold the answer",
                    "label": "score > 0", "config": dataclasses.asdict(TOY_DATA)}, f, indent=1)
     return manifests

@@ -94,6 +94,17 @@ def save_wav2vec2_folder(path, seed=0, **kw):
 
 # The tiny model and a synthetic batch of the gradient-cache, DDP and compile tests (test_train, test_static_rows).
 
+def perturbed(model, seed=0):
+    """`model` in eval mode with every tensor moved by 0.1 N(0, 1) (no LayerNorm left the identity, no bias table
+    at zero), so that a tensor written under the wrong name or layout changes the outputs."""
+    torch.manual_seed(seed)
+    model.eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
 def make_model(mode="merge", train_mode=False, dropout=0.0):
     """The tiny preset, no dropout unless `dropout` > 0 (`with_dropout`)."""
     torch.manual_seed(0)

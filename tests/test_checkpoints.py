@@ -19,7 +19,8 @@ from icode import ICode
 
 
 def _run(toy, out, *extra):
-    return train.main(["--toy-dir", toy, "--out", str(out), "--workers", "0", "--no-eval", "--log-every", "1", *extra])
+    return train.main(["--toy-dir", toy, "--out", str(out), "--workers", "0", "--no-eval", "--log-every", "1",
+                       "--encoder-steps", "0", *extra])
 
 
 def _losses(res):
@@ -129,7 +130,7 @@ def _steps(ranks):
 def test_resume_on_another_number_of_processes(toy_small, tmp_path, first, then):
     """World size 2 -> 1 and 1 -> 2 with the same global batch of 8 (tiny preset, no dropout): the resumed run
     trains on exactly the rows, with exactly the masks, of the uninterrupted run, and its losses agree to 1e-5."""
-    base = ["--toy-dir", toy_small, "--workers", "0", "--no-eval", "--steps", "6"]
+    base = ["--toy-dir", toy_small, "--workers", "0", "--no-eval", "--steps", "6", "--encoder-steps", "0"]
     one = _launch(1, base + ["--out", str(tmp_path / "one"), "--batch", "8"], str(tmp_path))
     a = _launch(first, base + ["--out", str(tmp_path / "run"), "--batch", str(8 // first), "--stop-at-step", "3"],
                 str(tmp_path))
@@ -209,3 +210,36 @@ def test_export_writes_a_folder_that_loads_for_inference(toy_small, tmp_path):
     torch.testing.assert_close(a.encode(text=text).joint, b.encode(text=text).joint, rtol=0, atol=0)
     with pytest.raises(FileNotFoundError, match="neither config.json nor state.json"):
         ICode.from_checkpoint(str(tmp_path))
+
+
+def test_stage_one_writes_public_folders_that_the_run_loads(toy_small, tmp_path, monkeypatch):
+    """`python train.py` on the toy world starts from stage one's encoders: each pretrained alone with its
+    masked-unit objective (their losses fall), written as public folders (DeBERTa-V2, WavLM, swin3d layouts)
+    that model.load_encoder reads back exactly, and loaded by the run through the same path as public ones;
+    a second run reuses them."""
+    import data as D
+    from model import load_encoder, vision_kind
+    from pipeline.text import load_tokenizer
+    from training.encoders import SingleModalityPretraining, pretrain_encoders
+    tok = load_tokenizer(os.path.join(toy_small, "tokenizer.json"))
+    manifests = [os.path.join(toy_small, f) for f in train.TOY_PRETRAIN]
+    seen, real = [], SingleModalityPretraining.forward
+    monkeypatch.setattr(SingleModalityPretraining, "forward", lambda self, b: seen.append(real(self, b)) or seen[-1])
+    folders = pretrain_encoders(icode.preset("tiny", text_vocab=tok.vocab_size), manifests, tok, D.TOY_DATA,
+                                str(tmp_path / "enc"), steps=30, batch=8, log=lambda m: None)
+    for m in ("text", "video", "audio"):        # each objective learns something in 30 steps
+        vals = [s[m].item() for s in seen if m in s]
+        assert sum(vals[-4:]) / 4 < sum(vals[:4]) / 4, (m, vals)
+    assert vision_kind(folders["video"]) == "video-swin"
+    loaded = {"text": load_encoder("deberta-v3", folders["text"]), "video": load_encoder("video-swin", folders["video"]),
+              "audio": load_encoder("wavlm", folders["audio"])}
+    calls = []
+    real_with = train.with_encoders
+    monkeypatch.setattr(train, "with_encoders", lambda *a, **k: calls.append(a[1:4]) or real_with(*a, **k))
+    res = train.main(["--toy-dir", toy_small, "--out", str(tmp_path / "run"), "--workers", "0", "--no-eval",
+                      "--steps", "1", "--batch", "4", "--toy-encoders", str(tmp_path / "enc"), "--lr-encoders", "0"])
+    assert res["step"] == 1 and calls == [(folders["text"], folders["video"], folders["audio"])]
+    model = ICode.from_checkpoint(training.checkpoint.checkpoints(str(tmp_path / "run"))[-1])
+    for m, attr in (("text", "text"), ("video", "vision"), ("audio", "speech")):   # LR 0: still stage one's
+        ours = getattr(model, attr).state_dict()
+        assert all(torch.equal(v, ours[k]) for k, v in loaded[m].state_dict().items()), m

@@ -221,6 +221,25 @@ def test_downstream_labels_pass_through(toy, tok):
     assert ((lab["score"] > 0).long() == lab["label"]).all() and lab["score"].abs().max() <= 3
 
 
+def test_toy_labels_need_every_modality_and_questions_need_the_clip(toy_small):
+    """The toy world's downstream rules (toy_world.json): the score adds the values of a colour (seen), a mood
+    (said) and a judgement (written); the emotions are those three words' classes; the multiple-choice question
+    asks for the shape's colour, which only the frames show, and its right answer is the colour behind the
+    labels."""
+    T = pipeline.toy
+    V, colours = T.TOY_VALUES, list(T.TOY_COLOURS)
+    with open(os.path.join(toy_small, "downstream_train.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    for r in rows:
+        j = T.TOY_JUDGEMENTS.index(r["text"].split()[-1])                 # "the {shape} looks {judgement}"
+        c = colours.index(r["answers"][r["answer"]])
+        assert r["emotions"][j] == r["emotions"][c] == 1 and 1 <= sum(r["emotions"]) <= 3
+        assert any(abs(r["score"] - V[j] - V[c] - V[m]) < 0.011 for m in range(6))   # + the said mood's value
+        assert r["label"] == int(r["score"] > 0) and r["question"] == T.TOY_QUESTION
+        assert set(r["answers"]) <= set(colours) and len(set(r["answers"])) == 4
+        assert not any(w in r["text"].split() for w in colours)           # not in the text
+
+
 def test_manifest_with_byte_order_mark(tmp_path):
     p = tmp_path / "bom.jsonl"
     p.write_bytes(b"\xef\xbb\xbf" + json.dumps({"text": "first", "label": 1}).encode() + b"\n")

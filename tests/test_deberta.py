@@ -5,12 +5,13 @@ import re
 
 import pytest
 import torch
-from common import assert_attention_dropout_only_in_training
+from common import assert_attention_dropout_only_in_training, perturbed
 from safetensors.torch import load_file, save_file
 from transformers import DebertaV2Config, DebertaV2ForMaskedLM, DebertaV2Model
 from transformers.models.deberta_v2.modeling_deberta_v2 import make_log_bucket_position
 
-from model.deberta import DEBERTA_V3_BASE, Deberta, config_from_hf, load_deberta, log_bucket_position
+from model.deberta import (DEBERTA_V3_BASE, Deberta, DebertaConfig, config_from_hf, load_deberta, log_bucket_position,
+                           save_hf_folder)
 
 
 def small_hf_config(position_buckets=32, max_position_embeddings=64, **kw):
@@ -221,3 +222,55 @@ def test_log_bucket_position(buckets, max_position):
     assert torch.equal(ours, brute)
     assert torch.equal(ours[rel.abs() <= buckets // 2], rel[rel.abs() <= buckets // 2])
     assert torch.equal(ours, -ours.flip(0))  # odd symmetry: bucket(-r) = -bucket(r)
+
+
+# Writing our Deberta as a Hugging Face folder (model.save_encoder("deberta-v3", ...)).
+
+def random_deberta(cfg):
+    torch.manual_seed(0)
+    return perturbed(Deberta(cfg))
+
+
+SAVED_CONFIGS = {  # the V3 layout, and the V1/V2 options (absolute positions, segments, separate position projections)
+    "v3": DebertaConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=128, max_position_embeddings=64, position_buckets=32),
+    "v2-options": DebertaConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                intermediate_size=96, max_position_embeddings=64, position_buckets=-1,
+                                max_relative_positions=16, type_vocab_size=2, position_biased_input=True,
+                                norm_rel_ebd="none", share_att_key=False, pos_att_type=["c2p"], hidden_act="gelu_new",
+                                layer_norm_eps=1e-6, pad_token_id=3),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SAVED_CONFIGS))
+def test_save_hf_folder_loads_back_and_in_transformers(tmp_path, name):
+    """Our Deberta written with save_hf_folder loads back through load_encoder("deberta-v3") with the same
+    config, tensors and outputs, and transformers' DebertaV2Model.from_pretrained reads the same folder with no
+    missing or unexpected tensor and computes our last hidden state."""
+    import json
+
+    from model import load_encoder, save_encoder
+    model = random_deberta(SAVED_CONFIGS[name])
+    assert save_encoder("deberta-v3", model, str(tmp_path)) == str(tmp_path)
+    with open(tmp_path / "config.json") as f:
+        cfg = json.load(f)
+    assert cfg["model_type"] == "deberta-v2" and cfg["architectures"] == ["DebertaV2Model"]
+    assert isinstance(cfg["pos_att_type"], list) and cfg["pos_att_type"] == model.config.pos_att_type
+    loaded = load_encoder("deberta-v3", str(tmp_path))
+    assert loaded.config == model.config and not loaded.training
+    ours_sd, back = model.state_dict(), loaded.state_dict()
+    assert set(back) == set(ours_sd) and all(torch.equal(back[k], ours_sd[k]) for k in ours_sd)
+    assert set(load_file(os.path.join(tmp_path, "model.safetensors"))) == set(ours_sd)
+    ids, mask = padded_batch()
+    with torch.no_grad():
+        ref, _ = model(ids, mask)
+        out, _ = loaded(ids, mask)
+    assert torch.equal(out, ref)
+    hf, info = DebertaV2Model.from_pretrained(str(tmp_path), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    assert_matches_hf(hf.eval(), model, ids, mask)
+
+
+def test_save_hf_folder_refuses_other_modules(tmp_path):
+    with pytest.raises(TypeError, match="writes a Deberta, got a Linear"):
+        save_hf_folder(torch.nn.Linear(2, 2), str(tmp_path))

@@ -13,6 +13,7 @@ import eval as E
 import evaluation.glue
 import evaluation.metrics
 import evaluation.retrieval
+import evaluation.rows
 import pipeline.index
 import pipeline.manifest
 import pipeline.text
@@ -373,6 +374,30 @@ def test_zero_shot_retrieval(toy, tok):
     assert len({tuple(v.values()) for k, v in res.items() if "->" in k}) > 1  # not one constant answer
 
 
+def test_retrieval_ceiling_of_identical_descriptions(tmp_path):
+    """Clips sharing a description cannot be told apart: a perfect model ranks the n clips of the query's group
+    first in a random order, so R@K = mean over clips of min(1, K / n); brute force over every order agrees.
+    Directions with video are bounded by the captions (colour, shape, motion), text<->audio by the transcripts."""
+    import itertools
+    from evaluation.retrieval import ceiling, toy_ceiling
+    keys = ["a", "a", "a", "b", "c", "c"]
+    got = ceiling(keys, ks=(1, 2))
+    assert got["R@1"] == pytest.approx((3 * (1 / 3) + 1 + 2 * (1 / 2)) / 6)
+    for K in (1, 2):   # every order within the groups, equally likely
+        hits = []
+        for i, k in enumerate(keys):
+            group = [j for j, x in enumerate(keys) if x == k]
+            hits.append(sum(p.index(i) < K for p in itertools.permutations(group)) / math.factorial(len(group)))
+        assert got[f"R@{K}"] == pytest.approx(sum(hits) / len(hits))
+    rows = [{"caption": "a red circle moving left", "text": f"look red circle moving left {w}"} for w in ("good", "bad")]
+    rows.append({"caption": "a blue square moving up", "text": "so blue square moving up now"})
+    path = tmp_path / "held.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    c = toy_ceiling(str(path), ks=(1,))
+    assert c["video->text"]["R@1"] == c["audio->video"]["R@1"] == pytest.approx((0.5 + 0.5 + 1) / 3)
+    assert c["text->audio"]["R@1"] == c["audio->text"]["R@1"] == 1.0     # the transcripts differ
+
+
 def test_glue_smoke(tmp_path, toy):
     gd = tmp_path / "RTE"
     gd.mkdir()
@@ -387,14 +412,78 @@ def test_glue_smoke(tmp_path, toy):
 
 
 def test_report_on_the_tiny_toy_world(toy, tmp_path):
-    """`python eval.py` end to end on the smallest toy world: every table, the chart, no NaN."""
+    """`python eval.py` end to end on the smallest toy world, after a two-step `python train.py` (stage one
+    included): it pretrains the D+M, D+C and V+M rows with the main run's recipe on their own sources, from the
+    same encoder folders; NP+M is those encoders under a fresh fusion; every table holds 3-seed mean +- std."""
+    import train as T
+    runs = tmp_path / "runs"
+    T.main(["--toy-dir", toy, "--out", str(runs / "toy"), "--toy-encoders", str(runs / "enc"), "--encoder-steps", "2",
+            "--steps", "2", "--batch", "4", "--workers", "0", "--no-eval", "--device", "cpu"])
     out = str(tmp_path / "report")
-    res = E.main(["--toy-dir", toy, "--ckpt", "none", "--epochs", "1", "--batch", "8", "--out", out, "--device", "cpu"])
+    res = E.main(["--toy-dir", toy, "--ckpt", str(runs / "toy"), "--runs-dir", str(runs), "--epochs", "1",
+                  "--batch", "8", "--out", out, "--device", "cpu"])
+    assert list(res["tables"]["emotion"]) == ["NP+M", "D+M", "D+C", "V+M", "D+V+M"]
+    for row, fusion, sources in (("D_M", "merge", pipeline.toy.TOY_DUAL), ("D_C", "co", pipeline.toy.TOY_DUAL),
+                                 ("V_M", "merge", pipeline.toy.TOY_VIDEOS)):
+        state = training.checkpoint.read_state(res["ckpts"][row.replace("_", "+")])
+        assert state["config"]["fusion"]["mode"] == fusion and state["step"] == 2
+        assert state["args"]["data"] == [os.path.join(toy, f) for f in sources]
+        assert state["args"]["text_encoder"] == str(runs / "enc" / "text")
+    assert res["ckpts"]["NP+M"] is None and res["encoders"]["speech"] == str(runs / "enc" / "speech")
+    for task in ("sentiment", "emotion", "binary", "mc"):
+        for row, r in res["tables"][task].items():
+            assert len(r["runs"]) == 3 and all(len(ms) == 2 for ms in r["test"].values())
+    assert set(res["subsets"]) == {"sentiment", "emotion", "binary"}
+    assert all(len(v) == 7 for v in res["subsets"].values())
+    assert res["subsets"]["emotion"]["V+L+S"] is res["tables"]["emotion"]["D+M"]
     md = open(os.path.join(out, "report.md")).read()
-    for title in ("Table 1", "Table 2", "Tables 3-6", "Table 8", "Zero-shot retrieval", "What the numbers say"):
+    for title in ("Table 1", "Table 2", "Table 3", "Tables 5-6", "Table 8", "claims, checked", "ceiling"):
         assert title in md
-    assert os.path.getsize(os.path.join(out, "report.png")) > 0
-    assert len(res["subsets"]["emotion"]) == 7 and "nan" not in md.lower()
+    assert os.path.getsize(os.path.join(out, "report.png")) > 0 and "nan" not in md.lower()
+    # rows pretrained for another main run are not silently mixed in
+    T.main(["--toy-dir", toy, "--out", str(runs / "other"), "--toy-encoders", str(runs / "enc"), "--steps", "3",
+            "--batch", "4", "--workers", "0", "--no-eval", "--device", "cpu"])
+    with pytest.raises(ValueError, match=r"another recipe .*'steps': \(2, 3\).*remove .*toy_D_M"):
+        evaluation.rows.pretrain_rows(training.checkpoint.resolve_ckpt(str(runs / "other")), toy, str(runs),
+                                      torch.device("cpu"))
+
+
+def test_claim_verdicts_are_computed_from_the_numbers():
+    """A claim holds only when its difference exceeds two standard errors (sqrt((s_a^2 + s_b^2) / n)), fails when
+    it is that far the other way, and is inconclusive between; the report's rows come from the numbers: changing
+    one mean or one std changes the verdict."""
+    from evaluation.report import combine, paper_claims, toy_checks, verdict
+    d, se, v = verdict((0.60, 0.01), (0.50, 0.01), 3)
+    assert d == pytest.approx(0.10) and se == pytest.approx(math.sqrt(0.0002 / 3)) and v == "holds"
+    assert verdict((0.50, 0.01), (0.60, 0.01), 3)[2] == "does not hold"
+    assert verdict((0.52, 0.03), (0.50, 0.03), 3)[2] == "inconclusive"          # 0.02 < 2 * sqrt(0.0018 / 3) = 0.049
+    assert verdict((0.40, 0.0), (0.50, 0.0), 3, lower=True)[2] == "holds"       # MAE: lower is better
+    assert verdict((0.5, 0.0), (0.5, 0.0), 3)[2] == "inconclusive"
+    assert combine(["holds", "holds"]) == "holds" and combine(["holds", "inconclusive"]) == "inconclusive"
+    assert combine(["holds", "does not hold", "inconclusive"]) == "does not hold"
+
+    def cell(mean, std=0.01):
+        return {"test": {"mae": (1 - mean, std), "f1": (mean, std), "acc": (mean, std)}}
+    rows = {"NP+M": 0.3, "D+M": 0.6, "D+C": 0.5, "V+M": 0.7, "D+V+M": 0.8}
+    subsets = {"V": 0.3, "L": 0.3, "S": 0.5, "V+L": 0.25, "V+S": 0.6, "L+S": 0.7, "V+L+S": 0.9}
+    res = {"seeds": 3, "tables": {t: {r: cell(v) for r, v in rows.items()} for t in ("sentiment", "emotion", "binary", "mc")},
+           "subsets": {t: {k: cell(v) for k, v in subsets.items()} for t in ("sentiment", "emotion", "binary")}}
+    got = {(c["where"], c["claim"], c["task"]): c["verdict"] for c in paper_claims(res) + toy_checks(res)}
+    assert got[("Section 6", "pretraining the fusion (D+M, V+M) beats no pretraining (NP+M)", "mc")] == "holds"
+    assert got[("Table 1", "dual-modality data beats videos (D+M vs V+M)", "sentiment")] == "does not hold"
+    assert got[("Table 2", "co-attention beats merge-attention (D+C vs D+M)", "emotion")] == "does not hold"
+    assert got[("Table 3", "video pretraining is best (V+M vs every other row)", "binary")] == "does not hold"
+    assert got[("Table 8", "two modalities beat each of their single ones", "emotion")] == "does not hold"  # V+L < L
+    assert got[("Table 8", "speech is the most effective single modality", "emotion")] == "holds"
+    assert got[("toy world", "all three modalities beat every pair (the labels need all three)", "binary")] == "holds"
+    assert got[("Table 8", "language-speech is the best pair", "emotion")] == "holds"
+    assert got[("toy world", "the best row is above chance (25%)", "mc")] == "holds"
+    res["tables"]["emotion"]["D+C"] = cell(0.62, std=0.05)                     # within noise of D+M's 0.6
+    assert {c["claim"]: c["verdict"] for c in paper_claims(res) if c["task"] == "emotion"}[
+        "co-attention beats merge-attention (D+C vs D+M)"] == "inconclusive"
+    res["tables"]["emotion"]["D+C"] = cell(0.70)
+    assert {c["claim"]: c["verdict"] for c in paper_claims(res) if c["task"] == "emotion"}[
+        "co-attention beats merge-attention (D+C vs D+M)"] == "holds"
 
 
 def test_flags_that_would_be_ignored_are_refused(toy, tok, tmp_path):

@@ -13,8 +13,9 @@ from transformers import SwinConfig as HFSwinConfig
 from transformers import SwinModel
 
 from model.swin3d import (SWIN_B_VIDEO, SWIN_T_VIDEO, SwinBlock3D, SwinConfig, VideoSwin, config_from_hf,
-                          convert_torchvision_state_dict, drop_path, get_window_size, inflate_image_swin,
-                          load_video_swin, relative_position_index, shift_attention_mask, window_partition)
+                          config_from_swin3d, convert_torchvision_state_dict, drop_path, get_window_size,
+                          inflate_image_swin, load_video_swin, save_video_swin,
+                          shift_attention_mask, swin3d_config, torchvision_state_dict, window_partition)
 
 TINY = SwinConfig(embed_dim=16, depths=(2, 2), num_heads=(2, 4), window_size=(2, 4, 4), drop_path_rate=0.0)
 
@@ -32,21 +33,9 @@ def save_hf_swin(path, seed=0):
 
 
 def to_torchvision_names(model):
-    """Our state dict written in torchvision swin3d layout (the inverse of convert_torchvision_state_dict)."""
-    out = {}
-    for k, v in model.state_dict().items():
-        if k == "mask_token":
-            continue
-        if m := re.fullmatch(r"stages\.(\d+)\.blocks\.(\d+)\.(.+)", k):
-            rest = m[3].replace("mlp.fc1.", "mlp.0.").replace("mlp.fc2.", "mlp.3.")
-            out[f"features.{2 * int(m[1])}.{m[2]}.{rest}"] = v
-            if rest == "attn.relative_position_bias_table":
-                win = model.config.window_size
-                out[f"features.{2 * int(m[1])}.{m[2]}.attn.relative_position_index"] = relative_position_index(win, win)
-        elif m := re.fullmatch(r"stages\.(\d+)\.downsample\.(.+)", k):
-            out[f"features.{2 * int(m[1]) + 1}.{m[2]}"] = v
-        else:
-            out[k] = v
+    """A torchvision swin3d file of our model: its names and index buffers (`torchvision_state_dict`), a
+    400-class head, no mask_token (torchvision has none)."""
+    out = {k: v for k, v in torchvision_state_dict(model).items() if k != "mask_token"}
     out["head.weight"], out["head.bias"] = torch.zeros(400, model.hidden_size), torch.zeros(400)
     return {k: v.contiguous().clone() for k, v in out.items()}
 
@@ -359,3 +348,117 @@ def test_stochastic_depth_drops_whole_samples_and_keeps_the_expectation():
     assert per_sample[:, 0].unique().tolist() == [0.0, pytest.approx(1 / 0.7)]
     assert abs(y.mean().item() - 1.0) < 0.05
     assert drop_path(x, 0.3, False) is x
+
+
+# 7. Writing our VideoSwin in the swin3d layout (model.save_encoder("video-swin", ...)), and telling layouts apart.
+
+TINY_PRESET = SwinConfig(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8), window_size=(2, 4, 4),
+                         drop_path_rate=0.0)  # icode.preset("tiny").vision
+
+
+def torchvision_index(window):
+    """torchvision's ShiftedWindowAttention3d.define_relative_position_index, written out: [N, N] int64."""
+    coords = torch.stack(torch.meshgrid(*[torch.arange(w) for w in window], indexing="ij")).flatten(1)
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)
+    rel = rel + torch.tensor(window) - 1
+    return rel[..., 0] * (2 * window[1] - 1) * (2 * window[2] - 1) + rel[..., 1] * (2 * window[2] - 1) + rel[..., 2]
+
+
+@pytest.mark.parametrize("cfg", [TINY_PRESET, SwinConfig(
+    in_chans=1, embed_dim=16, depths=(2, 2), num_heads=(2, 4), window_size=(2, 3, 4), patch_size=(1, 4, 4),
+    mlp_ratio=2.0, qkv_bias=False, layer_norm_eps=1e-6, drop_path_rate=0.2, hidden_dropout=0.1,
+    attention_dropout=0.1)], ids=["tiny-preset", "options"])
+def test_save_video_swin_loads_back(tmp_path, cfg):
+    """Written with save_encoder("video-swin"), our VideoSwin loads back through load_encoder with the same config
+    (every field), tensors (mask_token included) and outputs, with and without a patch mask. The file holds
+    torchvision's names and index buffers (the test's own converter) plus mask_token, and no head."""
+    from model import load_encoder, save_encoder
+    torch.manual_seed(0)
+    model = VideoSwin(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # norms at 1/0, bias tables near 0, the mask token small: perturb everything
+            p.add_(0.1 * torch.randn_like(p))
+    save_encoder("video-swin", model, str(tmp_path))
+    stored = load_file(os.path.join(tmp_path, "model.safetensors"))
+    ours = model.state_dict()
+    n_blocks = {f"features.{2 * i}.{j}.attn.relative_position_index" for i, d in enumerate(cfg.depths) for j in range(d)}
+    assert len(stored) == len(ours) + len(n_blocks) and n_blocks <= set(stored)
+    for tv, k in (("features.0.0.mlp.0.weight", "stages.0.blocks.0.mlp.fc1.weight"),   # torchvision's names, by hand
+                  ("features.0.0.mlp.3.bias", "stages.0.blocks.0.mlp.fc2.bias"),
+                  ("features.1.reduction.weight", "stages.0.downsample.reduction.weight"),
+                  ("features.2.0.attn.qkv.weight", "stages.1.blocks.0.attn.qkv.weight"),
+                  ("patch_embed.proj.weight", "patch_embed.proj.weight"), ("norm.bias", "norm.bias"),
+                  ("mask_token", "mask_token")):
+        assert torch.equal(stored[tv], ours[k]), tv
+    idx = [k for k in stored if k.endswith("relative_position_index")]
+    assert len(idx) == sum(cfg.depths) and all(torch.equal(stored[k], torchvision_index(cfg.window_size)) for k in idx)
+    assert stored["features.0.0.attn.relative_position_index"].dtype == torch.int64
+    with open(tmp_path / "config.json") as f:
+        assert json.load(f)["model_type"] == "swin3d"
+    loaded = load_encoder("video-swin", str(tmp_path))
+    assert loaded.config == cfg and not loaded.training
+    ours_sd, back = model.state_dict(), loaded.state_dict()
+    assert set(back) == set(ours_sd) and all(torch.equal(back[k], ours_sd[k]) for k in ours_sd)
+    assert torch.equal(loaded.mask_token, model.mask_token) and not torch.equal(loaded.mask_token, VideoSwin(cfg).mask_token)
+    torch.manual_seed(1)
+    video = torch.randn(2, cfg.in_chans, 4, 64, 64)
+    mask = torch.rand(2, 4 // cfg.patch_size[0], 16, 16) < 0.4
+    with torch.no_grad():
+        for args in ((video,), (video, mask)):
+            assert torch.equal(loaded(*args)[0], model(*args)[0])
+        assert not torch.allclose(model(video, mask)[0], model(video)[0])
+
+
+def test_swin3d_config_round_trips_every_field():
+    """Each SwinConfig field, set off its default, survives swin3d_config -> JSON -> config_from_swin3d; a
+    torchvision-style config.json with only the required fields takes the defaults."""
+    import dataclasses
+    changed = SwinConfig(in_chans=4, patch_size=(1, 2, 2), embed_dim=24, depths=(1, 3), num_heads=(3, 6),
+                         window_size=(4, 5, 6), mlp_ratio=3.0, qkv_bias=False, layer_norm_eps=1e-6, drop_path_rate=0.3,
+                         hidden_dropout=0.2, attention_dropout=0.05)
+    defaults = SwinConfig()
+    assert all(getattr(changed, f.name) != getattr(defaults, f.name) for f in dataclasses.fields(SwinConfig))
+    assert config_from_swin3d(json.loads(json.dumps(swin3d_config(changed)))) == changed
+    required = {"model_type": "swin3d", "embed_dim": 128, "depths": [2, 2, 18, 2], "num_heads": [4, 8, 16, 32],
+                "window_size": [8, 7, 7], "patch_size": [2, 4, 4]}
+    assert config_from_swin3d(required) == defaults
+
+
+def test_torchvision_state_dict_inverts_the_loader_names():
+    torch.manual_seed(0)
+    model = VideoSwin(TINY)
+    sd = torchvision_state_dict(model)
+    assert "features.2.1.mlp.3.bias" in sd and "features.1.reduction.weight" in sd and "mask_token" in sd
+    back = convert_torchvision_state_dict(sd)
+    assert set(back) == set(model.state_dict())
+    with pytest.raises(TypeError, match="writes a VideoSwin, got a Linear"):
+        save_video_swin(torch.nn.Linear(2, 2), "unused")
+
+
+def test_save_encoder_kinds(tmp_path):
+    """save_encoder writes the kinds load_encoder reads, except the image Swin ("swin"), which it names."""
+    from model import save_encoder
+    with pytest.raises(ValueError, match=r"\('deberta-v3', 'wavlm', 'hubert', 'video-swin'\).*'swin'.*image Swin"):
+        save_encoder("swin", VideoSwin(TINY), str(tmp_path))
+    with pytest.raises(ValueError, match=r"to write an encoder, got 'bert'"):
+        save_encoder("bert", VideoSwin(TINY), str(tmp_path))
+    assert not os.listdir(tmp_path)
+
+
+def test_vision_kind_from_model_type(tmp_path):
+    """vision_kind reads config.json's model_type: "swin" (an image Swin: inflate) or "swin3d" (a Video Swin);
+    anything else names the file and the value."""
+    from model import vision_kind
+    save_hf_swin(tmp_path / "image")
+    save_video_swin(VideoSwin(TINY), str(tmp_path / "video"))
+    assert vision_kind(str(tmp_path / "image")) == "swin"
+    assert vision_kind(str(tmp_path / "video")) == "video-swin"
+    os.makedirs(tmp_path / "other")
+    for content, said in (({"model_type": "vit"}, "model_type 'vit' is not a vision checkpoint"),
+                          ({}, "model_type None is not a vision checkpoint"), ([1, 2], "not a JSON object")):
+        with open(tmp_path / "other" / "config.json", "w") as f:
+            json.dump(content, f)
+        with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'other' / 'config.json'}: {said}")):
+            vision_kind(str(tmp_path / "other"))
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        vision_kind(str(tmp_path))

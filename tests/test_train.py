@@ -365,7 +365,7 @@ def _toy_pairs(toy, n=None):
 
 def _run(toy, out, *extra):
     return train.main(["--toy-dir", toy, "--out", str(out), "--batch", "4", "--workers", "0", "--no-eval",
-                       "--save-every", "100", *extra])
+                       "--save-every", "100", "--encoder-steps", "0", *extra])
 
 
 def test_resume_is_exact(toy_small, tmp_path, monkeypatch):
@@ -525,7 +525,8 @@ def test_a_preempted_job_saves_its_step_and_resumes(toy_small, tmp_path):
     out = tmp_path / "pre"
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     cmd = [sys.executable, os.path.join(root, "train.py"), "--toy-dir", toy_small, "--out", str(out), "--batch", "4",
-           "--workers", "2", "--no-eval", "--steps", "1000", "--log-every", "1", "--save-every", "1000"]
+           "--workers", "2", "--no-eval", "--steps", "1000", "--log-every", "1", "--save-every", "1000",
+           "--encoder-steps", "0"]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     metrics, t0 = out / "metrics.jsonl", time.time()
     while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
@@ -733,7 +734,7 @@ def test_each_rank_seeds_its_own_stream_and_torchrun_devices(toy_small, monkeypa
     monkeypatch.setattr(torch, "manual_seed", lambda s: seeds.append(s) or real_seed(s))
     monkeypatch.setattr(train, "setup_distributed", lambda device=None: Dist(rank=1, local_rank=1, world=1))
     with pytest.raises(ValueError, match="rank 1 outside world size 1"):   # the loader stops this odd world
-        train.main(["--toy-dir", toy_small, "--seed", "7", "--no-eval", "--steps", "1", "--workers", "0",
+        train.main(["--toy-dir", toy_small, "--seed", "7", "--no-eval", "--steps", "1", "--workers", "0", "--encoder-steps", "0",
                     "--out", "/nonexistent/never-written"])
     assert seeds[0] == 8
     monkeypatch.setattr(dist, "is_initialized", lambda: False)

@@ -1,15 +1,16 @@
 """model/wavlm.py against Hugging Face WavLMModel / HubertModel (small random configs, CPU, float32)."""
+import dataclasses
 import json
 import os
 import re
 
 import pytest
 import torch
-from common import assert_attention_dropout_only_in_training, assert_same_function
+from common import assert_attention_dropout_only_in_training, assert_same_function, perturbed
 from safetensors.torch import load_file, save_file
 
 from model.wavlm import (HUBERT_LARGE, WAVLM_LARGE, ConvFeatureEncoder, SpeechConfig, SpeechEncoder, config_from_hf,
-                         conv_output_length, convert_hf_state_dict, load_speech_encoder)
+                         conv_output_length, convert_hf_state_dict, hf_config, load_speech_encoder, save_hf_folder)
 
 transformers = pytest.importorskip("transformers")
 # HF WavLM mixes a bool key_padding_mask with a float attn_mask inside F.multi_head_attention_forward.
@@ -338,3 +339,71 @@ def test_positional_conv_runs_on_the_channels_last_view(monkeypatch, k):
     assert seen == [(4, True, True)]
     ref = F.conv1d(x.transpose(1, 2), pc.conv_weight(), pc.bias, padding=k // 2, groups=4)[:, :, :21]
     assert_same_function(y, F.gelu(ref).transpose(1, 2), [x] + list(pc.parameters()))
+
+
+# Writing our encoder as a Hugging Face folder (model.save_encoder("wavlm" / "hubert", ...)).
+
+SAVED = {  # the tiny preset's WavLM (LayerNorm feature encoder, pre-LN), and a base-style HuBERT (GroupNorm, post-LN)
+    "wavlm": SpeechConfig(**SMALL, conv_bias=True, feat_extract_norm="layer", do_stable_layer_norm=True,
+                          num_buckets=32, max_bucket_distance=100, layer_norm_eps=1e-6),
+    "hubert": SpeechConfig(**SMALL, feat_extract_norm="group", do_stable_layer_norm=False,
+                           gated_relative_position_bias=False, feat_proj_layer_norm=False, mask_time_prob=0.1),
+}
+
+
+def random_speech_encoder(cfg):
+    torch.manual_seed(0)
+    return perturbed(SpeechEncoder(cfg))
+
+
+@pytest.mark.parametrize("kind", ["wavlm", "hubert"])
+def test_save_hf_folder_loads_back_and_in_transformers(kind, tmp_path):
+    """Written with save_encoder, our encoder loads back through load_encoder(kind) with the same config, tensors
+    (masked_spec_embed included) and outputs, masked frames too; transformers' WavLMModel / HubertModel reads the
+    same folder with no missing or unexpected tensor and computes our last hidden state on a padded batch."""
+    from model import load_encoder, save_encoder
+    model = random_speech_encoder(SAVED[kind])
+    save_encoder(kind, model, str(tmp_path))
+    with open(tmp_path / "config.json") as f:
+        cfg = json.load(f)
+    assert cfg["model_type"] == kind and cfg["conv_dim"] == [32] * 7 and cfg["layerdrop"] == 0.0
+    assert "gated_relative_position_bias" not in cfg and ("num_buckets" in cfg) == (kind == "wavlm")
+    loaded = load_encoder(kind, str(tmp_path))
+    expect = model.config if kind == "wavlm" else dataclasses.replace(  # HuBERT has no bucket fields
+        model.config, num_buckets=loaded.config.num_buckets, max_bucket_distance=loaded.config.max_bucket_distance)
+    assert loaded.config == expect and not loaded.training
+    ours_sd, back = model.state_dict(), loaded.state_dict()
+    assert set(back) == set(ours_sd) and all(torch.equal(back[k], ours_sd[k]) for k in ours_sd)
+    stored = load_file(os.path.join(tmp_path, "model.safetensors"))
+    assert torch.equal(stored["masked_spec_embed"], model.masked_spec_embed.detach())
+    assert "encoder.pos_conv_embed.conv.parametrizations.weight.original0" in stored
+    wave, mask = batch([6000, 4321, 2999])
+    frame_mask = torch.zeros(3, conv_output_length(6000, model.config.conv_kernel, model.config.conv_stride),
+                             dtype=torch.bool)
+    frame_mask[:, 4:9] = True
+    with torch.no_grad():
+        for args in ((wave, mask), (wave, mask, frame_mask)):
+            assert torch.equal(loaded(*args)[0], model(*args)[0])
+        ours, valid = model(wave, mask)
+    cls = transformers.WavLMModel if kind == "wavlm" else transformers.HubertModel
+    hf, info = cls.from_pretrained(str(tmp_path), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    assert torch.equal(hf.masked_spec_embed.detach(), model.masked_spec_embed.detach())
+    with torch.no_grad():
+        ref = hf.eval()(wave, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(ours[valid], ref[valid], atol=1e-4, rtol=1e-4)
+
+
+def test_save_hf_folder_refuses_what_the_layout_cannot_hold(tmp_path):
+    """A WavLM without the feature LayerNorm has no WavLMConfig; a kind that contradicts the model, or another
+    module, is named."""
+    from model import save_encoder
+    with pytest.raises(ValueError, match="feat_proj_layer_norm=False"):
+        hf_config(SpeechConfig(**SMALL, feat_proj_layer_norm=False))
+    with pytest.raises(ValueError, match=r"kind 'hubert' but the model is a WavLM"):
+        save_encoder("hubert", random_speech_encoder(SAVED["wavlm"]), str(tmp_path))
+    with pytest.raises(ValueError, match=r"kind 'wavlm' but the model is a HuBERT"):
+        save_encoder("wavlm", random_speech_encoder(SAVED["hubert"]), str(tmp_path))
+    with pytest.raises(TypeError, match="writes a SpeechEncoder, got a Linear"):
+        save_hf_folder(torch.nn.Linear(2, 2), str(tmp_path))
+    assert not os.path.exists(tmp_path / "config.json")

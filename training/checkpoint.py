@@ -119,6 +119,18 @@ def checkpoints(out_dir):
                   if f.startswith("ckpt_") and f[5:].isdigit() and os.path.isdir(os.path.join(out_dir, f)))
 
 
+def resolve_ckpt(path):
+    """A checkpoint folder (has state.json), or a run folder -> its latest ckpt_*; 'none' -> None."""
+    if path is None or str(path).lower() == "none":
+        return None
+    if os.path.isfile(os.path.join(path, "state.json")):
+        return path
+    found = checkpoints(path)
+    if not found:
+        raise FileNotFoundError(f"{path!r} is neither a checkpoint folder (state.json) nor a run folder with ckpt_*")
+    return found[-1]
+
+
 def rng_file(d):
     """This process's random generators (torch CPU and CUDA, numpy, Python's) as safetensors bytes."""
     cpu, cuda = rng_state(d.device)
