@@ -62,6 +62,7 @@ from pipeline.toy import TOY_DIR, TOY_HELDOUT, TOY_OUT, make_toy
 from train import build_optimizer, with_encoders
 from training.checkpoint import check_preset, checkpoints, read_state, resolve_ckpt, save_weights
 from training.distributed import setup_distributed, wrap_ddp
+from training.encoders import encoder_folders
 
 # ----------------------------------------------------------------------------------------------------
 # Tasks, the multimodal representation and the heads (sections 5.1-5.4)
@@ -485,12 +486,12 @@ def load_model(ckpt, preset_name, fusion, text_vocab, encoders=None):
     return ICode.from_checkpoint(ckpt).train()
 
 
-def encoder_folders(root):
-    """root/{text,vision,speech} (the layout stage one writes, training/encoders.py) -> {"text", "vision",
-    "speech"}: folders; None when root is None."""
+def checked_encoder_folders(root):
+    """`encoder_folders(root)` (stage one's layout, training/encoders.py), each checked to hold a config.json;
+    None when root is None."""
     if root is None:
         return None
-    folders = {m: os.path.join(root, m) for m in ("text", "vision", "speech")}
+    folders = encoder_folders(root)
     missing = [f for f in folders.values() if not os.path.isfile(os.path.join(f, "config.json"))]
     if missing:
         raise FileNotFoundError(f"{root!r} lacks the encoder folders {missing} (config.json + model.safetensors; "
@@ -632,7 +633,7 @@ def main(argv=None):
         splits["train"] = splits["train"][:args.max_train]
     mods = ("text",) if args.task == "glue" else parse_modalities(args.modalities)
     out_dir = os.path.join(args.out, f"{args.task}_{modality_letters(mods)}")
-    encoders = encoder_folders(args.encoders) if ckpt is None else None
+    encoders = checked_encoder_folders(args.encoders) if ckpt is None else None
     res = run_seeds(args.task, splits, args, d, ckpt, fusion, mods, dcfg, tokenizer, {}, out_dir, encoders)
     if d.is_main:
         print(f"\n{args.task} ({modality_letters(mods)}, {args.seeds} seed(s), test split, best val epoch):")

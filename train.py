@@ -47,7 +47,7 @@ from pipeline.toy import TOY_DIR, TOY_ENCODERS, TOY_HELDOUT, TOY_OUT, TOY_PRETRA
 from training.checkpoint import (CheckpointError, check_preset, checkpoints, latest_intact, restore_checkpoint,
                                  rng_state, save_checkpoint, set_rng_state)
 from training.distributed import all_reduce_, print0, setup_distributed, wrap_ddp
-from training.encoders import pretrain_encoders
+from training.encoders import encoder_folders, pretrain_encoders
 from training.speed import (clip_and_step, compile_step, count_flops, enable_checkpointing, peak_flops, precision,
                             step_rates)
 from training.static_rows import check_masked_rows, static_rows_config, static_selection
@@ -501,8 +501,7 @@ def toy_encoders(args, d, manifests, tokenizer, dcfg):
     """The toy world's run starts, like the paper's, from pretrained single-modality encoders: the folders of
     `--toy-encoders`, made once by stage one (training/encoders.py) when missing, on rank 0 while the others
     wait; they become the run's --text-encoder, --vision-encoder and --speech-encoder."""
-    folders = {m: os.path.join(args.toy_encoders, name) for m, name in (("text", "text"), ("vision", "vision"),
-                                                                          ("speech", "speech"))}
+    folders = encoder_folders(args.toy_encoders)
     if d.is_main and not all(os.path.isfile(os.path.join(f, "model.safetensors")) for f in folders.values()):
         print0(f"stage one: pretraining the toy encoders, each on its own modality, into {args.toy_encoders}/ ...")
         pretrain_encoders(preset(args.preset, "merge", tokenizer.vocab_size), manifests, tokenizer, dcfg,

@@ -55,7 +55,8 @@ def pretrain_rows(main_ckpt, toy_dir, runs_dir, device):
     another recipe than the main run's is refused."""
     from tqdm import tqdm
     todo = [r for r in ROWS if ROWS[r][0] is not None and r != MAIN_ROW and not checkpoints(row_run(r, runs_dir))]
-    steps = read_state(main_ckpt)["args"]["steps"]
+    main = read_state(main_ckpt)["args"]
+    steps = main["steps"]
     at_once = 1 if device.type == "cuda" else max(1, len(todo))
     threads = max(1, (os.cpu_count() or 1) // at_once)
     with tqdm(total=steps * len(todo), desc="pretraining " + ", ".join(todo), dynamic_ncols=True,
@@ -73,7 +74,6 @@ def pretrain_rows(main_ckpt, toy_dir, runs_dir, device):
                         tail = f.read()[-2000:]
                     raise RuntimeError(f"pretraining {r} failed (exit {p.returncode}); the end of "
                                        f"{row_run(r, runs_dir)}.log:\n{tail}")
-    main = read_state(main_ckpt)["args"]
     out = {}
     for r, (sources, _) in ROWS.items():
         out[r] = None if sources is None else main_ckpt if r == MAIN_ROW else resolve_ckpt(row_run(r, runs_dir))

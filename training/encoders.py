@@ -28,6 +28,12 @@ from model.heads import MLMHead, MSMHead, MVMHead
 FOLDERS = {"text": ("text", "deberta-v3"), "video": ("vision", "video-swin"), "audio": ("speech", "wavlm")}
 
 
+def encoder_folders(root):
+    """The layout stage one writes: root/{text,vision,speech} -> {"text", "vision", "speech"}: folder (the keys of
+    train.py's --text-encoder, --vision-encoder, --speech-encoder)."""
+    return {attr: os.path.join(root, attr) for attr, _ in FOLDERS.values()}
+
+
 class SingleModalityPretraining(nn.Module):
     """An ICode's three encoders, each with its masked-unit head on its own outputs (widths C_l, C_v, C_s)."""
 
@@ -80,10 +86,9 @@ def pretrain_encoders(cfg, manifests, tokenizer, dcfg, out_dir, steps, batch=16,
                 means[m] = 0.9 * means.get(m, v.item()) + 0.1 * v.item()
             bar.update(1)
             bar.set_postfix({m: f"{v:.3f}" for m, v in means.items()}, refresh=False)
-    folders = {}
+    folders, by_attr = {}, encoder_folders(out_dir)
     for m, (attr, kind) in FOLDERS.items():
-        folders[m] = os.path.join(out_dir, attr)
-        save_encoder(kind, getattr(model.icode, attr).eval(), folders[m])
+        folders[m] = save_encoder(kind, getattr(model.icode, attr).eval(), by_attr[attr])
     log(f"pretrained the toy encoders in {time.time() - t0:.0f} s ({steps} steps; masked-unit losses "
         + ", ".join(f"{m} {v:.3f}" for m, v in means.items()) + f"): {out_dir}")
     return folders
